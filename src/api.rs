@@ -1,0 +1,393 @@
+//! The `IamKeyRotation` resource (group `rekey.dev`, version `v1alpha1`).
+//!
+//! Field names are API: they are the ones DESIGN.md fixes. Doc comments become `kubectl explain`
+//! text. Validation the apiserver can enforce lives in the schema (patterns, enums, bounds); what
+//! only the operator can judge is checked by `validate` and reported as `Stalled/InvalidSpec`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::SpecDuration;
+
+/// Annotation: set to a new value to request an on-demand rotation.
+pub const ROTATE_ANNOTATION: &str = "rekey.dev/rotate";
+/// Annotation: set to a new value to request an emergency rotation (the old key is leaked).
+pub const ROTATE_EMERGENCY_ANNOTATION: &str = "rekey.dev/rotate-emergency";
+/// Annotation: set to a new value to let rekey retire the old key again after a rollback or an
+/// uncovered consumer was fixed.
+pub const RETIRE_ANNOTATION: &str = "rekey.dev/retire";
+/// Pod-template annotation that restarts a workload onto a key.
+pub const ACCESS_KEY_ANNOTATION: &str = "rekey.dev/access-key-id";
+/// Finalizer that runs the deletion policy.
+pub const FINALIZER: &str = "rekey.dev/cleanup";
+
+/// Rotates the access keys of one IAM user and keeps them in Secrets of this namespace.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[kube(
+    group = "rekey.dev",
+    version = "v1alpha1",
+    kind = "IamKeyRotation",
+    namespaced,
+    shortname = "ikr",
+    category = "rekey",
+    status = "IamKeyRotationStatus",
+    printcolumn = r#"{"name":"User","type":"string","jsonPath":".spec.userName"}"#,
+    printcolumn = r#"{"name":"Active Key","type":"string","jsonPath":".status.activeKey.accessKeyId"}"#,
+    printcolumn = r#"{"name":"Key Age","type":"date","jsonPath":".status.activeKey.createdAt"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationTime"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IamKeyRotationSpec {
+    /// Name of the IAM user whose access keys are rotated. The user must carry the tag
+    /// `rekey.dev/allow/<namespace>` with the operator's cluster name (or `*`) as value.
+    #[schemars(pattern(r"^[\w+=,.@-]{1,64}$"))]
+    pub user_name: String,
+
+    /// The age no key may exceed (default 90d).
+    #[serde(default = "default_max_key_age")]
+    pub max_key_age: SpecDuration,
+
+    /// Start rotating this long before maxKeyAge (default 10d); must be less than maxKeyAge.
+    #[serde(default = "default_rotate_before")]
+    pub rotate_before: SpecDuration,
+
+    /// The Secrets of this namespace that receive the key (1 to 16).
+    #[schemars(length(min = 1, max = 16))]
+    pub secrets: Vec<SecretTarget>,
+
+    /// What consumes the key in this namespace, restarted onto each new key.
+    #[serde(default)]
+    pub workloads: WorkloadsSpec,
+
+    /// How the old key is retired.
+    #[serde(default)]
+    pub retirement: RetirementSpec,
+
+    /// Sign sts:GetCallerIdentity with the new key before handing it out (default true).
+    #[serde(default = "default_true")]
+    pub verify_new_key: bool,
+
+    /// While true, rekey writes nothing to IAM, Secrets or workloads (status is still kept).
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// Plan and report the next step (status and an Event) but write nothing to IAM, Secrets or
+    /// workloads.
+    #[serde(default)]
+    pub dry_run: bool,
+
+    /// What happens to keys and Secrets when this resource is deleted: Retain (default) leaves
+    /// them as they are; Delete deletes the keys rekey created and the data it wrote.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// AWS settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsSpec>,
+}
+
+fn default_max_key_age() -> SpecDuration {
+    SpecDuration::new("90d")
+}
+fn default_rotate_before() -> SpecDuration {
+    SpecDuration::new("10d")
+}
+fn default_rollout_timeout() -> SpecDuration {
+    SpecDuration::new("10m")
+}
+fn default_zero() -> SpecDuration {
+    SpecDuration::new("0s")
+}
+fn default_delete_after() -> SpecDuration {
+    SpecDuration::new("1h")
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A Secret that receives the key, and the layout the key is written in.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTarget {
+    /// Name of the Secret (in this namespace). Created if missing.
+    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    pub name: String,
+
+    /// env (default): two keys, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (names overridable);
+    /// credentialsFile: one key "credentials" holding an INI profile section; template: keys
+    /// rendered from the `template` map.
+    #[serde(default)]
+    pub format: SecretFormat,
+
+    /// env format: the Secret key that holds the access key id (default AWS_ACCESS_KEY_ID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[-._a-zA-Z0-9]{1,253}$"))]
+    pub access_key_id_key: Option<String>,
+
+    /// env format: the Secret key that holds the secret access key (default AWS_SECRET_ACCESS_KEY).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[-._a-zA-Z0-9]{1,253}$"))]
+    pub secret_access_key_key: Option<String>,
+
+    /// credentialsFile format: the profile name of the INI section (default "default").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[-._a-zA-Z0-9]{1,64}$"))]
+    pub profile: Option<String>,
+
+    /// template format: Secret key -> text with the placeholders {{ .AccessKeyId }},
+    /// {{ .SecretAccessKey }}, {{ .UserName }} and {{ .Region }} (plain substitution).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum SecretFormat {
+    #[default]
+    Env,
+    CredentialsFile,
+    Template,
+}
+
+/// The workloads restarted onto each new key.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadsSpec {
+    /// Workloads to restart, named explicitly.
+    #[serde(default)]
+    pub targets: Vec<WorkloadRef>,
+
+    /// Also restart every Deployment, StatefulSet and DaemonSet of this namespace whose pod template
+    /// references one of the Secrets (env valueFrom, envFrom, volume, projected volume). Default true.
+    #[serde(default = "default_true")]
+    pub discover: bool,
+
+    /// How long a rollout may take before the rotation is reported Degraded/RolloutStalled
+    /// (it keeps waiting; both keys stay Active). Default 10m.
+    #[serde(default = "default_rollout_timeout")]
+    pub rollout_timeout: SpecDuration,
+}
+
+impl Default for WorkloadsSpec {
+    fn default() -> Self {
+        Self { targets: Vec::new(), discover: true, rollout_timeout: default_rollout_timeout() }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    pub kind: WorkloadKind,
+    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    pub name: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl std::fmt::Display for WorkloadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+        })
+    }
+}
+
+/// How and when the old key is retired.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetirementSpec {
+    /// Wait this long after every workload runs on the new key before deactivating the old one.
+    #[serde(default = "default_zero")]
+    pub deactivate_after: SpecDuration,
+    /// How long the old key stays Inactive, with the workloads watched, before it is deleted.
+    #[serde(default = "default_delete_after")]
+    pub delete_after: SpecDuration,
+    /// If more than 0s: deactivate only once IAM shows the old key unused for this long.
+    #[serde(default = "default_zero")]
+    pub require_old_key_unused_for: SpecDuration,
+}
+
+impl Default for RetirementSpec {
+    fn default() -> Self {
+        Self {
+            deactivate_after: default_zero(),
+            delete_after: default_delete_after(),
+            require_old_key_unused_for: default_zero(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsSpec {
+    /// AWS region for STS (IAM is global). Defaults to the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
+    pub region: Option<String>,
+    /// Role assumed for this resource's IAM calls, with ExternalId "<cluster>/<namespace>".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$"))]
+    pub role_arn: Option<String>,
+}
+
+/// Where a rotation stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default)]
+pub enum Phase {
+    #[default]
+    Idle,
+    Creating,
+    Verifying,
+    Distributing,
+    RollingOut,
+    Deactivating,
+    Soaking,
+    Deleting,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A key rekey tracks.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRef {
+    pub access_key_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Time>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Inactive,
+}
+
+/// The key being retired.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringKey {
+    pub access_key_id: String,
+    pub state: KeyState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deactivated_at: Option<Time>,
+}
+
+/// Write-ahead marker committed before CreateAccessKey: if the operator dies before the new key is
+/// recorded, recovery finds the key created in between (see DESIGN.md, safety rule 3).
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pending {
+    pub started_at: Time,
+    pub known_key_ids: Vec<String>,
+}
+
+/// Why a rotation started.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq)]
+pub enum Trigger {
+    Bootstrap,
+    Scheduled,
+    Requested,
+    Emergency,
+}
+
+/// Progress of the rotation in flight, kept in status so a restarted operator resumes it.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationProgress {
+    pub trigger: Trigger,
+    pub started_at: Time,
+    /// When the current phase began (rollout timeout, deactivateAfter and the soak count from it).
+    pub phase_since: Time,
+    /// Soak baseline: Ready pods per workload ("Kind/name") when the soak began.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baseline: BTreeMap<String, i32>,
+    /// Since when a workload has been below its baseline (the 30 s rule), per workload.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub below_since: BTreeMap<String, Time>,
+    /// Verification attempts made on the new key.
+    #[serde(default)]
+    pub verify_attempts: u32,
+}
+
+/// One finished rotation.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_key_id: Option<String>,
+    pub started_at: Time,
+    pub ended_at: Time,
+    /// Completed, Abandoned (the new key was deleted before anyone had it) or RolledBack.
+    pub outcome: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct IamKeyRotationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub phase: Phase,
+    /// The key the Secrets hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_key: Option<KeyRef>,
+    /// During a rotation, once created: the key that replaces activeKey.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_key: Option<KeyRef>,
+    /// The previous key, on its way out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring_key: Option<RetiringKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationProgress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_time: Option<Time>,
+    #[serde(default)]
+    pub rotations: u32,
+    #[serde(default)]
+    pub failed_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// The last rekey.dev/rotate value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotate_request: Option<String>,
+    /// The last rekey.dev/rotate-emergency value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_emergency_request: Option<String>,
+    /// The last rekey.dev/retire value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retire_request: Option<String>,
+    /// The last 10 rotations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
