@@ -215,3 +215,72 @@ async fn pod_reading_a_credentials_file_follows_the_file() -> anyhow::Result<()>
     eventually("pod Ready on the new file", WAIT, || all_pods(&env, &ns, "app", true)).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn statefulset_and_daemonset_roll_out_too() -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+    let env = TestEnv::get().await?;
+    let ns = env.namespace("stsds").await?;
+    let pod = |app: &str| {
+        json!({"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "app", "image": "app:1"}]}})
+    };
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "db"},
+        "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": pod("db")}
+    }))?;
+    let ds: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "agent"},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": pod("agent")}
+    }))?;
+    let sts_api: Api<StatefulSet> = Api::namespaced(env.kube.clone(), &ns);
+    let ds_api: Api<DaemonSet> = Api::namespaced(env.kube.clone(), &ns);
+    sts_api.create(&PostParams::default(), &sts).await?;
+    ds_api.create(&PostParams::default(), &ds).await?;
+    let restart = json!({"spec": {"template": {"metadata": {"annotations": {"restarted": "1"}}}}});
+    for round in 0..2 {
+        eventually(&format!("statefulset rollout {round}"), WAIT, || async {
+            let s = sts_api.get("db").await?;
+            let st = s.status.clone().unwrap_or_default();
+            let done = st.observed_generation == s.metadata.generation
+                && st.ready_replicas == Some(2)
+                && st.updated_replicas == Some(2)
+                && st.current_revision == st.update_revision;
+            Ok(if done { Ok(()) } else { Err(format!("{st:?}")) })
+        })
+        .await?;
+        eventually(&format!("daemonset rollout {round}"), WAIT, || async {
+            let d = ds_api.get("agent").await?;
+            let st = d.status.clone().unwrap_or_default();
+            let done = st.observed_generation == d.metadata.generation
+                && st.desired_number_scheduled == 1
+                && st.updated_number_scheduled == Some(1)
+                && st.number_available == Some(1);
+            Ok(if done { Ok(()) } else { Err(format!("{st:?}")) })
+        })
+        .await?;
+        sts_api.patch("db", &PatchParams::default(), &Patch::Merge(&restart)).await?;
+        ds_api.patch("agent", &PatchParams::default(), &Patch::Merge(&restart)).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_job_pod_marked_to_exit_completes_the_job() -> anyhow::Result<()> {
+    use k8s_openapi::api::batch::v1::Job;
+    let env = TestEnv::get().await?;
+    let ns = env.namespace("job").await?;
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "once"},
+        "spec": {"backoffLimit": 0, "template": {
+            "metadata": {"annotations": {"sim.rekey.dev/exit-after-seconds": "1"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "job", "image": "job:1"}]}}}
+    }))?;
+    let api: Api<Job> = Api::namespaced(env.kube.clone(), &ns);
+    api.create(&PostParams::default(), &job).await?;
+    eventually("job succeeded", WAIT, || async {
+        let st = api.get("once").await?.status.unwrap_or_default();
+        Ok(if st.succeeded == Some(1) { Ok(()) } else { Err(format!("{st:?}")) })
+    })
+    .await?;
+    Ok(())
+}

@@ -159,6 +159,12 @@ async fn set_node_ready(client: &kube::Client, name: &str) -> anyhow::Result<()>
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .context("node status")?;
+    // The apiserver taints a new node not-ready; the node lifecycle controller that would lift the
+    // taint is disabled here, so the kubelet lifts it (DaemonSet pods do not tolerate it).
+    nodes
+        .patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"taints": null}})))
+        .await
+        .context("node taints")?;
     Ok(())
 }
 
