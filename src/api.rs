@@ -116,7 +116,10 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct SecretTarget {
     /// Name of the Secret (in this namespace). Created if missing.
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
 
     /// env (default): two keys, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (names overridable);
@@ -184,7 +187,10 @@ impl Default for WorkloadsSpec {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadRef {
     pub kind: WorkloadKind,
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
 }
 

@@ -221,9 +221,7 @@ async fn statefulset_and_daemonset_roll_out_too() -> anyhow::Result<()> {
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
     let env = TestEnv::get().await?;
     let ns = env.namespace("stsds").await?;
-    let pod = |app: &str| {
-        json!({"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "app", "image": "app:1"}]}})
-    };
+    let pod = |app: &str| json!({"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
     let sts: StatefulSet = serde_json::from_value(json!({
         "metadata": {"name": "db"},
         "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": pod("db")}

@@ -78,10 +78,7 @@ impl TestEnv {
     pub async fn create_key(&self, user: &str) -> anyhow::Result<KeyPair> {
         let out = self.iam.create_access_key().user_name(user).send().await?;
         let k = out.access_key().context("no access key returned")?;
-        Ok(KeyPair {
-            access_key_id: k.access_key_id().to_owned(),
-            secret_access_key: k.secret_access_key().to_owned(),
-        })
+        Ok(KeyPair { access_key_id: k.access_key_id().to_owned(), secret_access_key: k.secret_access_key().to_owned() })
     }
 
     /// Status ("Active"/"Inactive") of every key of the user.

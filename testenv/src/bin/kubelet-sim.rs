@@ -78,10 +78,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let client = kube::Client::try_default().await.context("kube client")?;
-    let sdk = aws_config::defaults(BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .load()
-        .await;
+    let sdk = aws_config::defaults(BehaviorVersion::latest()).region(aws_config::Region::new("us-east-1")).load().await;
     let iam = aws_sdk_iam::Client::new(&sdk);
 
     register_node(&client, &args.node_name).await?;
@@ -155,10 +152,7 @@ async fn set_node_ready(client: &kube::Client, name: &str) -> anyhow::Result<()>
             "osImage": "kubelet-sim", "containerRuntimeVersion": "sim://1", "kubeletVersion": "v1.20.2",
             "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64"},
     }});
-    nodes
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .context("node status")?;
+    nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.context("node status")?;
     // The apiserver taints a new node not-ready; the node lifecycle controller that would lift the
     // taint is disabled here, so the kubelet lifts it (DaemonSet pods do not tolerate it).
     nodes
@@ -177,7 +171,10 @@ fn now_rfc3339() -> String {
 enum Desired {
     /// Cannot start: a referenced Secret or key is missing.
     Waiting(String),
-    Running { ready: bool, message: String },
+    Running {
+        ready: bool,
+        message: String,
+    },
     Succeeded,
 }
 
@@ -261,12 +258,8 @@ impl Sim {
     }
 
     fn exited(&self, pod: &Pod, uid: &str) -> bool {
-        let after = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(EXIT_AFTER))
-            .and_then(|v| v.parse::<f64>().ok());
+        let after =
+            pod.metadata.annotations.as_ref().and_then(|a| a.get(EXIT_AFTER)).and_then(|v| v.parse::<f64>().ok());
         match (after, self.started.get(uid)) {
             (Some(secs), Some(s)) => s.at.elapsed() >= Duration::from_secs_f64(secs),
             _ => false,
@@ -364,9 +357,7 @@ impl Sim {
                     let m: HashMap<String, String> = list
                         .access_key_metadata()
                         .iter()
-                        .filter_map(|m| {
-                            Some((m.access_key_id()?.to_owned(), m.status()?.as_str().to_owned()))
-                        })
+                        .filter_map(|m| Some((m.access_key_id()?.to_owned(), m.status()?.as_str().to_owned())))
                         .collect();
                     out.insert(user, m);
                 }
@@ -383,10 +374,7 @@ impl Sim {
             "metadata": {"name": name, "uid": uid},
             "target": {"apiVersion": "v1", "kind": "Node", "name": self.args.node_name},
         });
-        match api
-            .create_subresource::<_, serde_json::Value>("binding", name, &PostParams::default(), &binding)
-            .await
-        {
+        match api.create_subresource::<_, serde_json::Value>("binding", name, &PostParams::default(), &binding).await {
             Ok(_) => debug!(%ns, %name, "bound"),
             Err(e) => debug!(%ns, %name, error = %e, "bind"),
         }

@@ -1,0 +1,57 @@
+//! Errors of a reconcile, each with a bounded category used as Event reason and metric label
+//! (never the error's text, which may name objects).
+
+use crate::secrets::SecretWriteError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    #[error(transparent)]
+    SecretWrite(#[from] SecretWriteError),
+    #[error("IAM {operation} failed: {code}: {message}")]
+    Iam { operation: &'static str, code: String, message: String },
+    #[error("the resource changed while rekey acted; the step is retried from a fresh read")]
+    Conflict,
+    #[error("{0}")]
+    Unsafe(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+            other => Error::Kube(other),
+        }
+    }
+}
+
+impl Error {
+    /// Bounded: an Event reason and a metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "KubeForbidden",
+            Error::Kube(_) => "KubeError",
+            Error::SecretWrite(e) if e.code == 403 => "KubeForbidden",
+            Error::SecretWrite(_) => "SecretWriteFailed",
+            Error::Iam { code, .. } if code == "AccessDenied" || code == "AccessDeniedException" => "IamAccessDenied",
+            Error::Iam { code, .. } if code == "Throttling" => "IamThrottled",
+            Error::Iam { .. } => "IamError",
+            Error::Conflict => "Conflict",
+            Error::Unsafe(_) => "SafetyCheckFailed",
+            Error::Internal(_) => "Internal",
+        }
+    }
+}
+
+/// A bounded word for a non-API kube error (no text from the server).
+pub fn transport_kind(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(_) => "ApiError",
+        kube::Error::HyperError(_) | kube::Error::Service(_) => "Unreachable",
+        kube::Error::SerdeError(_) => "Malformed",
+        _ => "ClientError",
+    }
+}

@@ -1,0 +1,837 @@
+//! PURE: the next step of a rotation, decided from (spec, status, observed snapshot, now).
+//!
+//! Nothing here touches the cluster or IAM. Every transition of DESIGN.md's phase table, and every
+//! crash-recovery case, is a unit test below with an injected clock. The controller performs
+//! exactly the step returned, writes status, and asks again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::{IamKeyRotationSpec, IamKeyRotationStatus, KeyState, Phase, Trigger};
+use crate::validate::ValidSpec;
+
+/// How long verification of a new key may take (IAM propagation) before it is abandoned.
+pub const VERIFY_BOUND: Duration = Duration::from_secs(180);
+/// A workload below its soak baseline this long counts as broken.
+pub const BROKEN_AFTER: Duration = Duration::from_secs(30);
+/// IAM's CreateDate has whole seconds and another clock: orphans may look this much older.
+pub const ORPHAN_CLOCK_SLACK: Duration = Duration::from_secs(300);
+/// How often an in-flight rollout or soak is looked at when no watch event arrives.
+pub const POLL: Duration = Duration::from_secs(5);
+
+/// What a target Secret holds in the keys rekey owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretState {
+    Missing,
+    Empty,
+    Holds(String),
+    /// Present but its content cannot be read as a key (e.g. half of a pair).
+    Unreadable(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IamKey {
+    pub id: String,
+    pub active: bool,
+    pub created: Timestamp,
+}
+
+/// What IAM says about the user, gathered only when the decision needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct IamState {
+    pub user_exists: bool,
+    pub keys: Vec<IamKey>,
+    pub tags: BTreeMap<String, String>,
+    /// Last use of the retiring key, when requireOldKeyUnusedFor asks for it (None: never used).
+    pub retiring_last_used: Option<Option<Timestamp>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadState {
+    /// "Kind/name".
+    pub id: String,
+    /// Value of the rekey.dev/access-key-id annotation on its pod template.
+    pub stamped: Option<String>,
+    /// Rollout complete by `kubectl rollout status` rules and no unstamped pod left.
+    pub complete: bool,
+    /// Why rekey refuses to roll it (partitioned or OnDelete StatefulSet).
+    pub refused: Option<String>,
+    pub ready: i32,
+    /// A rollout of it is in progress (a newer template than the one running).
+    pub progressing: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct WorkloadsState {
+    pub items: Vec<WorkloadState>,
+    /// Pods outside supported workloads that hold the retiring key through env.
+    pub uncovered: Vec<String>,
+}
+
+/// The annotations that ask for something.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Requests {
+    pub rotate: Option<String>,
+    pub emergency: Option<String>,
+    pub retire: Option<String>,
+}
+
+/// The observed snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub now: Timestamp,
+    pub requests: Requests,
+    /// Same order as spec.secrets.
+    pub secrets: Vec<(String, SecretState)>,
+    /// The key id in the staging Secret, if any.
+    pub staging_key: Option<String>,
+    pub iam: Option<IamState>,
+    pub workloads: Option<WorkloadsState>,
+    /// Another, older resource of this cluster names the same user.
+    pub other_resource: Option<String>,
+}
+
+/// Who this resource is: the owner string of rule 7, and the consent it needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Identity {
+    pub fn owner(&self) -> String {
+        format!("{}/{}/{}", self.cluster, self.namespace, self.name)
+    }
+    pub fn consent_tag(&self) -> String {
+        format!("rekey.dev/allow/{}", self.namespace)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StallReason {
+    InvalidSpec,
+    Forbidden,
+    UserNotFound,
+    SecretConflict,
+    UnknownKey,
+    ParkedAfterRollback,
+    SelfRotation,
+    UncoveredConsumers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DegradeReason {
+    RolloutStalled,
+    RolledBack,
+    KeyQuotaExhausted,
+    VerificationFailed,
+    Conflict,
+    GitOpsManagedSecret,
+}
+
+macro_rules! reason_str {
+    ($t:ty { $($v:ident),* }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => stringify!($v)),* }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+reason_str!(StallReason {
+    InvalidSpec,
+    Forbidden,
+    UserNotFound,
+    SecretConflict,
+    UnknownKey,
+    ParkedAfterRollback,
+    SelfRotation,
+    UncoveredConsumers
+});
+reason_str!(DegradeReason {
+    RolloutStalled,
+    RolledBack,
+    KeyQuotaExhausted,
+    VerificationFailed,
+    Conflict,
+    GitOpsManagedSecret
+});
+
+/// The one step to perform next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to write; look again after `requeue` (None: only on a watch event).
+    Wait { requeue: Option<Duration>, why: String },
+    /// The decision needs IAM facts: gather them and decide again.
+    NeedIam,
+    /// The decision needs the workloads: gather them and decide again.
+    NeedWorkloads,
+    /// rekey cannot go on without a human.
+    Stall { reason: StallReason, message: String },
+    /// Something is wrong but the Secrets still work; retry after `requeue`.
+    Degrade { reason: DegradeReason, message: String, requeue: Duration },
+    /// The Secrets already hold an Active key of the user: track it (and its retiring partner).
+    Adopt { key_id: String, created: Timestamp, partner: Option<(String, bool)> },
+    /// Copy the active key from `from` into Secrets that lack it.
+    Fill { from: String, to: Vec<String> },
+    /// Preflight, then commit the write-ahead marker (phase Creating).
+    Begin { trigger: Trigger },
+    /// CreateAccessKey, at once into the staging Secret, then status.newKey and the tag.
+    Create,
+    /// Recovery: a key created in a crashed one-time window, which nobody has.
+    DeleteOrphan { key_id: String },
+    /// Recovery: the staging Secret holds a key status does not know yet.
+    RecordNewKey { key_id: String, created: Timestamp },
+    /// One sts:GetCallerIdentity signed with the new key.
+    Verify { key_id: String },
+    /// Give up this rotation; delete the new key if nobody has it.
+    Abandon { delete_key: Option<String>, reason: DegradeReason, message: String },
+    /// Write the new key into these Secrets (forward-only).
+    Distribute { key_id: String, secrets: Vec<String> },
+    /// Status-only move to the next phase.
+    Advance { to: Phase },
+    /// Restart these workloads onto the key.
+    Stamp { key_id: String, workloads: Vec<String> },
+    /// UpdateAccessKey Inactive on the retiring key.
+    Deactivate { key_id: String },
+    /// Rollback: UpdateAccessKey Active on the retiring key.
+    Reactivate { key_id: String, broken: Vec<String> },
+    /// Record which workloads are below their soak baseline, and since when.
+    TrackSoak { below_since: BTreeMap<String, Timestamp> },
+    /// DeleteAccessKey on the retiring key.
+    Delete { key_id: String },
+    /// The rotation is complete: back to Idle.
+    Finish,
+}
+
+impl Step {
+    /// Whether performing the step writes to IAM, Secrets or workloads (what dryRun and suspend
+    /// withhold). Status writes are not counted.
+    pub fn writes(&self) -> bool {
+        !matches!(
+            self,
+            Step::Wait { .. }
+                | Step::NeedIam
+                | Step::NeedWorkloads
+                | Step::Stall { .. }
+                | Step::Degrade { .. }
+                | Step::Adopt { .. }
+                | Step::Advance { .. }
+                | Step::TrackSoak { .. }
+                | Step::RecordNewKey { .. }
+        )
+    }
+
+    /// A short name for Events, metrics and the dry-run report.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Wait { .. } => "Wait",
+            Step::NeedIam => "NeedIam",
+            Step::NeedWorkloads => "NeedWorkloads",
+            Step::Stall { .. } => "Stall",
+            Step::Degrade { .. } => "Degrade",
+            Step::Adopt { .. } => "Adopt",
+            Step::Fill { .. } => "Fill",
+            Step::Begin { .. } => "Begin",
+            Step::Create => "Create",
+            Step::DeleteOrphan { .. } => "DeleteOrphan",
+            Step::RecordNewKey { .. } => "RecordNewKey",
+            Step::Verify { .. } => "Verify",
+            Step::Abandon { .. } => "Abandon",
+            Step::Distribute { .. } => "Distribute",
+            Step::Advance { .. } => "Advance",
+            Step::Stamp { .. } => "Stamp",
+            Step::Deactivate { .. } => "Deactivate",
+            Step::Reactivate { .. } => "Reactivate",
+            Step::TrackSoak { .. } => "TrackSoak",
+            Step::Delete { .. } => "Delete",
+            Step::Finish => "Finish",
+        }
+    }
+}
+
+/// Everything the decision reads.
+pub struct Input<'a> {
+    pub spec: &'a IamKeyRotationSpec,
+    pub valid: &'a ValidSpec,
+    pub status: &'a IamKeyRotationStatus,
+    pub observed: &'a Observed,
+    pub identity: &'a Identity,
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d).ok().and_then(|d| t.checked_add(d).ok()).unwrap_or(Timestamp::MAX)
+}
+
+fn until(now: Timestamp, then: Timestamp) -> Duration {
+    Duration::try_from(then.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// When the key created at `created` is due for rotation.
+pub fn due_at(created: Timestamp, v: &ValidSpec) -> Timestamp {
+    add(created, v.max_key_age.saturating_sub(v.rotate_before))
+}
+
+/// Failure backoff: 10 s doubling per failed attempt, at most 10 min.
+pub fn backoff(failed_attempts: u32) -> Duration {
+    let exp = failed_attempts.saturating_sub(1).min(6);
+    Duration::from_secs(10u64 << exp).min(Duration::from_secs(600))
+}
+
+/// Owner claims on the user's keys: access key id -> owner, from the description tags.
+pub fn claims(tags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    tags.iter().filter_map(|(k, v)| v.strip_prefix("rekey:").map(|owner| (k.clone(), owner.to_owned()))).collect()
+}
+
+/// The description-tag value for an owner, cut to IAM's 256 characters with a short hash.
+pub fn claim_value(owner: &str) -> String {
+    let full = format!("rekey:{owner}");
+    if full.len() <= 256 {
+        return full;
+    }
+    let hash = fnv1a(owner.as_bytes());
+    let mut cut = 256 - 9;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:08x}", &full[..cut])
+}
+
+/// Whether a claim value (as read back from IAM) is this owner's.
+pub fn is_own_claim(value_owner: &str, owner: &str) -> bool {
+    let ours = claim_value(owner);
+    ours.strip_prefix("rekey:") == Some(value_owner)
+}
+
+/// 32-bit FNV-1a: a stable short hash for names cut to fit a limit.
+pub fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+fn consent(iam: &IamState, id: &Identity) -> bool {
+    iam.tags.get(&id.consent_tag()).is_some_and(|v| v == &id.cluster || v == "*")
+}
+
+fn wait(requeue: Option<Duration>, why: impl Into<String>) -> Step {
+    Step::Wait { requeue, why: why.into() }
+}
+
+fn stall(reason: StallReason, message: impl Into<String>) -> Step {
+    Step::Stall { reason, message: message.into() }
+}
+
+/// Decides the next step.
+pub fn decide(i: &Input) -> Step {
+    let st = i.status;
+    match st.phase {
+        Phase::Idle => idle(i),
+        Phase::Creating => creating(i),
+        Phase::Verifying => verifying(i),
+        Phase::Distributing => distributing(i),
+        Phase::RollingOut => rolling_out(i),
+        Phase::Deactivating => deactivating(i),
+        Phase::Soaking => soaking(i),
+        Phase::Deleting => match &st.retiring_key {
+            Some(r) => Step::Delete { key_id: r.access_key_id.clone() },
+            None => Step::Finish,
+        },
+    }
+}
+
+/// The checks every IAM write for this user is preceded by; None when all pass.
+fn iam_gate(i: &Input, iam: &IamState) -> Option<Step> {
+    let user = &i.spec.user_name;
+    if !iam.user_exists {
+        return Some(stall(StallReason::UserNotFound, format!("IAM user {user} does not exist")));
+    }
+    if !consent(iam, i.identity) {
+        return Some(stall(
+            StallReason::Forbidden,
+            format!(
+                "IAM user {user} does not consent: tag it with {}={} (or \"*\") to let namespace {} rotate its keys",
+                i.identity.consent_tag(),
+                i.identity.cluster,
+                i.identity.namespace
+            ),
+        ));
+    }
+    if let Some(other) = &i.observed.other_resource {
+        return Some(Step::Degrade {
+            reason: DegradeReason::Conflict,
+            message: format!("IAM user {user} is already rotated by {other}; this resource writes nothing"),
+            requeue: Duration::from_secs(300),
+        });
+    }
+    let owner = i.identity.owner();
+    for (key, claimed_by) in claims(&iam.tags) {
+        let exists = iam.keys.iter().any(|k| k.id == key);
+        if exists && !is_own_claim(&claimed_by, &owner) {
+            return Some(Step::Degrade {
+                reason: DegradeReason::Conflict,
+                message: format!(
+                    "key {key} of IAM user {user} is claimed by {claimed_by}; this resource writes nothing"
+                ),
+                requeue: Duration::from_secs(300),
+            });
+        }
+    }
+    None
+}
+
+fn held_ids(o: &Observed) -> Result<BTreeSet<String>, Step> {
+    let mut held = BTreeSet::new();
+    for (name, s) in &o.secrets {
+        match s {
+            SecretState::Holds(id) => {
+                held.insert(id.clone());
+            }
+            SecretState::Unreadable(why) => {
+                return Err(stall(StallReason::SecretConflict, format!("Secret {name}: {why}")));
+            }
+            SecretState::Missing | SecretState::Empty => {}
+        }
+    }
+    Ok(held)
+}
+
+fn idle(i: &Input) -> Step {
+    let (st, o) = (i.status, i.observed);
+    let Some(active) = &st.active_key else { return first_key(i) };
+    let held = match held_ids(o) {
+        Ok(h) => h,
+        Err(s) => return s,
+    };
+    if let Some(other) = held.iter().find(|id| **id != active.access_key_id) {
+        let who: Vec<&str> = o
+            .secrets
+            .iter()
+            .filter(|(_, s)| *s == SecretState::Holds(other.clone()))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        return stall(
+            StallReason::SecretConflict,
+            format!(
+                "Secret {} holds key {other}, not the active key {}: rekey never overwrites credentials it cannot account for",
+                who.join(", "),
+                active.access_key_id
+            ),
+        );
+    }
+    let lacking: Vec<String> = o
+        .secrets
+        .iter()
+        .filter(|(_, s)| matches!(s, SecretState::Missing | SecretState::Empty))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let holder = o.secrets.iter().find(|(_, s)| matches!(s, SecretState::Holds(_))).map(|(n, _)| n.clone());
+    if !lacking.is_empty() {
+        match holder {
+            Some(from) => return Step::Fill { from, to: lacking },
+            // Every copy of the secret is gone: only a new key can put working credentials back.
+            None => return begin(i, Trigger::Bootstrap),
+        }
+    }
+    if let Some(v) = &o.requests.emergency
+        && st.last_emergency_request.as_ref() != Some(v)
+    {
+        return begin(i, Trigger::Emergency);
+    }
+    if let Some(v) = &o.requests.rotate
+        && st.last_rotate_request.as_ref() != Some(v)
+    {
+        return begin(i, Trigger::Requested);
+    }
+    let created = active.created_at.as_ref().map(|t| t.0).unwrap_or(o.now);
+    let due = due_at(created, i.valid);
+    if o.now >= due {
+        return begin(i, Trigger::Scheduled);
+    }
+    wait(Some(until(o.now, due)), format!("next rotation at {due}"))
+}
+
+fn first_key(i: &Input) -> Step {
+    let o = i.observed;
+    let Some(iam) = &o.iam else { return Step::NeedIam };
+    if let Some(s) = iam_gate(i, iam) {
+        return s;
+    }
+    let held = match held_ids(o) {
+        Ok(h) => h,
+        Err(s) => return s,
+    };
+    let user = &i.spec.user_name;
+    match held.len() {
+        0 => begin(i, Trigger::Bootstrap),
+        1 => {
+            let id = held.iter().next().cloned().unwrap_or_default();
+            match iam.keys.iter().find(|k| k.id == id) {
+                None => stall(
+                    StallReason::SecretConflict,
+                    format!("the Secrets hold key {id}, which is not a key of IAM user {user}"),
+                ),
+                Some(k) if !k.active => stall(
+                    StallReason::SecretConflict,
+                    format!("the Secrets hold key {id} of IAM user {user}, which is Inactive"),
+                ),
+                Some(k) => {
+                    let owner = i.identity.owner();
+                    let claims = claims(&iam.tags);
+                    let partner = iam
+                        .keys
+                        .iter()
+                        .find(|p| p.id != id && claims.get(&p.id).is_some_and(|c| is_own_claim(c, &owner)))
+                        .map(|p| (p.id.clone(), p.active));
+                    Step::Adopt { key_id: id, created: k.created, partner }
+                }
+            }
+        }
+        _ => stall(
+            StallReason::SecretConflict,
+            format!(
+                "the Secrets disagree: they hold keys {}; make them hold one key of IAM user {user}",
+                held.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ),
+    }
+}
+
+/// Starting a rotation: the gate, the failure backoff, and the 2-key quota.
+fn begin(i: &Input, trigger: Trigger) -> Step {
+    let (st, o) = (i.status, i.observed);
+    if st.failed_attempts > 0
+        && let Some(last) = &st.last_failure_time
+    {
+        let retry = add(last.0, backoff(st.failed_attempts));
+        if o.now < retry {
+            return wait(Some(until(o.now, retry)), format!("retrying after failure at {retry}"));
+        }
+    }
+    let Some(iam) = &o.iam else { return Step::NeedIam };
+    if let Some(s) = iam_gate(i, iam) {
+        return s;
+    }
+    let active = st.active_key.as_ref().map(|k| k.access_key_id.as_str());
+    if iam.keys.len() >= 2 {
+        let foreign: Vec<&str> = iam.keys.iter().map(|k| k.id.as_str()).filter(|id| Some(*id) != active).collect();
+        return Step::Degrade {
+            reason: DegradeReason::KeyQuotaExhausted,
+            message: format!(
+                "IAM user {} already has 2 access keys ({} besides the active one); rekey never deletes a key it did not create: remove it to let the rotation start",
+                i.spec.user_name,
+                foreign.join(", ")
+            ),
+            requeue: backoff(st.failed_attempts + 1),
+        };
+    }
+    Step::Begin { trigger }
+}
+
+fn creating(i: &Input) -> Step {
+    let (st, o) = (i.status, i.observed);
+    let Some(pending) = &st.pending else {
+        // The marker and newKey are written together: no marker means the key is recorded.
+        return match &st.new_key {
+            Some(_) => Step::Advance { to: Phase::Verifying },
+            None => Step::Abandon {
+                delete_key: None,
+                reason: DegradeReason::VerificationFailed,
+                message: "rotation state lost its write-ahead marker; starting over".into(),
+            },
+        };
+    };
+    let Some(iam) = &o.iam else { return Step::NeedIam };
+    if let Some(staged) = &o.staging_key {
+        return match iam.keys.iter().find(|k| &k.id == staged) {
+            Some(k) => Step::RecordNewKey { key_id: k.id.clone(), created: k.created },
+            None => Step::Abandon {
+                delete_key: None,
+                reason: DegradeReason::VerificationFailed,
+                message: format!("the staged key {staged} no longer exists in IAM; starting over"),
+            },
+        };
+    }
+    let known: BTreeSet<&str> = pending.known_key_ids.iter().map(String::as_str).collect();
+    let unknown: Vec<&IamKey> = iam.keys.iter().filter(|k| !known.contains(k.id.as_str())).collect();
+    match unknown.as_slice() {
+        [] => {
+            if iam.keys.len() >= 2 {
+                return Step::Abandon {
+                    delete_key: None,
+                    reason: DegradeReason::KeyQuotaExhausted,
+                    message: format!("IAM user {} has no free key slot", i.spec.user_name),
+                };
+            }
+            if let Some(s) = iam_gate(i, iam) {
+                return s;
+            }
+            Step::Create
+        }
+        [k] => {
+            let in_secret = o.secrets.iter().any(|(_, s)| *s == SecretState::Holds(k.id.clone()));
+            let claimed_elsewhere = claims(&iam.tags).get(&k.id).is_some_and(|c| !is_own_claim(c, &i.identity.owner()));
+            let floor =
+                pending.started_at.0.checked_sub(SignedDuration::try_from(ORPHAN_CLOCK_SLACK).unwrap_or_default());
+            let recent = floor.map(|f| k.created >= f).unwrap_or(true);
+            if !in_secret && !claimed_elsewhere && recent {
+                Step::DeleteOrphan { key_id: k.id.clone() }
+            } else {
+                stall(
+                    StallReason::UnknownKey,
+                    format!(
+                        "key {} appeared on IAM user {} during key creation but is not provably rekey's ({}): a human must decide",
+                        k.id,
+                        i.spec.user_name,
+                        if in_secret {
+                            "a target Secret holds it"
+                        } else if claimed_elsewhere {
+                            "another owner claims it"
+                        } else {
+                            "it is older than the rotation"
+                        }
+                    ),
+                )
+            }
+        }
+        many => stall(
+            StallReason::UnknownKey,
+            format!(
+                "keys {} appeared on IAM user {} during key creation: a human must decide",
+                many.iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(", "),
+                i.spec.user_name
+            ),
+        ),
+    }
+}
+
+fn phase_since(i: &Input) -> Timestamp {
+    i.status.rotation.as_ref().map(|r| r.phase_since.0).unwrap_or(i.observed.now)
+}
+
+fn verifying(i: &Input) -> Step {
+    let Some(new) = &i.status.new_key else { return Step::Advance { to: Phase::Idle } };
+    if !i.spec.verify_new_key {
+        return Step::Advance { to: Phase::Distributing };
+    }
+    if i.observed.now >= add(phase_since(i), VERIFY_BOUND) {
+        return Step::Abandon {
+            delete_key: Some(new.access_key_id.clone()),
+            reason: DegradeReason::VerificationFailed,
+            message: format!(
+                "new key {} did not authenticate as {} within {}; it was deleted (nobody had it)",
+                new.access_key_id,
+                i.spec.user_name,
+                crate::duration::format(VERIFY_BOUND)
+            ),
+        };
+    }
+    Step::Verify { key_id: new.access_key_id.clone() }
+}
+
+fn distributing(i: &Input) -> Step {
+    let (st, o) = (i.status, i.observed);
+    let Some(new) = &st.new_key else { return Step::Advance { to: Phase::RollingOut } };
+    let old = st.active_key.as_ref().map(|k| k.access_key_id.clone());
+    let mut todo = Vec::new();
+    for (name, s) in &o.secrets {
+        match s {
+            SecretState::Holds(id) if *id == new.access_key_id => {}
+            SecretState::Holds(id) if Some(id) != old.as_ref() => {
+                return stall(
+                    StallReason::SecretConflict,
+                    format!("Secret {name} holds key {id}, which rekey did not put there; it was not overwritten"),
+                );
+            }
+            SecretState::Unreadable(why) => {
+                return stall(StallReason::SecretConflict, format!("Secret {name}: {why}"));
+            }
+            _ => todo.push(name.clone()),
+        }
+    }
+    if todo.is_empty() {
+        Step::Advance { to: Phase::RollingOut }
+    } else {
+        Step::Distribute { key_id: new.access_key_id.clone(), secrets: todo }
+    }
+}
+
+fn emergency(i: &Input) -> bool {
+    i.status.rotation.as_ref().is_some_and(|r| r.trigger == Trigger::Emergency)
+}
+
+fn rolling_out(i: &Input) -> Step {
+    let (st, o) = (i.status, i.observed);
+    let Some(active) = &st.active_key else { return Step::Finish };
+    let Some(w) = &o.workloads else { return Step::NeedWorkloads };
+    if let Some(r) = w.items.iter().find_map(|w| w.refused.as_ref().map(|why| format!("{}: {why}", w.id))) {
+        return stall(StallReason::InvalidSpec, format!("{r}; it would keep the old key, so rekey will not retire it"));
+    }
+    let unstamped: Vec<String> = w
+        .items
+        .iter()
+        .filter(|w| w.stamped.as_deref() != Some(active.access_key_id.as_str()))
+        .map(|w| w.id.clone())
+        .collect();
+    if !unstamped.is_empty() {
+        return Step::Stamp { key_id: active.access_key_id.clone(), workloads: unstamped };
+    }
+    if emergency(i)
+        && let Some(r) = &st.retiring_key
+        && r.state == KeyState::Active
+    {
+        return Step::Deactivate { key_id: r.access_key_id.clone() };
+    }
+    let waiting: Vec<&str> = w.items.iter().filter(|w| !w.complete).map(|w| w.id.as_str()).collect();
+    if waiting.is_empty() {
+        return match &st.retiring_key {
+            Some(_) if emergency(i) => Step::Advance { to: Phase::Soaking },
+            Some(_) => Step::Advance { to: Phase::Deactivating },
+            None => Step::Finish,
+        };
+    }
+    let deadline = add(phase_since(i), i.valid.rollout_timeout);
+    if o.now >= deadline {
+        return Step::Degrade {
+            reason: DegradeReason::RolloutStalled,
+            message: format!(
+                "{} not rolled out onto key {} after {}; both keys stay Active and rekey keeps waiting",
+                waiting.join(", "),
+                active.access_key_id,
+                i.spec.workloads.rollout_timeout
+            ),
+            requeue: POLL,
+        };
+    }
+    wait(Some(POLL), format!("waiting for {} to roll out", waiting.join(", ")))
+}
+
+fn retire_requested(i: &Input) -> bool {
+    i.observed.requests.retire.as_ref().is_some_and(|v| i.status.last_retire_request.as_ref() != Some(v))
+}
+
+fn deactivating(i: &Input) -> Step {
+    let (st, o) = (i.status, i.observed);
+    let Some(r) = &st.retiring_key else { return Step::Finish };
+    if r.state == KeyState::Inactive {
+        return Step::Advance { to: Phase::Soaking };
+    }
+    let since = phase_since(i);
+    let ready_at = add(since, i.valid.deactivate_after);
+    if o.now < ready_at {
+        return wait(Some(until(o.now, ready_at)), format!("deactivateAfter: waiting until {ready_at}"));
+    }
+    let Some(w) = &o.workloads else { return Step::NeedWorkloads };
+    if !w.uncovered.is_empty() && !retire_requested(i) {
+        let deadline = add(since, i.valid.rollout_timeout);
+        if o.now < deadline {
+            return wait(
+                Some(POLL),
+                format!(
+                    "waiting for {} (outside any workload) to stop using key {}",
+                    w.uncovered.join(", "),
+                    r.access_key_id
+                ),
+            );
+        }
+        return stall(
+            StallReason::UncoveredConsumers,
+            format!(
+                "{} still hold key {} through env and belong to no Deployment, StatefulSet or DaemonSet; end them, then set annotation rekey.dev/retire to a new value",
+                w.uncovered.join(", "),
+                r.access_key_id
+            ),
+        );
+    }
+    if !i.valid.require_unused_for.is_zero() {
+        let Some(iam) = &o.iam else { return Step::NeedIam };
+        let Some(last_used) = &iam.retiring_last_used else { return Step::NeedIam };
+        if let Some(t) = last_used {
+            let quiet_at = add(*t, i.valid.require_unused_for);
+            if o.now < quiet_at {
+                return wait(
+                    Some(until(o.now, quiet_at).min(Duration::from_secs(300))),
+                    format!(
+                        "key {} was used at {t}; waiting until it has been unused for {}",
+                        r.access_key_id, i.spec.retirement.require_old_key_unused_for
+                    ),
+                );
+            }
+        }
+    }
+    Step::Deactivate { key_id: r.access_key_id.clone() }
+}
+
+fn soaking(i: &Input) -> Step {
+    let (st, o) = (i.status, i.observed);
+    let Some(r) = &st.retiring_key else { return Step::Finish };
+    if r.state == KeyState::Active {
+        // Parked after a rollback: both keys Active until a human says the missed place is fixed.
+        if retire_requested(i) {
+            return Step::Advance { to: Phase::Deactivating };
+        }
+        return stall(
+            StallReason::ParkedAfterRollback,
+            format!(
+                "key {} was reactivated because workloads broke after it was deactivated; fix the consumer that still uses it, then set annotation rekey.dev/retire to a new value",
+                r.access_key_id
+            ),
+        );
+    }
+    let Some(w) = &o.workloads else { return Step::NeedWorkloads };
+    if emergency(i) {
+        let waiting: Vec<&str> = w.items.iter().filter(|w| !w.complete).map(|w| w.id.as_str()).collect();
+        return if waiting.is_empty() {
+            Step::Advance { to: Phase::Deleting }
+        } else {
+            wait(
+                Some(POLL),
+                format!("emergency: deleting key {} once {} rolled out", r.access_key_id, waiting.join(", ")),
+            )
+        };
+    }
+    let rotation = st.rotation.clone().unwrap_or_else(|| crate::api::RotationProgress {
+        trigger: Trigger::Scheduled,
+        started_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(o.now),
+        phase_since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(o.now),
+        baseline: BTreeMap::new(),
+        below_since: BTreeMap::new(),
+        verify_attempts: 0,
+    });
+    let mut below: BTreeMap<String, Timestamp> = BTreeMap::new();
+    let mut broken = Vec::new();
+    for wl in &w.items {
+        let Some(base) = rotation.baseline.get(&wl.id) else { continue };
+        if wl.ready < *base && !wl.progressing {
+            let since = rotation.below_since.get(&wl.id).map(|t| t.0).unwrap_or(o.now);
+            if o.now >= add(since, BROKEN_AFTER) {
+                broken.push(format!("{} ({} of {} Ready)", wl.id, wl.ready, base));
+            }
+            below.insert(wl.id.clone(), since);
+        }
+    }
+    if !broken.is_empty() {
+        return Step::Reactivate { key_id: r.access_key_id.clone(), broken };
+    }
+    let recorded: BTreeMap<String, Timestamp> = rotation.below_since.iter().map(|(k, v)| (k.clone(), v.0)).collect();
+    if recorded != below {
+        return Step::TrackSoak { below_since: below };
+    }
+    let deactivated = r.deactivated_at.as_ref().map(|t| t.0).unwrap_or(o.now);
+    let delete_at = add(deactivated, i.valid.delete_after);
+    if o.now >= delete_at {
+        return Step::Advance { to: Phase::Deleting };
+    }
+    let next = if below.is_empty() { until(o.now, delete_at).min(POLL) } else { Duration::from_secs(1) };
+    wait(Some(next), format!("soaking: key {} is Inactive until {delete_at}", r.access_key_id))
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

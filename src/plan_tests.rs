@@ -1,0 +1,550 @@
+//! Every transition of the phase table and every crash-recovery case, with an injected clock.
+
+use super::*;
+use crate::api::{KeyRef, Pending, RetiringKey, RotationProgress};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+const OLD: &str = "AKIAOLD0000000000001";
+const NEW: &str = "AKIANEW0000000000002";
+const FOREIGN: &str = "AKIAFOREIGN000000003";
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn now() -> Timestamp {
+    t("2026-06-01T12:00:00Z")
+}
+
+fn secs(n: i64) -> SignedDuration {
+    SignedDuration::from_secs(n)
+}
+
+struct Case {
+    spec: IamKeyRotationSpec,
+    status: IamKeyRotationStatus,
+    observed: Observed,
+    identity: Identity,
+}
+
+impl Case {
+    fn new() -> Self {
+        let spec: IamKeyRotationSpec = serde_json::from_value(serde_json::json!({
+            "userName": "billing-app",
+            "secrets": [{"name": "a"}, {"name": "b"}],
+        }))
+        .unwrap();
+        let identity = Identity { cluster: "prod".into(), namespace: "payments".into(), name: "billing".into() };
+        let mut tags = BTreeMap::new();
+        tags.insert(identity.consent_tag(), "prod".into());
+        Case {
+            spec,
+            status: IamKeyRotationStatus::default(),
+            observed: Observed {
+                now: now(),
+                requests: Requests::default(),
+                secrets: vec![("a".into(), SecretState::Missing), ("b".into(), SecretState::Missing)],
+                staging_key: None,
+                iam: Some(IamState { user_exists: true, keys: vec![], tags, retiring_last_used: None }),
+                workloads: Some(WorkloadsState::default()),
+                other_resource: None,
+            },
+            identity,
+        }
+    }
+
+    fn decide(&self) -> Step {
+        let valid = crate::validate::validate(&self.spec).unwrap();
+        decide(&Input {
+            spec: &self.spec,
+            valid: &valid,
+            status: &self.status,
+            observed: &self.observed,
+            identity: &self.identity,
+        })
+    }
+
+    fn iam(&mut self) -> &mut IamState {
+        self.observed.iam.as_mut().unwrap()
+    }
+
+    fn key(mut self, id: &str, active: bool, created: Timestamp) -> Self {
+        self.iam().keys.push(IamKey { id: id.into(), active, created });
+        self
+    }
+
+    fn secrets(mut self, state: SecretState) -> Self {
+        for s in &mut self.observed.secrets {
+            s.1 = state.clone();
+        }
+        self
+    }
+
+    fn active(mut self, id: &str, created: Timestamp) -> Self {
+        self.status.active_key = Some(KeyRef { access_key_id: id.into(), created_at: Some(Time(created)) });
+        self
+    }
+
+    fn phase(mut self, phase: Phase, since: Timestamp, trigger: Trigger) -> Self {
+        self.status.phase = phase;
+        self.status.rotation = Some(RotationProgress {
+            trigger,
+            started_at: Time(since),
+            phase_since: Time(since),
+            baseline: BTreeMap::new(),
+            below_since: BTreeMap::new(),
+            verify_attempts: 0,
+        });
+        self
+    }
+
+    fn retiring(mut self, state: KeyState, deactivated_at: Option<Timestamp>) -> Self {
+        self.status.retiring_key =
+            Some(RetiringKey { access_key_id: OLD.into(), state, deactivated_at: deactivated_at.map(Time) });
+        self
+    }
+
+    fn workload(mut self, id: &str, stamped: Option<&str>, complete: bool, ready: i32) -> Self {
+        self.observed.workloads.as_mut().unwrap().items.push(WorkloadState {
+            id: id.into(),
+            stamped: stamped.map(Into::into),
+            complete,
+            refused: None,
+            ready,
+            progressing: !complete,
+        });
+        self
+    }
+}
+
+fn stall_reason(s: &Step) -> Option<StallReason> {
+    match s {
+        Step::Stall { reason, .. } => Some(*reason),
+        _ => None,
+    }
+}
+
+fn degrade_reason(s: &Step) -> Option<DegradeReason> {
+    match s {
+        Step::Degrade { reason, .. } | Step::Abandon { reason, .. } => Some(*reason),
+        _ => None,
+    }
+}
+
+// ---- Idle: bootstrap, adoption, schedule, requests ----
+
+#[test]
+fn bootstrap_begins_when_secrets_are_missing_and_a_slot_is_free() {
+    assert_eq!(Case::new().decide(), Step::Begin { trigger: Trigger::Bootstrap });
+}
+
+#[test]
+fn first_decision_asks_for_iam_facts() {
+    let mut c = Case::new();
+    c.observed.iam = None;
+    assert_eq!(c.decide(), Step::NeedIam);
+}
+
+#[test]
+fn adoption_of_an_active_key_held_by_every_secret() {
+    let created = now() - secs(86_400);
+    let c = Case::new().key(OLD, true, created).secrets(SecretState::Holds(OLD.into()));
+    assert_eq!(c.decide(), Step::Adopt { key_id: OLD.into(), created, partner: None });
+}
+
+#[test]
+fn adoption_takes_the_retiring_partner_claimed_by_this_owner() {
+    let created = now() - secs(86_400);
+    let mut c = Case::new().key(OLD, true, created).key(NEW, false, created).secrets(SecretState::Holds(OLD.into()));
+    let owner = c.identity.owner();
+    c.iam().tags.insert(NEW.into(), claim_value(&owner));
+    assert_eq!(c.decide(), Step::Adopt { key_id: OLD.into(), created, partner: Some((NEW.into(), false)) });
+}
+
+#[test]
+fn secrets_that_disagree_or_hold_foreign_or_inactive_keys_stall() {
+    let mut c = Case::new().key(OLD, true, now()).key(NEW, true, now());
+    c.observed.secrets[0].1 = SecretState::Holds(OLD.into());
+    c.observed.secrets[1].1 = SecretState::Holds(NEW.into());
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::SecretConflict));
+
+    let c = Case::new().secrets(SecretState::Holds(FOREIGN.into()));
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::SecretConflict));
+
+    let c = Case::new().key(OLD, false, now()).secrets(SecretState::Holds(OLD.into()));
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::SecretConflict));
+}
+
+#[test]
+fn missing_user_and_missing_consent_stall_before_any_write() {
+    let mut c = Case::new();
+    c.iam().user_exists = false;
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::UserNotFound));
+
+    let mut c = Case::new();
+    let tag = c.identity.consent_tag();
+    c.iam().tags.insert(tag.clone(), "other-cluster".into());
+    let step = c.decide();
+    assert_eq!(stall_reason(&step), Some(StallReason::Forbidden));
+    assert!(matches!(&step, Step::Stall { message, .. } if message.contains(&tag) && message.contains("billing-app")));
+
+    let mut c = Case::new();
+    c.iam().tags.insert(tag, "*".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Bootstrap });
+}
+
+#[test]
+fn a_key_claimed_by_another_owner_or_an_older_resource_is_a_conflict() {
+    let mut c = Case::new().key(FOREIGN, true, now());
+    c.iam().tags.insert(FOREIGN.into(), "rekey:other/ns/x".into());
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::Conflict));
+
+    let mut c = Case::new();
+    c.observed.other_resource = Some("payments/older".into());
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::Conflict));
+}
+
+#[test]
+fn idle_waits_exactly_until_the_key_is_due_without_iam() {
+    let created = now() - secs(10 * 86_400);
+    let mut c = Case::new().active(OLD, created).secrets(SecretState::Holds(OLD.into()));
+    c.observed.iam = None;
+    // 90d - 10d = 80 days after creation; 10 days have passed.
+    assert_eq!(c.decide(), Step::Wait { requeue: Some(Duration::from_secs(70 * 86_400)), why: c.decide_why() });
+}
+
+impl Case {
+    fn decide_why(&self) -> String {
+        match self.decide() {
+            Step::Wait { why, .. } => why,
+            other => panic!("not a wait: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_due_key_begins_a_scheduled_rotation() {
+    let created = now() - secs(80 * 86_400);
+    let c = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Scheduled });
+}
+
+#[test]
+fn rotate_annotation_rotates_once_per_value() {
+    let created = now() - secs(86_400);
+    let mut c = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
+    c.observed.requests.rotate = Some("1".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Requested });
+    c.status.last_rotate_request = Some("1".into());
+    assert!(matches!(c.decide(), Step::Wait { .. }));
+    c.observed.requests.emergency = Some("x".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Emergency });
+}
+
+#[test]
+fn a_foreign_second_key_exhausts_the_quota_and_is_left_alone() {
+    let created = now() - secs(80 * 86_400);
+    let c = Case::new()
+        .key(OLD, true, created)
+        .key(FOREIGN, true, created)
+        .active(OLD, created)
+        .secrets(SecretState::Holds(OLD.into()));
+    let step = c.decide();
+    assert_eq!(degrade_reason(&step), Some(DegradeReason::KeyQuotaExhausted));
+    assert!(matches!(&step, Step::Degrade { message, .. } if message.contains(FOREIGN)));
+}
+
+#[test]
+fn failure_backoff_from_status_delays_the_next_attempt() {
+    let created = now() - secs(80 * 86_400);
+    let mut c = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
+    c.status.failed_attempts = 3; // 40 s
+    c.status.last_failure_time = Some(Time(now() - secs(30)));
+    assert!(matches!(c.decide(), Step::Wait { requeue: Some(d), .. } if d == Duration::from_secs(10)));
+    c.status.last_failure_time = Some(Time(now() - secs(41)));
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Scheduled });
+    assert_eq!(backoff(1), Duration::from_secs(10));
+    assert_eq!(backoff(50), Duration::from_secs(600));
+}
+
+#[test]
+fn an_added_empty_secret_is_filled_from_one_that_holds_the_key() {
+    let mut c = Case::new().active(OLD, now());
+    c.observed.secrets[0].1 = SecretState::Holds(OLD.into());
+    assert_eq!(c.decide(), Step::Fill { from: "a".into(), to: vec!["b".into()] });
+}
+
+#[test]
+fn a_secret_edited_to_another_key_stalls_instead_of_being_overwritten() {
+    let mut c = Case::new().active(OLD, now());
+    c.observed.secrets[0].1 = SecretState::Holds(OLD.into());
+    c.observed.secrets[1].1 = SecretState::Holds(FOREIGN.into());
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::SecretConflict));
+}
+
+// ---- Creating: the one-time window and its recovery ----
+
+fn creating(known: &[&str]) -> Case {
+    let mut c = Case::new().phase(Phase::Creating, now(), Trigger::Scheduled);
+    c.status.pending =
+        Some(Pending { started_at: Time(now()), known_key_ids: known.iter().map(|s| s.to_string()).collect() });
+    c
+}
+
+#[test]
+fn creating_with_the_marker_and_no_new_key_creates() {
+    let c = creating(&[OLD]).key(OLD, true, now() - secs(100));
+    assert_eq!(c.decide(), Step::Create);
+}
+
+#[test]
+fn crash_after_create_finds_and_deletes_the_orphan_despite_whole_second_create_dates() {
+    // The marker has sub-second precision; IAM's CreateDate is whole seconds and a bit earlier.
+    let mut c = creating(&[OLD]).key(OLD, true, now() - secs(100));
+    c.status.pending.as_mut().unwrap().started_at = Time(t("2026-06-01T12:00:00.900Z"));
+    let c = c.key(NEW, true, t("2026-06-01T12:00:00Z"));
+    assert_eq!(c.decide(), Step::DeleteOrphan { key_id: NEW.into() });
+}
+
+#[test]
+fn crash_after_the_staging_write_records_the_staged_key() {
+    let created = now() + secs(1);
+    let mut c = creating(&[OLD]).key(OLD, true, now() - secs(100)).key(NEW, true, created);
+    c.observed.staging_key = Some(NEW.into());
+    assert_eq!(c.decide(), Step::RecordNewKey { key_id: NEW.into(), created });
+}
+
+#[test]
+fn unknown_keys_that_are_not_provably_ours_stall() {
+    // Two unknown keys.
+    let c = creating(&[]).key(NEW, true, now()).key(FOREIGN, true, now());
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::UnknownKey));
+    // Claimed by another owner.
+    let mut c = creating(&[OLD]).key(OLD, true, now()).key(FOREIGN, true, now());
+    c.iam().tags.insert(FOREIGN.into(), "rekey:else/where/x".into());
+    assert!(matches!(c.decide(), Step::Stall { .. } | Step::Degrade { .. }));
+    // Older than the marker (minus the clock slack).
+    let c = creating(&[OLD]).key(OLD, true, now()).key(FOREIGN, true, now() - secs(301));
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::UnknownKey));
+    // Held by a target Secret.
+    let mut c = creating(&[OLD]).key(OLD, true, now()).key(FOREIGN, true, now());
+    c.observed.secrets[0].1 = SecretState::Holds(FOREIGN.into());
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::UnknownKey));
+}
+
+#[test]
+fn a_staged_key_that_vanished_from_iam_abandons_the_attempt() {
+    let mut c = creating(&[OLD]).key(OLD, true, now());
+    c.observed.staging_key = Some(NEW.into());
+    assert!(matches!(c.decide(), Step::Abandon { delete_key: None, .. }));
+}
+
+// ---- Verifying ----
+
+fn verifying(since: Timestamp) -> Case {
+    let mut c = Case::new().active(OLD, now()).phase(Phase::Verifying, since, Trigger::Scheduled);
+    c.status.new_key = Some(KeyRef { access_key_id: NEW.into(), created_at: Some(Time(now())) });
+    c
+}
+
+#[test]
+fn verifying_verifies_then_gives_up_after_the_bound_and_deletes_the_unhanded_key() {
+    assert_eq!(verifying(now()).decide(), Step::Verify { key_id: NEW.into() });
+    let step = verifying(now() - secs(181)).decide();
+    assert!(
+        matches!(&step, Step::Abandon { delete_key: Some(k), reason: DegradeReason::VerificationFailed, .. } if k == NEW)
+    );
+    let mut c = verifying(now());
+    c.spec.verify_new_key = false;
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Distributing });
+}
+
+// ---- Distributing ----
+
+#[test]
+fn distributing_writes_forward_only_then_advances() {
+    let mut c = verifying(now());
+    c.status.phase = Phase::Distributing;
+    c.observed.secrets[0].1 = SecretState::Holds(NEW.into());
+    c.observed.secrets[1].1 = SecretState::Holds(OLD.into());
+    assert_eq!(c.decide(), Step::Distribute { key_id: NEW.into(), secrets: vec!["b".into()] });
+    c.observed.secrets[1].1 = SecretState::Holds(NEW.into());
+    assert_eq!(c.decide(), Step::Advance { to: Phase::RollingOut });
+    c.observed.secrets[1].1 = SecretState::Holds(FOREIGN.into());
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::SecretConflict));
+}
+
+// ---- RollingOut ----
+
+fn rolling(since: Timestamp, trigger: Trigger) -> Case {
+    Case::new()
+        .active(NEW, now())
+        .retiring(KeyState::Active, None)
+        .phase(Phase::RollingOut, since, trigger)
+        .secrets(SecretState::Holds(NEW.into()))
+}
+
+#[test]
+fn rolling_out_stamps_waits_and_then_deactivates() {
+    let c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(OLD), true, 2);
+    assert_eq!(c.decide(), Step::Stamp { key_id: NEW.into(), workloads: vec!["Deployment/web".into()] });
+    let c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 1);
+    assert!(matches!(c.decide(), Step::Wait { requeue: Some(POLL), .. }));
+    let c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2);
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Deactivating });
+}
+
+#[test]
+fn a_rollout_past_its_timeout_is_degraded_and_nothing_is_retired() {
+    let c = rolling(now() - secs(601), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 0);
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::RolloutStalled));
+}
+
+#[test]
+fn a_partitioned_statefulset_is_refused() {
+    let mut c = rolling(now(), Trigger::Scheduled).workload("StatefulSet/db", Some(NEW), true, 2);
+    c.observed.workloads.as_mut().unwrap().items[0].refused = Some("partition 1 > 0".into());
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::InvalidSpec));
+}
+
+#[test]
+fn bootstrap_without_an_old_key_finishes_after_rollout() {
+    let mut c = rolling(now(), Trigger::Bootstrap).workload("Deployment/web", Some(NEW), true, 2);
+    c.status.retiring_key = None;
+    assert_eq!(c.decide(), Step::Finish);
+}
+
+#[test]
+fn emergency_deactivates_as_soon_as_the_secrets_hold_the_new_key() {
+    let c = rolling(now(), Trigger::Emergency).workload("Deployment/web", Some(NEW), false, 0);
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+}
+
+// ---- Deactivating ----
+
+fn deactivating(since: Timestamp) -> Case {
+    rolling(since, Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2).with_phase(Phase::Deactivating)
+}
+
+impl Case {
+    fn with_phase(mut self, p: Phase) -> Self {
+        self.status.phase = p;
+        self
+    }
+}
+
+#[test]
+fn deactivating_honours_deactivate_after() {
+    let mut c = deactivating(now() - secs(30));
+    c.spec.retirement.deactivate_after = crate::duration::SpecDuration::new("1m");
+    assert!(matches!(c.decide(), Step::Wait { requeue: Some(d), .. } if d == Duration::from_secs(30)));
+    c.spec.retirement.deactivate_after = crate::duration::SpecDuration::new("30s");
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+}
+
+#[test]
+fn uncovered_consumers_are_waited_for_then_stall_until_retire() {
+    let mut c = deactivating(now() - secs(10));
+    c.observed.workloads.as_mut().unwrap().uncovered = vec!["Pod/adhoc".into()];
+    assert!(matches!(c.decide(), Step::Wait { .. }));
+    let mut c = deactivating(now() - secs(601));
+    c.observed.workloads.as_mut().unwrap().uncovered = vec!["Pod/adhoc".into()];
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::UncoveredConsumers));
+    c.observed.requests.retire = Some("fixed".into());
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+}
+
+#[test]
+fn require_old_key_unused_for_waits_on_last_use() {
+    let mut c = deactivating(now());
+    c.spec.retirement.require_old_key_unused_for = crate::duration::SpecDuration::new("1h");
+    c.iam().retiring_last_used = None;
+    assert_eq!(c.decide(), Step::NeedIam);
+    c.iam().retiring_last_used = Some(Some(now() - secs(600)));
+    assert!(matches!(c.decide(), Step::Wait { .. }));
+    c.iam().retiring_last_used = Some(Some(now() - secs(3_601)));
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+    c.iam().retiring_last_used = Some(None);
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+}
+
+// ---- Soaking ----
+
+fn soaking(deactivated: Timestamp) -> Case {
+    let mut c = Case::new()
+        .active(NEW, now())
+        .retiring(KeyState::Inactive, Some(deactivated))
+        .phase(Phase::Soaking, deactivated, Trigger::Scheduled)
+        .secrets(SecretState::Holds(NEW.into()));
+    c.status.rotation.as_mut().unwrap().baseline.insert("Deployment/web".into(), 2);
+    c
+}
+
+#[test]
+fn a_healthy_soak_deletes_after_delete_after() {
+    let c = soaking(now() - secs(600)).workload("Deployment/web", Some(NEW), true, 2);
+    assert!(matches!(c.decide(), Step::Wait { .. }));
+    let c = soaking(now() - secs(3_600)).workload("Deployment/web", Some(NEW), true, 2);
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Deleting });
+}
+
+#[test]
+fn a_workload_below_baseline_for_30s_rolls_back() {
+    let c = soaking(now() - secs(60)).workload("Deployment/web", Some(NEW), true, 1);
+    assert_eq!(c.decide(), Step::TrackSoak { below_since: BTreeMap::from([("Deployment/web".into(), now())]) });
+    let mut c = soaking(now() - secs(60)).workload("Deployment/web", Some(NEW), true, 1);
+    c.status.rotation.as_mut().unwrap().below_since.insert("Deployment/web".into(), Time(now() - secs(31)));
+    assert!(matches!(c.decide(), Step::Reactivate { key_id, .. } if key_id == OLD));
+    // A newer rollout in progress is not breakage.
+    let mut c = soaking(now() - secs(60)).workload("Deployment/web", Some(NEW), false, 1);
+    c.status.rotation.as_mut().unwrap().below_since.insert("Deployment/web".into(), Time(now() - secs(31)));
+    assert_eq!(c.decide(), Step::TrackSoak { below_since: BTreeMap::new() });
+}
+
+#[test]
+fn parked_after_rollback_until_retire_is_requested() {
+    let mut c = soaking(now()).retiring(KeyState::Active, None);
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::ParkedAfterRollback));
+    c.observed.requests.retire = Some("1".into());
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Deactivating });
+    c.status.last_retire_request = Some("1".into());
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::ParkedAfterRollback));
+}
+
+#[test]
+fn emergency_deletes_as_soon_as_rollouts_complete() {
+    let mut c = soaking(now()).workload("Deployment/web", Some(NEW), false, 1);
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    assert!(matches!(c.decide(), Step::Wait { .. }));
+    let mut c = soaking(now()).workload("Deployment/web", Some(NEW), true, 2);
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Deleting });
+}
+
+// ---- Deleting ----
+
+#[test]
+fn deleting_deletes_the_retiring_key() {
+    let c = soaking(now()).with_phase(Phase::Deleting);
+    assert_eq!(c.decide(), Step::Delete { key_id: OLD.into() });
+}
+
+// ---- helpers ----
+
+#[test]
+fn claim_values_fit_iam_and_stay_recognisable() {
+    let long = format!("c/ns/{}", "x".repeat(300));
+    let v = claim_value(&long);
+    assert_eq!(v.len(), 256);
+    assert!(is_own_claim(v.strip_prefix("rekey:").unwrap(), &long));
+    assert!(!is_own_claim(v.strip_prefix("rekey:").unwrap(), &format!("{long}y")));
+    assert_eq!(claim_value("prod/payments/billing"), "rekey:prod/payments/billing");
+}
+
+#[test]
+fn only_writing_steps_are_withheld_by_dry_run() {
+    assert!(Step::Create.writes());
+    assert!(Step::Deactivate { key_id: OLD.into() }.writes());
+    assert!(!Step::Advance { to: Phase::Soaking }.writes());
+    assert!(!Step::NeedIam.writes());
+}

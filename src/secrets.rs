@@ -1,0 +1,404 @@
+//! The Secrets rekey writes: rendering a key in each format, reading back which key a Secret holds,
+//! and the staging Secret. Rendering and reading are pure; the functions taking a client touch the
+//! cluster and say so.
+//!
+//! A target Secret is written with server-side apply under the resource's own field manager, with
+//! only the keys rekey owns: other keys of the Secret are never touched, and two resources never
+//! strip each other's fields. Target Secrets never get an ownerReference (deleting the resource must
+//! not delete credentials in use); the staging Secret does.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde_json::json;
+
+use crate::api::{ACCESS_KEY_ANNOTATION, SecretFormat, SecretTarget};
+use crate::plan::SecretState;
+
+pub const DEFAULT_ID_KEY: &str = "AWS_ACCESS_KEY_ID";
+pub const DEFAULT_SECRET_KEY: &str = "AWS_SECRET_ACCESS_KEY";
+pub const CREDENTIALS_KEY: &str = "credentials";
+pub const SECRET_PLACEHOLDER: &str = "{{ .SecretAccessKey }}";
+/// Label on every Secret rekey writes; the controller watches only Secrets carrying it.
+pub const MANAGED_LABEL: &str = "rekey.dev/managed-by";
+
+/// An access key with its secret, which never leaves this type except into a Secret's data.
+#[derive(Clone)]
+pub struct AccessKey {
+    pub id: String,
+    pub secret: SecretString,
+}
+
+impl std::fmt::Debug for AccessKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKey").field("id", &self.id).field("secret", &"[REDACTED]").finish()
+    }
+}
+
+/// What goes into the template placeholders besides the key.
+#[derive(Clone, Debug, Default)]
+pub struct RenderContext {
+    pub user_name: String,
+    pub region: String,
+}
+
+fn id_key(t: &SecretTarget) -> &str {
+    t.access_key_id_key.as_deref().unwrap_or(DEFAULT_ID_KEY)
+}
+
+fn secret_key(t: &SecretTarget) -> &str {
+    t.secret_access_key_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY)
+}
+
+fn profile(t: &SecretTarget) -> &str {
+    t.profile.as_deref().unwrap_or("default")
+}
+
+/// The Secret keys rekey owns in a target, with their content for `key`.
+pub fn render(t: &SecretTarget, key: &AccessKey, ctx: &RenderContext) -> BTreeMap<String, SecretString> {
+    let secret = key.secret.expose_secret();
+    let mut out = BTreeMap::new();
+    match t.format {
+        SecretFormat::Env => {
+            out.insert(id_key(t).to_owned(), SecretString::from(key.id.clone()));
+            out.insert(secret_key(t).to_owned(), SecretString::from(secret.to_owned()));
+        }
+        SecretFormat::CredentialsFile => {
+            let text = format!("[{}]\naws_access_key_id = {}\naws_secret_access_key = {secret}\n", profile(t), key.id);
+            out.insert(CREDENTIALS_KEY.to_owned(), SecretString::from(text));
+        }
+        SecretFormat::Template => {
+            for (k, tmpl) in t.template.iter().flatten() {
+                let text = tmpl
+                    .replace("{{ .AccessKeyId }}", &key.id)
+                    .replace(SECRET_PLACEHOLDER, secret)
+                    .replace("{{ .UserName }}", &ctx.user_name)
+                    .replace("{{ .Region }}", &ctx.region);
+                out.insert(k.clone(), SecretString::from(text));
+            }
+        }
+    }
+    out
+}
+
+/// The Secret keys rekey owns in a target (for removal and for "is it empty").
+pub fn owned_keys(t: &SecretTarget) -> Vec<String> {
+    match t.format {
+        SecretFormat::Env => vec![id_key(t).to_owned(), secret_key(t).to_owned()],
+        SecretFormat::CredentialsFile => vec![CREDENTIALS_KEY.to_owned()],
+        SecretFormat::Template => t.template.iter().flatten().map(|(k, _)| k.clone()).collect(),
+    }
+}
+
+fn value(s: &Secret, key: &str) -> Option<String> {
+    s.data.as_ref().and_then(|d| d.get(key)).and_then(|v| String::from_utf8(v.0.clone()).ok())
+}
+
+/// An INI credentials file's pair for `profile`.
+fn ini_pair(text: &str, profile: &str) -> (Option<String>, Option<String>) {
+    let mut in_section = false;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            let name = name.trim();
+            in_section = name == profile || name == format!("profile {profile}");
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v.trim().to_owned()),
+                "aws_secret_access_key" => secret = Some(v.trim().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    (id, secret)
+}
+
+/// Which key a target Secret holds, read from the keys rekey owns.
+pub fn held(t: &SecretTarget, s: Option<&Secret>) -> SecretState {
+    let Some(s) = s else { return SecretState::Missing };
+    match t.format {
+        SecretFormat::Env => match (value(s, id_key(t)), value(s, secret_key(t))) {
+            (None, None) => SecretState::Empty,
+            (Some(id), Some(sec)) if !id.trim().is_empty() && !sec.trim().is_empty() => {
+                SecretState::Holds(id.trim().to_owned())
+            }
+            (Some(id), Some(_)) if id.trim().is_empty() => SecretState::Empty,
+            _ => SecretState::Unreadable(format!("holds only one of {} and {}", id_key(t), secret_key(t))),
+        },
+        SecretFormat::CredentialsFile => match value(s, CREDENTIALS_KEY) {
+            None => SecretState::Empty,
+            Some(text) => match ini_pair(&text, profile(t)) {
+                (Some(id), Some(_)) => SecretState::Holds(id),
+                (None, None) => SecretState::Empty,
+                _ => SecretState::Unreadable(format!("profile {} of key {CREDENTIALS_KEY} is incomplete", profile(t))),
+            },
+        },
+        SecretFormat::Template => {
+            let keys = owned_keys(t);
+            let present = keys.iter().any(|k| value(s, k).is_some());
+            let stamped = s.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).cloned();
+            match (present, stamped) {
+                (false, _) => SecretState::Empty,
+                (true, Some(id)) => SecretState::Holds(id),
+                (true, None) => SecretState::Unreadable(format!(
+                    "holds template keys rekey did not write (no {ACCESS_KEY_ANNOTATION} annotation)"
+                )),
+            }
+        }
+    }
+}
+
+/// The secret access key a target Secret holds (to copy it into a Secret added later).
+pub fn read_key(t: &SecretTarget, s: &Secret) -> Option<AccessKey> {
+    match t.format {
+        SecretFormat::Env => Some(AccessKey {
+            id: value(s, id_key(t))?.trim().to_owned(),
+            secret: SecretString::from(value(s, secret_key(t))?.trim().to_owned()),
+        }),
+        SecretFormat::CredentialsFile => match ini_pair(&value(s, CREDENTIALS_KEY)?, profile(t)) {
+            (Some(id), Some(secret)) => Some(AccessKey { id, secret: SecretString::from(secret) }),
+            _ => None,
+        },
+        // A template's text cannot be parsed back reliably.
+        SecretFormat::Template => None,
+    }
+}
+
+/// Field manager of a resource: `rekey/<name>`, hashed when it would pass the apiserver's 128.
+pub fn field_manager(resource: &str) -> String {
+    let m = format!("rekey/{resource}");
+    if m.len() <= 128 {
+        return m;
+    }
+    format!("rekey/{}~{:08x}", &resource[..100], crate::plan::fnv1a(resource.as_bytes()))
+}
+
+/// Name of a resource's staging Secret.
+pub fn staging_name(resource: &str) -> String {
+    let n = format!("{resource}-rekey-staging");
+    if n.len() <= 253 {
+        return n;
+    }
+    format!("{}-{:08x}-rekey-staging", &resource[..200], crate::plan::fnv1a(resource.as_bytes()))
+}
+
+/// The staging Secret's layout: env format with the default key names.
+pub fn staging_target(resource: &str) -> SecretTarget {
+    SecretTarget {
+        name: staging_name(resource),
+        format: SecretFormat::Env,
+        access_key_id_key: None,
+        secret_access_key_key: None,
+        profile: None,
+        template: None,
+    }
+}
+
+fn apply_body(name: &str, resource: &str, key_id: Option<&str>, data: BTreeMap<String, String>) -> serde_json::Value {
+    let mut meta = json!({"name": name, "labels": {MANAGED_LABEL: resource}});
+    if let Some(id) = key_id {
+        meta["annotations"] = json!({ACCESS_KEY_ANNOTATION: id});
+    }
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": data})
+}
+
+/// Secret write failures, summarised: admission webhooks may quote object content, so the
+/// apiserver's message is never passed on.
+#[derive(Debug, thiserror::Error)]
+#[error("{verb} Secret {name}: {reason} (HTTP {code})")]
+pub struct SecretWriteError {
+    pub verb: &'static str,
+    pub name: String,
+    pub reason: String,
+    pub code: u16,
+}
+
+pub fn summarise(verb: &'static str, name: &str, e: kube::Error) -> SecretWriteError {
+    match e {
+        kube::Error::Api(s) => SecretWriteError { verb, name: name.to_owned(), reason: s.reason.clone(), code: s.code },
+        other => SecretWriteError {
+            verb,
+            name: name.to_owned(),
+            reason: crate::error::transport_kind(&other).to_owned(),
+            code: 0,
+        },
+    }
+}
+
+/// TOUCHES THE CLUSTER. Writes `key` into a target Secret's owned keys (creating the Secret if
+/// missing); `dry_run` asks the apiserver to check the write without persisting it.
+pub async fn write_target(
+    api: &Api<Secret>,
+    resource: &str,
+    t: &SecretTarget,
+    key: &AccessKey,
+    ctx: &RenderContext,
+    dry_run: bool,
+) -> Result<(), SecretWriteError> {
+    let data: BTreeMap<String, String> =
+        render(t, key, ctx).into_iter().map(|(k, v)| (k, base64(v.expose_secret().as_bytes()))).collect();
+    let body = apply_body(&t.name, resource, Some(&key.id), data);
+    let mut pp = PatchParams::apply(&field_manager(resource)).force();
+    if dry_run {
+        pp = pp.dry_run();
+    }
+    api.patch(&t.name, &pp, &Patch::Apply(&body)).await.map_err(|e| summarise("apply", &t.name, e))?;
+    Ok(())
+}
+
+/// TOUCHES THE CLUSTER. Removes the keys rekey wrote from a target Secret (deletionPolicy Delete).
+pub async fn clear_target(api: &Api<Secret>, resource: &str, t: &SecretTarget) -> Result<(), SecretWriteError> {
+    // Applying an object without the owned keys, under the same manager, removes exactly them.
+    let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": t.name}});
+    match api.patch(&t.name, &PatchParams::apply(&field_manager(resource)).force(), &Patch::Apply(&body)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(summarise("clear", &t.name, e)),
+    }
+}
+
+/// TOUCHES THE CLUSTER. Creates the staging Secret empty, owned by the resource, if missing.
+pub async fn ensure_staging(
+    api: &Api<Secret>,
+    resource: &str,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+) -> Result<(), SecretWriteError> {
+    let name = staging_name(resource);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {MANAGED_LABEL: resource}, "ownerReferences": [owner]},
+        "type": "Opaque",
+    }))
+    .map_err(|_| SecretWriteError { verb: "build", name: name.clone(), reason: "Invalid".into(), code: 0 })?;
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(summarise("create", &name, e)),
+    }
+}
+
+/// TOUCHES THE CLUSTER. Puts the new key into the staging Secret: the one write between
+/// CreateAccessKey and safety, so it is a plain update of an object known to exist.
+pub async fn write_staging(api: &Api<Secret>, resource: &str, key: &AccessKey) -> Result<(), SecretWriteError> {
+    let t = staging_target(resource);
+    let data: BTreeMap<String, ByteString> = render(&t, key, &RenderContext::default())
+        .into_iter()
+        .map(|(k, v)| (k, ByteString(v.expose_secret().as_bytes().to_vec())))
+        .collect();
+    let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: key.id}}, "data": data});
+    api.patch(&t.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| summarise("write", &t.name, e))?;
+    Ok(())
+}
+
+/// TOUCHES THE CLUSTER. Deletes the staging Secret.
+pub async fn delete_staging(api: &Api<Secret>, resource: &str) -> Result<(), SecretWriteError> {
+    let name = staging_name(resource);
+    match api.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(summarise("delete", &name, e)),
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    // k8s-openapi's ByteString serialises as base64; reuse it rather than a second encoder.
+    serde_json::to_value(ByteString(bytes.to_vec()))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(format: SecretFormat) -> SecretTarget {
+        SecretTarget {
+            name: "s".into(),
+            format,
+            access_key_id_key: None,
+            secret_access_key_key: None,
+            profile: None,
+            template: None,
+        }
+    }
+
+    fn key() -> AccessKey {
+        AccessKey { id: "AKIAEXAMPLE".into(), secret: SecretString::from("s3cr3t/+=".to_owned()) }
+    }
+
+    fn secret_of(data: BTreeMap<String, SecretString>) -> Secret {
+        Secret {
+            data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v.expose_secret().as_bytes().to_vec()))).collect()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_format_renders_and_reads_back_the_same_key() {
+        let ctx = RenderContext { user_name: "u".into(), region: "eu-west-1".into() };
+        for format in [SecretFormat::Env, SecretFormat::CredentialsFile] {
+            let t = target(format);
+            let s = secret_of(render(&t, &key(), &ctx));
+            assert_eq!(held(&t, Some(&s)), SecretState::Holds("AKIAEXAMPLE".into()));
+            assert_eq!(read_key(&t, &s).unwrap().secret.expose_secret(), "s3cr3t/+=");
+        }
+        let mut t = target(SecretFormat::Template);
+        t.template = Some(BTreeMap::from([(
+            "config.json".to_owned(),
+            r#"{"id":"{{ .AccessKeyId }}","secret":"{{ .SecretAccessKey }}","user":"{{ .UserName }}","region":"{{ .Region }}"}"#
+                .to_owned(),
+        )]));
+        let rendered = render(&t, &key(), &ctx);
+        assert_eq!(
+            rendered["config.json"].expose_secret(),
+            r#"{"id":"AKIAEXAMPLE","secret":"s3cr3t/+=","user":"u","region":"eu-west-1"}"#
+        );
+    }
+
+    #[test]
+    fn a_credentials_file_profile_is_read_by_name() {
+        let mut t = target(SecretFormat::CredentialsFile);
+        t.profile = Some("billing".into());
+        let text = "[default]\naws_access_key_id = AKIAOTHER\naws_secret_access_key = x\n[billing]\naws_access_key_id = AKIAB\naws_secret_access_key = y\n";
+        let s = secret_of(BTreeMap::from([("credentials".to_owned(), SecretString::from(text.to_owned()))]));
+        assert_eq!(held(&t, Some(&s)), SecretState::Holds("AKIAB".into()));
+    }
+
+    #[test]
+    fn empty_missing_and_half_written_secrets_are_told_apart() {
+        let t = target(SecretFormat::Env);
+        assert_eq!(held(&t, None), SecretState::Missing);
+        assert_eq!(held(&t, Some(&Secret::default())), SecretState::Empty);
+        let half = secret_of(BTreeMap::from([("AWS_ACCESS_KEY_ID".to_owned(), SecretString::from("AKIA".to_owned()))]));
+        assert!(matches!(held(&t, Some(&half)), SecretState::Unreadable(_)));
+        // Template content rekey did not write cannot be accounted for.
+        let mut t = target(SecretFormat::Template);
+        t.template = Some(BTreeMap::from([("k".to_owned(), "{{ .SecretAccessKey }}".to_owned())]));
+        let foreign = secret_of(BTreeMap::from([("k".to_owned(), SecretString::from("x".to_owned()))]));
+        assert!(matches!(held(&t, Some(&foreign)), SecretState::Unreadable(_)));
+    }
+
+    #[test]
+    fn debug_of_a_key_never_shows_the_secret() {
+        assert!(!format!("{:?}", key()).contains("s3cr3t"));
+    }
+
+    #[test]
+    fn long_names_are_cut_to_the_apiservers_limits() {
+        let long = "r".repeat(253);
+        assert!(field_manager(&long).len() <= 128);
+        assert!(staging_name(&long).len() <= 253);
+        assert_ne!(field_manager(&long), field_manager(&format!("{}x", &long[..252])));
+    }
+}

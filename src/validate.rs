@@ -1,0 +1,161 @@
+//! Validation of a spec beyond what the CRD schema can say (no CEL on the 1.20 apiserver).
+//! Pure: no cluster, no IAM. A failure becomes `Stalled/InvalidSpec` with this text.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::api::{IamKeyRotationSpec, SecretFormat};
+
+/// The spec with its durations parsed and its cross-field rules checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    pub max_key_age: Duration,
+    pub rotate_before: Duration,
+    pub rollout_timeout: Duration,
+    pub deactivate_after: Duration,
+    pub delete_after: Duration,
+    pub require_unused_for: Duration,
+}
+
+/// What to fix, in the user's terms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+pub fn validate(spec: &IamKeyRotationSpec) -> Result<ValidSpec, InvalidSpec> {
+    let dur = |field: &str, d: &crate::duration::SpecDuration| {
+        d.parse().map_err(|e| InvalidSpec(format!("spec.{field}: {e}")))
+    };
+    let v = ValidSpec {
+        max_key_age: dur("maxKeyAge", &spec.max_key_age)?,
+        rotate_before: dur("rotateBefore", &spec.rotate_before)?,
+        rollout_timeout: dur("workloads.rolloutTimeout", &spec.workloads.rollout_timeout)?,
+        deactivate_after: dur("retirement.deactivateAfter", &spec.retirement.deactivate_after)?,
+        delete_after: dur("retirement.deleteAfter", &spec.retirement.delete_after)?,
+        require_unused_for: dur("retirement.requireOldKeyUnusedFor", &spec.retirement.require_old_key_unused_for)?,
+    };
+    if v.max_key_age.is_zero() {
+        return Err(InvalidSpec("spec.maxKeyAge must be more than 0s".into()));
+    }
+    if v.rollout_timeout.is_zero() {
+        return Err(InvalidSpec("spec.workloads.rolloutTimeout must be more than 0s".into()));
+    }
+    if v.rotate_before >= v.max_key_age {
+        return Err(InvalidSpec(format!(
+            "spec.rotateBefore ({}) must be less than spec.maxKeyAge ({})",
+            spec.rotate_before, spec.max_key_age
+        )));
+    }
+    if !valid_user_name(&spec.user_name) {
+        return Err(InvalidSpec(format!(
+            "spec.userName {:?} is not an IAM user name (1-64 of letters, digits and +=,.@_-)",
+            spec.user_name
+        )));
+    }
+    if spec.secrets.is_empty() || spec.secrets.len() > 16 {
+        return Err(InvalidSpec("spec.secrets must list 1 to 16 Secrets".into()));
+    }
+    let mut names = BTreeSet::new();
+    for (i, s) in spec.secrets.iter().enumerate() {
+        if !names.insert(s.name.as_str()) {
+            return Err(InvalidSpec(format!("spec.secrets[{i}]: Secret {:?} is listed twice", s.name)));
+        }
+        match s.format {
+            SecretFormat::Env => {
+                let id = s.access_key_id_key.as_deref().unwrap_or(crate::secrets::DEFAULT_ID_KEY);
+                let secret = s.secret_access_key_key.as_deref().unwrap_or(crate::secrets::DEFAULT_SECRET_KEY);
+                if id == secret {
+                    return Err(InvalidSpec(format!(
+                        "spec.secrets[{i}]: accessKeyIdKey and secretAccessKeyKey are both {id:?}"
+                    )));
+                }
+            }
+            SecretFormat::CredentialsFile => {}
+            SecretFormat::Template => {
+                let Some(t) = s.template.as_ref().filter(|t| !t.is_empty()) else {
+                    return Err(InvalidSpec(format!(
+                        "spec.secrets[{i}]: format template needs a non-empty template map"
+                    )));
+                };
+                if !t.values().any(|text| text.contains(crate::secrets::SECRET_PLACEHOLDER)) {
+                    return Err(InvalidSpec(format!(
+                        "spec.secrets[{i}]: the template never uses {} so no key would be delivered",
+                        crate::secrets::SECRET_PLACEHOLDER
+                    )));
+                }
+                for key in t.keys() {
+                    if !valid_secret_key(key) {
+                        return Err(InvalidSpec(format!(
+                            "spec.secrets[{i}].template: {key:?} is not a valid Secret key"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// IAM's user name rule: `[\w+=,.@-]{1,64}`.
+pub fn valid_user_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+}
+
+/// Kubernetes' Secret data key rule: `[-._a-zA-Z0-9]+`, at most 253 characters.
+pub fn valid_secret_key(key: &str) -> bool {
+    (1..=253).contains(&key.len()) && key.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::SecretTarget;
+    use crate::duration::SpecDuration;
+
+    fn spec() -> IamKeyRotationSpec {
+        serde_json::from_value(serde_json::json!({
+            "userName": "billing-app",
+            "secrets": [{"name": "billing-aws"}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let v = validate(&spec()).unwrap();
+        assert_eq!(v.max_key_age, Duration::from_secs(90 * 86_400));
+        assert_eq!(v.rotate_before, Duration::from_secs(10 * 86_400));
+        assert_eq!(v.delete_after, Duration::from_secs(3_600));
+        assert_eq!(v.rollout_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn each_rule_names_the_field_to_fix() {
+        type Mutation = Box<dyn Fn(&mut IamKeyRotationSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|s| s.max_key_age = SpecDuration::new("0s")), "maxKeyAge must be more than 0s"),
+            (Box::new(|s| s.workloads.rollout_timeout = SpecDuration::new("0m")), "rolloutTimeout must be more"),
+            (Box::new(|s| s.rotate_before = SpecDuration::new("90d")), "rotateBefore (90d) must be less"),
+            (Box::new(|s| s.max_key_age = SpecDuration::new("-1d")), "spec.maxKeyAge: \"-1d\" is not a duration"),
+            (Box::new(|s| s.delete_after_mut("1x")), "spec.retirement.deleteAfter"),
+            (Box::new(|s| s.user_name = "bad name".into()), "is not an IAM user name"),
+            (Box::new(|s| s.secrets.push(s.secrets[0].clone())), "listed twice"),
+            (
+                Box::new(|s| s.secrets[0] = SecretTarget { format: SecretFormat::Template, ..s.secrets[0].clone() }),
+                "needs a non-empty template map",
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let err = validate(&s).expect_err(want);
+            assert!(err.0.contains(want), "{err} does not contain {want}");
+        }
+    }
+
+    impl IamKeyRotationSpec {
+        fn delete_after_mut(&mut self, v: &str) {
+            self.retirement.delete_after = SpecDuration::new(v);
+        }
+    }
+}
