@@ -46,6 +46,9 @@ struct Args {
     auth_ttl_seconds: f64,
 }
 
+/// The keys a running pod holds, or why it cannot start.
+type PodKeys = Result<BTreeSet<KeyPair>, String>;
+
 struct Started {
     at: Instant,
     env: PodCredentials,
@@ -192,7 +195,7 @@ impl Sim {
         self.auth_cache.retain(|_, (at, _)| at.elapsed() < ttl);
 
         // Per pod on this node: the keys it holds and the problems that keep it from starting.
-        let mut running: Vec<(std::sync::Arc<Pod>, Result<BTreeSet<KeyPair>, String>)> = Vec::new();
+        let mut running: Vec<(std::sync::Arc<Pod>, PodKeys)> = Vec::new();
         for pod in pods {
             let (Some(ns), Some(name), Some(uid)) =
                 (pod.metadata.namespace.clone(), pod.metadata.name.clone(), pod.metadata.uid.clone())
