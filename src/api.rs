@@ -327,6 +327,9 @@ pub struct RotationProgress {
     pub started_at: Time,
     /// When the current phase began (rollout timeout, deactivateAfter and the soak count from it).
     pub phase_since: Time,
+    /// When every target Secret held the new key: pods started before it hold the old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed_at: Option<Time>,
     /// Soak baseline: Ready pods per workload ("Kind/name") when the soak began.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub baseline: BTreeMap<String, i32>,
@@ -391,6 +394,9 @@ pub struct IamKeyRotationStatus {
     /// The last rekey.dev/retire value acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_retire_request: Option<String>,
+    /// With dryRun or suspend: the step rekey would take next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_step: Option<String>,
     /// The last 10 rotations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,

@@ -1,6 +1,9 @@
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "rekey", version, about = "Rotates AWS IAM user access keys stored in Kubernetes Secrets")]
@@ -9,30 +12,87 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller.
+    Run {
+        /// Name of this cluster: the value the consent tag rekey.dev/allow/<namespace> must carry,
+        /// and part of every key's owner claim.
+        #[arg(long, env = "REKEY_CLUSTER_NAME")]
+        cluster_name: String,
+        /// AWS region for STS (IAM is global).
+        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+        region: String,
+        #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
     /// Print the IamKeyRotation CustomResourceDefinition as YAML (the source of crds/).
     Crd,
     /// Print the version.
     Version,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => match rekey::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
-                std::process::ExitCode::SUCCESS
+                ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("rekey: cannot render the CRD: {e}");
-                std::process::ExitCode::FAILURE
+                ExitCode::FAILURE
             }
         },
         Command::Version => {
             println!("rekey {}", env!("CARGO_PKG_VERSION"));
-            std::process::ExitCode::SUCCESS
+            ExitCode::SUCCESS
+        }
+        Command::Run { cluster_name, region, log_format } => {
+            // Rule 5: the AWS SDK would log request and response bodies, new secrets included.
+            if std::env::var_os("LOG_SENSITIVE_BODIES").is_some() {
+                eprintln!(
+                    "rekey: refusing to start: LOG_SENSITIVE_BODIES is set, which makes the AWS SDK log secret access keys"
+                );
+                return ExitCode::FAILURE;
+            }
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let builder = tracing_subscriber::fmt().with_env_filter(filter);
+            match log_format {
+                LogFormat::Json => builder.json().init(),
+                LogFormat::Text => builder.init(),
+            }
+            #[cfg(feature = "failpoints")]
+            let _failpoints = fail::FailScenario::setup();
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("rekey: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                let client = match kube::Client::try_default().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build a Kubernetes client");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let iam = rekey::iam::AwsIam::from_env().await;
+                let ctx = Arc::new(rekey::controller::Context::new(client, iam, cluster_name, region));
+                tracing::info!("rekey controller starting");
+                rekey::controller::run(ctx).await;
+                ExitCode::SUCCESS
+            })
         }
     }
 }

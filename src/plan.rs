@@ -800,6 +800,7 @@ fn soaking(i: &Input) -> Step {
         trigger: Trigger::Scheduled,
         started_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(o.now),
         phase_since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(o.now),
+        distributed_at: None,
         baseline: BTreeMap::new(),
         below_since: BTreeMap::new(),
         verify_attempts: 0,

@@ -91,6 +91,7 @@ impl Case {
             trigger,
             started_at: Time(since),
             phase_since: Time(since),
+            distributed_at: None,
             baseline: BTreeMap::new(),
             below_since: BTreeMap::new(),
             verify_attempts: 0,

@@ -300,6 +300,32 @@ pub async fn write_staging(api: &Api<Secret>, resource: &str, key: &AccessKey) -
     Ok(())
 }
 
+/// TOUCHES THE CLUSTER. Empties the staging Secret (a leftover of an abandoned attempt).
+pub async fn clear_staging(api: &Api<Secret>, resource: &str) -> Result<(), SecretWriteError> {
+    let name = staging_name(resource);
+    let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: null}}, "data": null});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| summarise("clear", &name, e))?;
+    Ok(())
+}
+
+/// TOUCHES THE CLUSTER (dry run). Checks that the staging write will be admitted.
+pub async fn write_staging_dry_run(
+    api: &Api<Secret>,
+    resource: &str,
+    probe: &AccessKey,
+) -> Result<(), SecretWriteError> {
+    let t = staging_target(resource);
+    let data: BTreeMap<String, ByteString> = render(&t, probe, &RenderContext::default())
+        .into_iter()
+        .map(|(k, v)| (k, ByteString(v.expose_secret().as_bytes().to_vec())))
+        .collect();
+    let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: probe.id}}, "data": data});
+    api.patch(&t.name, &PatchParams::default().dry_run(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| summarise("write (dry run)", &t.name, e))?;
+    Ok(())
+}
+
 /// TOUCHES THE CLUSTER. Deletes the staging Secret.
 pub async fn delete_staging(api: &Api<Secret>, resource: &str) -> Result<(), SecretWriteError> {
     let name = staging_name(resource);

@@ -1,0 +1,336 @@
+//! Wiring: watches, the finalizer, the reconcile pipeline, the error policy.
+//!
+//! reconcile = re-read the resource (not the cache) → validate (pure) → observe (reads) →
+//! plan (pure; may ask for IAM or workload facts, gathered on demand) → act (one step) →
+//! report (status with server-side apply, Events).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt as _;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::act::{self, Env, Outcome};
+use crate::api::{DeletionPolicy, FINALIZER, IamKeyRotation, IamKeyRotationStatus};
+use crate::error::Error;
+use crate::iam::Iam;
+use crate::plan::{self, Identity, Step};
+use crate::secrets::{self, MANAGED_LABEL};
+use crate::status::{self, Verdict};
+use crate::validate::validate;
+
+/// Shared by every reconcile.
+pub struct Context<I: Iam> {
+    pub client: kube::Client,
+    pub iam: I,
+    pub cluster: String,
+    pub region: String,
+    pub recorder: Recorder,
+}
+
+impl<I: Iam> Context<I> {
+    pub fn new(client: kube::Client, iam: I, cluster: String, region: String) -> Self {
+        let reporter = Reporter { controller: "rekey".into(), instance: std::env::var("POD_NAME").ok() };
+        Self { recorder: Recorder::new(client.clone(), reporter), client, iam, cluster, region }
+    }
+}
+
+/// Runs the controller until the stream ends (shutdown signal).
+pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
+    let client = ctx.client.clone();
+    let resources: Api<IamKeyRotation> = Api::all(client.clone());
+    let managed: Api<Secret> = Api::all(client.clone());
+    Controller::new(resources, watcher::Config::default())
+        // Only the Secrets rekey writes are watched (label selector): unrelated Secrets cost nothing.
+        .watches(managed, watcher::Config::default().labels(MANAGED_LABEL), |s: Secret| {
+            let ns = s.namespace()?;
+            let owner = s.labels().get(MANAGED_LABEL)?.clone();
+            Some(ObjectRef::<IamKeyRotation>::new(&owner).within(&ns))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy<I: Iam>(obj: Arc<IamKeyRotation>, err: &Error, _ctx: Arc<Context<I>>) -> Action {
+    let failed = obj.status.as_ref().map(|s| s.failed_attempts).unwrap_or(0);
+    match err {
+        Error::Conflict => Action::requeue(Duration::from_millis(500)),
+        _ => Action::requeue(plan::backoff(failed.max(1))),
+    }
+}
+
+async fn reconcile<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let span = info_span!("reconcile", namespace = %ns, name = %obj.name_any());
+    async move {
+        let api: Api<IamKeyRotation> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer(&api, FINALIZER, obj, |event| async {
+            match event {
+                Finalizer::Apply(o) => apply(o, ctx.clone()).await,
+                Finalizer::Cleanup(o) => cleanup(o, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            kube::runtime::finalizer::Error::AddFinalizer(e) | kube::runtime::finalizer::Error::RemoveFinalizer(e) => {
+                Error::from(e)
+            }
+            other => Error::Internal(other.to_string()),
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+fn identity<I: Iam>(obj: &IamKeyRotation, ctx: &Context<I>) -> Identity {
+    Identity { cluster: ctx.cluster.clone(), namespace: obj.namespace().unwrap_or_default(), name: obj.name_any() }
+}
+
+async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
+    let ns = cached.namespace().unwrap_or_default();
+    let api: Api<IamKeyRotation> = Api::namespaced(ctx.client.clone(), &ns);
+    // Rule 4: decide on the apiserver's current object, never on a possibly stale cache.
+    let Some(obj) = api.get_opt(&cached.name_any()).await? else { return Ok(Action::await_change()) };
+    let before = obj.status.clone().unwrap_or_default();
+    let mut st = before.clone();
+    let now = Timestamp::now();
+    if before.observed_generation.is_none() {
+        // A request value present when rekey first sees a resource counts as already used.
+        let r = crate::observe::requests(&obj);
+        st.last_rotate_request = r.rotate;
+        st.last_emergency_request = r.emergency;
+        st.last_retire_request = r.retire;
+    }
+    st.observed_generation = obj.metadata.generation;
+
+    let valid = match validate(&obj.spec) {
+        Ok(v) => v,
+        Err(e) => {
+            let step = Step::Stall { reason: plan::StallReason::InvalidSpec, message: e.0 };
+            return report(&ctx, &api, &obj, &before, st, &step, Outcome::default(), now).await;
+        }
+    };
+    let id = identity(&obj, &ctx);
+    let mut observed = crate::observe::basic(&ctx.client, &obj, now).await?;
+    let step = loop {
+        let step = plan::decide(&plan::Input {
+            spec: &obj.spec,
+            valid: &valid,
+            status: &st,
+            observed: &observed,
+            identity: &id,
+        });
+        match step {
+            Step::NeedIam if observed.iam.is_none() => {
+                let (iam, other) =
+                    crate::observe::iam(&ctx.client, &ctx.iam, &obj, &st, !valid.require_unused_for.is_zero()).await?;
+                observed.iam = Some(iam);
+                observed.other_resource = other;
+            }
+            Step::NeedWorkloads if observed.workloads.is_none() => {
+                let names = crate::observe::secret_names(&obj);
+                let key = st.active_key.as_ref().map(|k| k.access_key_id.clone());
+                observed.workloads = Some(
+                    crate::workloads::observe(
+                        &ctx.client,
+                        &ns,
+                        &obj.spec.workloads.targets,
+                        obj.spec.workloads.discover,
+                        &names,
+                        key.as_deref(),
+                    )
+                    .await?,
+                );
+            }
+            other => break other,
+        }
+    };
+
+    if step.writes() && (obj.spec.suspend || obj.spec.dry_run) {
+        let what = if obj.spec.suspend { "suspended" } else { "dry run" };
+        let note = format!("{what}: next step would be {} ({step:?})", step.name());
+        let mut out = Outcome { requeue: Some(Duration::from_secs(60)), ..Default::default() };
+        if st.planned_step.as_deref() != Some(step.name()) {
+            out.events.push((false, if obj.spec.suspend { "Suspended" } else { "DryRun" }.into(), note));
+        }
+        st.planned_step = Some(step.name().to_owned());
+        return report(&ctx, &api, &obj, &before, st, &Step::Wait { requeue: None, why: String::new() }, out, now)
+            .await;
+    }
+    st.planned_step = None;
+
+    let env = Env {
+        client: &ctx.client,
+        iam: &ctx.iam,
+        obj: &obj,
+        valid: &valid,
+        observed: &observed,
+        identity: &id,
+        region: &ctx.region,
+    };
+    info!(step = step.name(), phase = %st.phase, "performing");
+    match act::perform(&env, &mut st, &step).await {
+        Ok(out) => report(&ctx, &api, &obj, &before, st, &step, out, now).await,
+        Err(e) => {
+            // The failure is kept in status so the backoff survives restarts.
+            if !matches!(e, Error::Conflict) {
+                let mut failed = before.clone();
+                failed.observed_generation = obj.metadata.generation;
+                failed.failed_attempts += 1;
+                failed.last_failure_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+                status::event(
+                    &ctx.recorder,
+                    &obj,
+                    true,
+                    e.category(),
+                    format!("{} failed: {e}", step.name()),
+                    step.name(),
+                )
+                .await;
+                if let Err(we) = status::write(&api, &obj, &failed, None).await {
+                    warn!(error = %we, "could not record the failure in status");
+                }
+            }
+            warn!(step = step.name(), category = e.category(), error = %e, "step failed");
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn report<I: Iam>(
+    ctx: &Context<I>,
+    api: &Api<IamKeyRotation>,
+    obj: &IamKeyRotation,
+    before: &IamKeyRotationStatus,
+    mut st: IamKeyRotationStatus,
+    step: &Step,
+    out: Outcome,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let verdict = Verdict::of(step);
+    st.conditions = status::conditions(&st, &verdict, obj.metadata.generation, now);
+    // Warn once when a stall or degradation starts, not on every look.
+    let was = |t: &str| before.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
+    match &verdict {
+        Verdict::Stalled(r, m) if was("Stalled") != Some(("True".into(), r.as_str().into())) => {
+            status::event(&ctx.recorder, obj, true, r.as_str(), m.clone(), "Stall").await;
+        }
+        Verdict::Degraded(r, m)
+            if was("Degraded") != Some(("True".into(), r.as_str().into())) && !matches!(step, Step::Abandon { .. }) =>
+        {
+            status::event(&ctx.recorder, obj, true, r.as_str(), m.clone(), "Degrade").await;
+        }
+        _ => {}
+    }
+    if st != *before {
+        let rv = if out.precondition { obj.metadata.resource_version.as_deref() } else { None };
+        status::write(api, obj, &st, rv).await?;
+    }
+    for (warning, reason, note) in out.events {
+        status::event(&ctx.recorder, obj, warning, &reason, note, step.name()).await;
+    }
+    Ok(match out.requeue {
+        Some(d) if d.is_zero() => Action::requeue(Duration::from_millis(100)),
+        Some(d) => Action::requeue(d),
+        None => Action::await_change(),
+    })
+}
+
+/// Deletion, by `deletionPolicy`. Works with an invalid spec, a missing user or withdrawn
+/// consent, and never blocks namespace deletion for longer than one reconcile.
+async fn cleanup<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let user = obj.spec.user_name.clone();
+    let st = obj.status.clone().unwrap_or_default();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let owner = identity(&obj, &ctx).owner();
+    // A new key that no target Secret holds yet: nobody has it, delete it under any policy.
+    let held: Vec<String> = {
+        let observed = crate::observe::basic(&ctx.client, &obj, Timestamp::now()).await;
+        observed
+            .map(|o| {
+                o.secrets
+                    .into_iter()
+                    .filter_map(|(_, s)| match s {
+                        plan::SecretState::Holds(id) => Some(id),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut problems = Vec::new();
+    let keys = match ctx.iam.list_keys(&user).await {
+        Ok(k) => k,
+        Err(e) => {
+            problems.push(e.to_string());
+            Vec::new()
+        }
+    };
+    let tags = ctx.iam.user_tags(&user).await.ok().flatten().unwrap_or_default();
+    let ours: Vec<String> = plan::claims(&tags)
+        .into_iter()
+        .filter(|(_, o)| plan::is_own_claim(o, &owner))
+        .map(|(k, _)| k)
+        .filter(|k| keys.iter().any(|x| &x.id == k))
+        .collect();
+    let unhanded: Vec<String> = st
+        .new_key
+        .iter()
+        .map(|k| k.access_key_id.clone())
+        .filter(|k| !held.contains(k) && keys.iter().any(|x| &x.id == k))
+        .collect();
+    let to_delete: Vec<String> = match obj.spec.deletion_policy {
+        DeletionPolicy::Retain => unhanded,
+        DeletionPolicy::Delete => ours,
+    };
+    for k in &to_delete {
+        match ctx.iam.delete_key(&user, k).await {
+            Ok(()) => {
+                ctx.iam.untag_user(&user, k).await.ok();
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if obj.spec.deletion_policy == DeletionPolicy::Delete {
+        for t in &obj.spec.secrets {
+            if let Err(e) = secrets::clear_target(&secrets_api, &name, t).await {
+                problems.push(e.to_string());
+            }
+        }
+    }
+    if let Err(e) = secrets::delete_staging(&secrets_api, &name).await {
+        problems.push(e.to_string());
+    }
+    let note = format!(
+        "deleted ({:?}): keys deleted: [{}]{}",
+        obj.spec.deletion_policy,
+        to_delete.join(", "),
+        if problems.is_empty() {
+            String::new()
+        } else {
+            format!("; left behind after errors: {}", problems.join("; "))
+        }
+    );
+    status::event(&ctx.recorder, &obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
+    // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
+    Ok(Action::await_change())
+}

@@ -1,0 +1,100 @@
+//! Gathering the snapshot the plan decides on. TOUCHES THE CLUSTER AND IAM (reads only).
+//!
+//! The cheap part (the Secrets) is read on every reconcile; IAM and the workloads only when the
+//! plan asks for them, so an Idle resource costs no AWS call.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use kube::{Resource as _, ResourceExt as _};
+
+use crate::api::{
+    IamKeyRotation, IamKeyRotationStatus, RETIRE_ANNOTATION, ROTATE_ANNOTATION, ROTATE_EMERGENCY_ANNOTATION,
+};
+use crate::error::Error;
+use crate::iam::Iam;
+use crate::plan::{IamState, Observed, Requests, SecretState};
+use crate::secrets;
+
+async fn get_secret(api: &Api<Secret>, name: &str) -> Result<Option<Secret>, Error> {
+    Ok(api.get_opt(name).await?)
+}
+
+pub fn requests(obj: &IamKeyRotation) -> Requests {
+    let a = obj.annotations();
+    Requests {
+        rotate: a.get(ROTATE_ANNOTATION).cloned(),
+        emergency: a.get(ROTATE_EMERGENCY_ANNOTATION).cloned(),
+        retire: a.get(RETIRE_ANNOTATION).cloned(),
+    }
+}
+
+/// The Secrets and the staging Secret, read fresh from the apiserver.
+pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) -> Result<Observed, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let mut states = Vec::new();
+    for t in &obj.spec.secrets {
+        let s = get_secret(&api, &t.name).await?;
+        states.push((t.name.clone(), secrets::held(t, s.as_ref())));
+    }
+    let name = obj.name_any();
+    let staging = get_secret(&api, &secrets::staging_name(&name)).await?;
+    let staging_key = match secrets::held(&secrets::staging_target(&name), staging.as_ref()) {
+        SecretState::Holds(id) => Some(id),
+        _ => None,
+    };
+    Ok(Observed {
+        now,
+        requests: requests(obj),
+        secrets: states,
+        staging_key,
+        iam: None,
+        workloads: None,
+        other_resource: None,
+    })
+}
+
+/// The user's tags and keys (and the retiring key's last use when the spec asks for it), plus
+/// whether an older resource of this cluster names the same user (a fresh list, so two resources
+/// cannot both start).
+pub async fn iam<I: Iam>(
+    client: &kube::Client,
+    iam: &I,
+    obj: &IamKeyRotation,
+    status: &IamKeyRotationStatus,
+    want_last_used: bool,
+) -> Result<(IamState, Option<String>), Error> {
+    let user = &obj.spec.user_name;
+    let state = match iam.user_tags(user).await? {
+        None => IamState { user_exists: false, ..Default::default() },
+        Some(tags) => {
+            let keys = iam.list_keys(user).await?;
+            let retiring_last_used = match (&status.retiring_key, want_last_used) {
+                (Some(r), true) => Some(iam.last_used(&r.access_key_id).await?),
+                _ => None,
+            };
+            IamState { user_exists: true, keys, tags, retiring_last_used }
+        }
+    };
+    let all: Api<IamKeyRotation> = Api::all(client.clone());
+    let me = (obj.creation_timestamp().map(|t| t.0), obj.namespace().unwrap_or_default(), obj.name_any());
+    let older = all
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|o| o.spec.user_name == *user && o.meta().deletion_timestamp.is_none())
+        .map(|o| (o.creation_timestamp().map(|t| t.0), o.namespace().unwrap_or_default(), o.name_any()))
+        .filter(|other| *other < me)
+        .min()
+        .map(|(_, ns, name)| format!("{ns}/{name}"));
+    Ok((state, older))
+}
+
+/// The Secret names of the spec, as a set (for workload discovery).
+pub fn secret_names(obj: &IamKeyRotation) -> BTreeSet<String> {
+    obj.spec.secrets.iter().map(|s| s.name.clone()).collect()
+}

@@ -1,0 +1,224 @@
+//! Reporting: conditions (pure), the status write (TOUCHES THE CLUSTER: server-side apply with a
+//! resourceVersion precondition), and Events.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource as _, ResourceExt as _};
+use serde_json::json;
+
+use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
+use crate::error::Error;
+use crate::plan::{DegradeReason, StallReason, Step};
+
+/// Field manager of the status writes.
+pub const STATUS_MANAGER: &str = "rekey";
+
+fn set(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let s = if status { "True" } else { "False" };
+    if let Some(c) = conds.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != s {
+            c.last_transition_time = Time(now);
+        }
+        c.status = s.into();
+        c.reason = reason.into();
+        c.message = message.into();
+        c.observed_generation = generation;
+        return;
+    }
+    conds.push(Condition {
+        type_: type_.into(),
+        status: s.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    });
+}
+
+fn get<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conds.iter().find(|c| c.type_ == type_)
+}
+
+/// What the reconcile concluded, for the conditions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Stalled(StallReason, String),
+    Degraded(DegradeReason, String),
+    /// A step that moved the rotation forward: stale Degraded conditions clear.
+    Progressed,
+    /// Nothing new (waiting, dry run, suspended).
+    Unchanged,
+}
+
+impl Verdict {
+    pub fn of(step: &Step) -> Self {
+        match step {
+            Step::Stall { reason, message } => Verdict::Stalled(*reason, message.clone()),
+            Step::Degrade { reason, message, .. } | Step::Abandon { reason, message, .. } => {
+                Verdict::Degraded(*reason, message.clone())
+            }
+            Step::Reactivate { key_id, broken } => Verdict::Degraded(
+                DegradeReason::RolledBack,
+                format!("key {key_id} was reactivated: {} broke after it was deactivated", broken.join(", ")),
+            ),
+            Step::Wait { .. } | Step::NeedIam | Step::NeedWorkloads | Step::TrackSoak { .. } => Verdict::Unchanged,
+            _ => Verdict::Progressed,
+        }
+    }
+}
+
+/// The conditions after a reconcile (pure).
+pub fn conditions(
+    st: &IamKeyRotationStatus,
+    verdict: &Verdict,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let mut c = st.conditions.clone();
+    let secret_broken = matches!(verdict, Verdict::Stalled(StallReason::SecretConflict, _));
+    match (&st.active_key, secret_broken) {
+        (Some(k), false) => set(
+            &mut c,
+            "Ready",
+            true,
+            "KeyInPlace",
+            &format!("the Secrets hold key {}, verified and Active", k.access_key_id),
+            generation,
+            now,
+        ),
+        (_, true) => set(
+            &mut c,
+            "Ready",
+            false,
+            "SecretConflict",
+            "the Secrets do not hold a key rekey can account for",
+            generation,
+            now,
+        ),
+        (None, false) => set(&mut c, "Ready", false, "NoKey", "no key is in the Secrets yet", generation, now),
+    }
+    if st.phase == Phase::Idle {
+        set(&mut c, "Rotating", false, "Idle", "no rotation in flight", generation, now);
+    } else {
+        let msg = format!("rotation in phase {}", st.phase);
+        set(&mut c, "Rotating", true, &st.phase.to_string(), &msg, generation, now);
+    }
+    match verdict {
+        Verdict::Stalled(reason, message) => set(&mut c, "Stalled", true, reason.as_str(), message, generation, now),
+        _ => set(&mut c, "Stalled", false, "AsExpected", "", generation, now),
+    }
+    match verdict {
+        Verdict::Degraded(reason, message) => set(&mut c, "Degraded", true, reason.as_str(), message, generation, now),
+        Verdict::Progressed => set(&mut c, "Degraded", false, "AsExpected", "", generation, now),
+        _ if get(&c, "Degraded").is_none() => set(&mut c, "Degraded", false, "AsExpected", "", generation, now),
+        _ => {}
+    }
+    if st.active_key.is_none() {
+        set(&mut c, "Reconciling", true, "Bootstrapping", "the first key is not in place yet", generation, now);
+    } else {
+        set(&mut c, "Reconciling", false, "KeyInPlace", "", generation, now);
+    }
+    c
+}
+
+/// TOUCHES THE CLUSTER. Writes the whole status with server-side apply. With `resource_version`,
+/// the write only succeeds if the resource is unchanged since it was read (a phase change from a
+/// stale view fails with Conflict instead of repeating or undoing a step).
+pub async fn write(
+    api: &Api<IamKeyRotation>,
+    obj: &IamKeyRotation,
+    status: &IamKeyRotationStatus,
+    resource_version: Option<&str>,
+) -> Result<IamKeyRotation, Error> {
+    let mut meta = json!({"name": obj.name_any()});
+    if let Some(rv) = resource_version {
+        meta["resourceVersion"] = json!(rv);
+    }
+    let body = json!({
+        "apiVersion": IamKeyRotation::api_version(&()),
+        "kind": IamKeyRotation::kind(&()),
+        "metadata": meta,
+        "status": status,
+    });
+    let pp = PatchParams::apply(STATUS_MANAGER).force();
+    Ok(api.patch_status(&obj.name_any(), &pp, &Patch::Apply(&body)).await?)
+}
+
+/// Publishes an Event; a failure to publish is logged, never fatal.
+pub async fn event(recorder: &Recorder, obj: &IamKeyRotation, warning: bool, reason: &str, note: String, action: &str) {
+    let ev = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::warn!(error = %crate::error::transport_kind(&e), "could not publish an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::KeyRef;
+
+    fn status(phase: Phase, key: bool) -> IamKeyRotationStatus {
+        IamKeyRotationStatus {
+            phase,
+            active_key: key.then(|| KeyRef { access_key_id: "AKIA1".into(), created_at: None }),
+            ..Default::default()
+        }
+    }
+
+    fn cond<'a>(c: &'a [Condition], t: &str) -> (&'a str, &'a str) {
+        let c = get(c, t).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn ready_stays_true_during_a_rotation_and_rotating_names_the_phase() {
+        let c = conditions(&status(Phase::Soaking, true), &Verdict::Unchanged, Some(3), Timestamp::now());
+        assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
+        assert_eq!(cond(&c, "Rotating"), ("True", "Soaking"));
+        assert_eq!(cond(&c, "Reconciling").0, "False");
+        assert!(c.iter().all(|c| c.observed_generation == Some(3)));
+    }
+
+    #[test]
+    fn bootstrap_is_reconciling_and_not_ready() {
+        let c = conditions(&status(Phase::Creating, false), &Verdict::Progressed, None, Timestamp::now());
+        assert_eq!(cond(&c, "Ready"), ("False", "NoKey"));
+        assert_eq!(cond(&c, "Reconciling"), ("True", "Bootstrapping"));
+    }
+
+    #[test]
+    fn degraded_persists_while_waiting_and_clears_on_progress() {
+        let now = Timestamp::now();
+        let mut st = status(Phase::RollingOut, true);
+        st.conditions = conditions(&st, &Verdict::Degraded(DegradeReason::RolloutStalled, "x".into()), None, now);
+        assert_eq!(cond(&st.conditions, "Degraded"), ("True", "RolloutStalled"));
+        st.conditions = conditions(&st, &Verdict::Unchanged, None, now);
+        assert_eq!(cond(&st.conditions, "Degraded"), ("True", "RolloutStalled"));
+        st.conditions = conditions(&st, &Verdict::Progressed, None, now);
+        assert_eq!(cond(&st.conditions, "Degraded").0, "False");
+    }
+
+    #[test]
+    fn a_secret_conflict_is_stalled_and_not_ready() {
+        let v = Verdict::Stalled(StallReason::SecretConflict, "disagree".into());
+        let c = conditions(&status(Phase::Idle, true), &v, None, Timestamp::now());
+        assert_eq!(cond(&c, "Stalled"), ("True", "SecretConflict"));
+        assert_eq!(cond(&c, "Ready").0, "False");
+    }
+}

@@ -1,0 +1,312 @@
+//! The workloads that consume a key: discovery, the restart stamp, and rollout completion.
+//!
+//! Completion follows `kubectl rollout status` (observedGeneration, updated/ready/available
+//! replicas, ProgressDeadlineExceeded) **and** requires that no pod of the workload without the
+//! stamp remains, terminating pods included: a terminating pod still runs on the old key.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+use crate::api::{ACCESS_KEY_ANNOTATION, WorkloadKind, WorkloadRef};
+use crate::error::Error;
+use crate::plan::{WorkloadState, WorkloadsState};
+
+/// Whether a pod spec reads any of `secrets` (env valueFrom, envFrom, volume, projected volume).
+pub fn references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
+    env_references(spec, secrets) || volume_references(spec, secrets)
+}
+
+/// Whether a pod spec reads any of `secrets` through its environment (fixed at container start).
+pub fn env_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
+    spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| {
+        c.env_from.iter().flatten().any(|f| f.secret_ref.as_ref().is_some_and(|r| secrets.contains(&r.name)))
+            || c.env.iter().flatten().any(|e| {
+                e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).is_some_and(|r| secrets.contains(&r.name))
+            })
+    })
+}
+
+fn volume_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
+    spec.volumes.iter().flatten().any(|v| {
+        v.secret.as_ref().and_then(|s| s.secret_name.as_ref()).is_some_and(|n| secrets.contains(n))
+            || v.projected.as_ref().is_some_and(|p| {
+                p.sources.iter().flatten().any(|s| s.secret.as_ref().is_some_and(|s| secrets.contains(&s.name)))
+            })
+    })
+}
+
+fn stamp_of(t: Option<&PodTemplateSpec>) -> Option<String> {
+    t.and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(ACCESS_KEY_ANNOTATION))
+        .cloned()
+}
+
+fn selector_string(sel: &LabelSelector) -> Option<String> {
+    // matchExpressions are rare for workloads; without them the selector is exact.
+    let labels = sel.match_labels.as_ref()?;
+    if labels.is_empty() || sel.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) {
+        return None;
+    }
+    Some(labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+}
+
+/// A workload in a uniform shape.
+struct Seen {
+    reference: WorkloadRef,
+    template: Option<PodTemplateSpec>,
+    selector: Option<LabelSelector>,
+    /// Rollout complete by `kubectl rollout status` rules.
+    rolled_out: bool,
+    ready: i32,
+    refused: Option<String>,
+}
+
+fn deployment(d: Deployment) -> Seen {
+    let spec = d.spec.clone().unwrap_or_default();
+    let st = d.status.clone().unwrap_or_default();
+    let want = spec.replicas.unwrap_or(1);
+    let deadline_exceeded = st
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let updated = st.updated_replicas.unwrap_or(0);
+    let rolled_out = st.observed_generation >= d.metadata.generation
+        && !deadline_exceeded
+        && updated >= want
+        && st.replicas.unwrap_or(0) <= updated
+        && st.available_replicas.unwrap_or(0) >= updated;
+    Seen {
+        reference: WorkloadRef { kind: WorkloadKind::Deployment, name: d.metadata.name.clone().unwrap_or_default() },
+        template: Some(spec.template),
+        selector: Some(spec.selector),
+        rolled_out,
+        ready: st.ready_replicas.unwrap_or(0),
+        refused: None,
+    }
+}
+
+fn statefulset(s: StatefulSet) -> Seen {
+    let spec = s.spec.clone().unwrap_or_default();
+    let st = s.status.clone().unwrap_or_default();
+    let want = spec.replicas.unwrap_or(1);
+    let strategy = spec.update_strategy.clone().unwrap_or_default();
+    let partition = strategy.rolling_update.as_ref().and_then(|r| r.partition).unwrap_or(0);
+    let refused = if strategy.type_.as_deref() == Some("OnDelete") {
+        Some("updateStrategy OnDelete never replaces running pods".to_owned())
+    } else if partition > 0 {
+        Some(format!("rollingUpdate.partition {partition} > 0 keeps pods on the old template"))
+    } else {
+        None
+    };
+    let rolled_out = st.observed_generation >= s.metadata.generation
+        && st.updated_replicas.unwrap_or(0) >= want
+        && st.ready_replicas.unwrap_or(0) >= want
+        && st.update_revision.is_some()
+        && st.current_revision == st.update_revision;
+    Seen {
+        reference: WorkloadRef { kind: WorkloadKind::StatefulSet, name: s.metadata.name.clone().unwrap_or_default() },
+        template: Some(spec.template),
+        selector: Some(spec.selector),
+        rolled_out,
+        ready: st.ready_replicas.unwrap_or(0),
+        refused,
+    }
+}
+
+fn daemonset(d: DaemonSet) -> Seen {
+    let spec = d.spec.clone().unwrap_or_default();
+    let st = d.status.clone().unwrap_or_default();
+    let refused = (spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("OnDelete"))
+        .then(|| "updateStrategy OnDelete never replaces running pods".to_owned());
+    let rolled_out = st.observed_generation >= d.metadata.generation
+        && st.updated_number_scheduled.unwrap_or(0) >= st.desired_number_scheduled
+        && st.number_available.unwrap_or(0) >= st.desired_number_scheduled;
+    Seen {
+        reference: WorkloadRef { kind: WorkloadKind::DaemonSet, name: d.metadata.name.clone().unwrap_or_default() },
+        template: Some(spec.template),
+        selector: Some(spec.selector),
+        rolled_out,
+        ready: st.number_ready,
+        refused,
+    }
+}
+
+/// TOUCHES THE CLUSTER (reads). The workloads to roll for a resource: its explicit targets plus,
+/// with discovery, every workload of the namespace whose pod template references a target Secret;
+/// and the pods outside any supported workload that read a target Secret through env.
+pub async fn observe(
+    client: &kube::Client,
+    ns: &str,
+    targets: &[WorkloadRef],
+    discover: bool,
+    secrets: &BTreeSet<String>,
+    key_id: Option<&str>,
+) -> Result<WorkloadsState, Error> {
+    let mut seen: Vec<Seen> = Vec::new();
+    let lp = ListParams::default();
+    seen.extend(Api::<Deployment>::namespaced(client.clone(), ns).list(&lp).await?.items.into_iter().map(deployment));
+    seen.extend(Api::<StatefulSet>::namespaced(client.clone(), ns).list(&lp).await?.items.into_iter().map(statefulset));
+    seen.extend(Api::<DaemonSet>::namespaced(client.clone(), ns).list(&lp).await?.items.into_iter().map(daemonset));
+
+    let wanted: BTreeSet<&WorkloadRef> = targets.iter().collect();
+    let mut chosen: BTreeMap<WorkloadRef, Seen> = BTreeMap::new();
+    for s in seen {
+        let refs = s.template.as_ref().and_then(|t| t.spec.as_ref()).is_some_and(|p| references(p, secrets));
+        if wanted.contains(&s.reference) || (discover && refs) {
+            chosen.insert(s.reference.clone(), s);
+        }
+    }
+    let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), ns).list(&lp).await?.items;
+    let mut items = Vec::new();
+    for target in targets {
+        if !chosen.contains_key(target) {
+            items.push(WorkloadState {
+                id: format!("{}/{}", target.kind, target.name),
+                stamped: None,
+                complete: false,
+                refused: Some("not found in this namespace".into()),
+                ready: 0,
+                progressing: false,
+            });
+        }
+    }
+    for (r, s) in chosen {
+        let stamped = stamp_of(s.template.as_ref());
+        let selector = s.selector.as_ref().and_then(selector_string);
+        let unstamped = match (&selector, key_id) {
+            (Some(sel), Some(key)) => pods
+                .iter()
+                .filter(|p| matches_labels(p, sel))
+                .filter(|p| {
+                    p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str)
+                        != Some(key)
+                })
+                .count(),
+            _ => 0,
+        };
+        items.push(WorkloadState {
+            id: format!("{}/{}", r.kind, r.name),
+            stamped,
+            complete: s.rolled_out && unstamped == 0,
+            refused: s.refused,
+            ready: s.ready,
+            progressing: !s.rolled_out,
+        });
+    }
+    let uncovered = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed")))
+        .filter(|p| {
+            !p.metadata.owner_references.iter().flatten().any(|o| {
+                o.controller == Some(true) && matches!(o.kind.as_str(), "ReplicaSet" | "StatefulSet" | "DaemonSet")
+            })
+        })
+        .filter(|p| p.spec.as_ref().is_some_and(|s| env_references(s, secrets)))
+        .filter(|p| {
+            p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str) != key_id
+        })
+        .filter_map(|p| p.metadata.name.as_ref().map(|n| format!("Pod/{n}")))
+        .collect();
+    Ok(WorkloadsState { items, uncovered })
+}
+
+fn matches_labels(p: &Pod, selector: &str) -> bool {
+    let labels = p.metadata.labels.clone().unwrap_or_default();
+    selector.split(',').all(|kv| kv.split_once('=').is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v)))
+}
+
+/// TOUCHES THE CLUSTER. Restarts a workload onto `key_id` by stamping its pod template, with
+/// server-side apply under the resource's own field manager (idempotent; a GitOps tool sees
+/// another manager's field, not drift).
+pub async fn stamp(client: &kube::Client, ns: &str, id: &str, key_id: &str, manager: &str) -> Result<(), Error> {
+    let (kind, name) = id.split_once('/').ok_or_else(|| Error::Internal(format!("bad workload id {id}")))?;
+    let body = json!({
+        "apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name},
+        "spec": {"template": {"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: key_id}}}},
+    });
+    let pp = PatchParams::apply(manager).force();
+    match kind {
+        "Deployment" => {
+            Api::<Deployment>::namespaced(client.clone(), ns).patch(name, &pp, &Patch::Apply(&body)).await?;
+        }
+        "StatefulSet" => {
+            Api::<StatefulSet>::namespaced(client.clone(), ns).patch(name, &pp, &Patch::Apply(&body)).await?;
+        }
+        "DaemonSet" => {
+            Api::<DaemonSet>::namespaced(client.clone(), ns).patch(name, &pp, &Patch::Apply(&body)).await?;
+        }
+        other => return Err(Error::Internal(format!("unsupported workload kind {other}"))),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(v: serde_json::Value) -> PodSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn every_way_of_reading_a_secret_is_a_reference() {
+        let s: BTreeSet<String> = ["creds".to_owned()].into();
+        let c = |extra: serde_json::Value| {
+            let mut base = json!({"containers": [{"name": "a"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                if k == "volumes" {
+                    base["volumes"] = v.clone();
+                } else {
+                    base["containers"][0][k] = v.clone();
+                }
+            }
+            spec(base)
+        };
+        assert!(env_references(&c(json!({"envFrom": [{"secretRef": {"name": "creds"}}]})), &s));
+        assert!(env_references(
+            &c(json!({"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "k"}}}]})),
+            &s
+        ));
+        let vol = c(json!({"volumes": [{"name": "v", "secret": {"secretName": "creds"}}]}));
+        assert!(references(&vol, &s) && !env_references(&vol, &s));
+        let proj = c(json!({"volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "creds"}}]}}]}));
+        assert!(references(&proj, &s));
+        assert!(!references(&c(json!({"envFrom": [{"secretRef": {"name": "other"}}]})), &s));
+    }
+
+    #[test]
+    fn partitioned_and_on_delete_statefulsets_are_refused() {
+        let sts = |strategy: serde_json::Value| -> StatefulSet {
+            serde_json::from_value(json!({"metadata": {"name": "db"}, "spec": {
+                "serviceName": "db", "selector": {"matchLabels": {"a": "b"}}, "template": {},
+                "updateStrategy": strategy}}))
+            .unwrap()
+        };
+        assert!(statefulset(sts(json!({"type": "OnDelete"}))).refused.is_some());
+        assert!(
+            statefulset(sts(json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 1}}))).refused.is_some()
+        );
+        assert!(statefulset(sts(json!({"type": "RollingUpdate"}))).refused.is_none());
+    }
+
+    #[test]
+    fn a_deployment_past_its_progress_deadline_is_not_rolled_out() {
+        let d: Deployment = serde_json::from_value(json!({"metadata": {"name": "w", "generation": 2}, "spec": {
+            "replicas": 1, "selector": {"matchLabels": {"a": "b"}}, "template": {}},
+            "status": {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1,
+                "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}}))
+        .unwrap();
+        assert!(!deployment(d.clone()).rolled_out);
+        let mut ok = d;
+        ok.status.as_mut().unwrap().conditions = None;
+        assert!(deployment(ok).rolled_out);
+    }
+}
