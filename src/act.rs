@@ -147,7 +147,7 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
                 st.retiring_key = Some(RetiringKey {
                     access_key_id: p.clone(),
                     state: if *active { KeyState::Active } else { KeyState::Inactive },
-                    deactivated_at: (!active).then(|| Time(now)),
+                    deactivated_at: (!active).then_some(Time(now)),
                 });
                 st.rotation = Some(progress(Trigger::Scheduled, now));
                 st.phase = if *active { Phase::Deactivating } else { Phase::Soaking };
