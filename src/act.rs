@@ -468,9 +468,14 @@ async fn finish<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Resu
     let old = st.retiring_key.take().map(|r| r.access_key_id);
     let new = st.active_key.as_ref().map(|k| k.access_key_id.clone());
     if st.rotation.is_some() {
-        history(st, old, new.clone(), "Completed", now);
-        st.rotations += 1;
-        st.last_rotation_time = Some(Time(now));
+        // A first key replaces nothing: it is recorded, not counted as a rotation.
+        if old.is_some() {
+            history(st, old, new.clone(), "Completed", now);
+            st.rotations += 1;
+            st.last_rotation_time = Some(Time(now));
+        } else {
+            history(st, None, new.clone(), "Bootstrapped", now);
+        }
     }
     st.phase = Phase::Idle;
     st.rotation = None;

@@ -31,6 +31,8 @@ use crate::validate::validate;
 /// Shared by every reconcile.
 pub struct Context<I: Iam> {
     pub client: kube::Client,
+    /// Watch only this namespace (None: all).
+    pub namespace: Option<String>,
     pub iam: I,
     pub cluster: String,
     pub region: String,
@@ -40,15 +42,17 @@ pub struct Context<I: Iam> {
 impl<I: Iam> Context<I> {
     pub fn new(client: kube::Client, iam: I, cluster: String, region: String) -> Self {
         let reporter = Reporter { controller: "rekey".into(), instance: std::env::var("POD_NAME").ok() };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, iam, cluster, region }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, iam, cluster, region, namespace: None }
     }
 }
 
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     let client = ctx.client.clone();
-    let resources: Api<IamKeyRotation> = Api::all(client.clone());
-    let managed: Api<Secret> = Api::all(client.clone());
+    let (resources, managed): (Api<IamKeyRotation>, Api<Secret>) = match &ctx.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     Controller::new(resources, watcher::Config::default())
         // Only the Secrets rekey writes are watched (label selector): unrelated Secrets cost nothing.
         .watches(managed, watcher::Config::default().labels(MANAGED_LABEL), |s: Secret| {
@@ -60,7 +64,7 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile failed");
+                warn!(error = %e, "reconcile failed");
             }
         })
         .await;
@@ -203,7 +207,7 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
                     step.name(),
                 )
                 .await;
-                if let Err(we) = status::write(&api, &obj, &failed, None).await {
+                if let Err(we) = status::write(&api, &obj, &failed, false).await {
                     warn!(error = %we, "could not record the failure in status");
                 }
             }
@@ -240,8 +244,7 @@ async fn report<I: Iam>(
         _ => {}
     }
     if st != *before {
-        let rv = if out.precondition { obj.metadata.resource_version.as_deref() } else { None };
-        status::write(api, obj, &st, rv).await?;
+        status::write(api, obj, &st, out.precondition).await?;
     }
     for (warning, reason, note) in out.events {
         status::event(&ctx.recorder, obj, warning, &reason, note, step.name()).await;

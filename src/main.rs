@@ -31,6 +31,9 @@ enum Command {
         region: String,
         #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Watch only this namespace (default: every namespace).
+        #[arg(long, env = "REKEY_NAMESPACE")]
+        namespace: Option<String>,
     },
     /// Print the IamKeyRotation CustomResourceDefinition as YAML (the source of crds/).
     Crd,
@@ -55,7 +58,7 @@ fn main() -> ExitCode {
             println!("rekey {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run { cluster_name, region, log_format } => {
+        Command::Run { cluster_name, region, log_format, namespace } => {
             // Rule 5: the AWS SDK would log request and response bodies, new secrets included.
             if std::env::var_os("LOG_SENSITIVE_BODIES").is_some() {
                 eprintln!(
@@ -65,7 +68,9 @@ fn main() -> ExitCode {
             }
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let builder = tracing_subscriber::fmt().with_env_filter(filter);
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let builder =
+                tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
             match log_format {
                 LogFormat::Json => builder.json().init(),
                 LogFormat::Text => builder.init(),
@@ -88,7 +93,9 @@ fn main() -> ExitCode {
                     }
                 };
                 let iam = rekey::iam::AwsIam::from_env().await;
-                let ctx = Arc::new(rekey::controller::Context::new(client, iam, cluster_name, region));
+                let mut ctx = rekey::controller::Context::new(client, iam, cluster_name, region);
+                ctx.namespace = namespace;
+                let ctx = Arc::new(ctx);
                 tracing::info!("rekey controller starting");
                 rekey::controller::run(ctx).await;
                 ExitCode::SUCCESS

@@ -3,17 +3,13 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource as _, ResourceExt as _};
-use serde_json::json;
 
 use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
 use crate::error::Error;
 use crate::plan::{DegradeReason, StallReason, Step};
-
-/// Field manager of the status writes.
-pub const STATUS_MANAGER: &str = "rekey";
 
 fn set(
     conds: &mut Vec<Condition>,
@@ -48,6 +44,8 @@ fn set(
 fn get<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conds.iter().find(|c| c.type_ == type_)
 }
+
+const HEALTHY: &str = "nothing is wrong";
 
 /// What the reconcile concluded, for the conditions.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,43 +113,48 @@ pub fn conditions(
     }
     match verdict {
         Verdict::Stalled(reason, message) => set(&mut c, "Stalled", true, reason.as_str(), message, generation, now),
-        _ => set(&mut c, "Stalled", false, "AsExpected", "", generation, now),
+        _ => set(&mut c, "Stalled", false, "AsExpected", "rekey can proceed on its own", generation, now),
     }
     match verdict {
         Verdict::Degraded(reason, message) => set(&mut c, "Degraded", true, reason.as_str(), message, generation, now),
-        Verdict::Progressed => set(&mut c, "Degraded", false, "AsExpected", "", generation, now),
-        _ if get(&c, "Degraded").is_none() => set(&mut c, "Degraded", false, "AsExpected", "", generation, now),
+        Verdict::Progressed => set(&mut c, "Degraded", false, "AsExpected", HEALTHY, generation, now),
+        _ if get(&c, "Degraded").is_none() => set(&mut c, "Degraded", false, "AsExpected", HEALTHY, generation, now),
         _ => {}
     }
     if st.active_key.is_none() {
         set(&mut c, "Reconciling", true, "Bootstrapping", "the first key is not in place yet", generation, now);
     } else {
-        set(&mut c, "Reconciling", false, "KeyInPlace", "", generation, now);
+        set(&mut c, "Reconciling", false, "KeyInPlace", "the first key is in place", generation, now);
     }
     c
 }
 
-/// TOUCHES THE CLUSTER. Writes the whole status with server-side apply. With `resource_version`,
-/// the write only succeeds if the resource is unchanged since it was read (a phase change from a
-/// stale view fails with Conflict instead of repeating or undoing a step).
+/// TOUCHES THE CLUSTER. Writes the whole status. With `precondition`, the write only succeeds if
+/// the resource is unchanged since it was read (a phase change decided on a stale view fails with
+/// Conflict instead of repeating or undoing a step); without, a conflict with a concurrent edit of
+/// spec or metadata is retried on a fresh read.
+///
+/// A replace of the status subresource, not server-side apply: on the 1.20 apiserver, applying a
+/// status without a nested object rekey owned (e.g. `rotation` at the end of a rotation) leaves an
+/// empty shell of it behind that fails schema validation.
 pub async fn write(
     api: &Api<IamKeyRotation>,
     obj: &IamKeyRotation,
     status: &IamKeyRotationStatus,
-    resource_version: Option<&str>,
+    precondition: bool,
 ) -> Result<IamKeyRotation, Error> {
-    let mut meta = json!({"name": obj.name_any()});
-    if let Some(rv) = resource_version {
-        meta["resourceVersion"] = json!(rv);
+    let mut current = obj.clone();
+    for _ in 0..5 {
+        current.status = Some(status.clone());
+        match api.replace_status(&obj.name_any(), &PostParams::default(), &current).await {
+            Ok(o) => return Ok(o),
+            Err(kube::Error::Api(e)) if e.code == 409 && !precondition => {
+                current = api.get(&obj.name_any()).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    let body = json!({
-        "apiVersion": IamKeyRotation::api_version(&()),
-        "kind": IamKeyRotation::kind(&()),
-        "metadata": meta,
-        "status": status,
-    });
-    let pp = PatchParams::apply(STATUS_MANAGER).force();
-    Ok(api.patch_status(&obj.name_any(), &pp, &Patch::Apply(&body)).await?)
+    Err(Error::Conflict)
 }
 
 /// Publishes an Event; a failure to publish is logged, never fatal.
