@@ -35,19 +35,16 @@ fn text(s: &Secret, key: &str) -> Option<String> {
 async fn delivered(env: &TestEnv, ns: &str) -> anyhow::Result<BTreeMap<String, KeyPair>> {
     let api: Api<Secret> = Api::namespaced(env.kube.clone(), ns);
     let mut out = BTreeMap::new();
-    if let Some(s) = api.get_opt("env-creds").await? {
-        if let (Some(id), Some(secret)) = (text(&s, "AWS_ACCESS_KEY_ID"), text(&s, "AWS_SECRET_ACCESS_KEY")) {
-            out.insert("env-creds".into(), KeyPair { access_key_id: id, secret_access_key: secret });
-        }
+    if let Some(s) = api.get_opt("env-creds").await?
+        && let (Some(id), Some(secret)) = (text(&s, "AWS_ACCESS_KEY_ID"), text(&s, "AWS_SECRET_ACCESS_KEY"))
+    {
+        out.insert("env-creds".into(), KeyPair { access_key_id: id, secret_access_key: secret });
     }
-    if let Some(s) = api.get_opt("file-creds").await? {
-        if let Some(k) = text(&s, "credentials").and_then(|t| parse_credentials_text(&t).into_iter().next()) {
-            out.insert("file-creds".into(), k);
-        }
-    }
-    if let Some(s) = api.get_opt("tmpl-creds").await? {
-        if let Some(k) = text(&s, "config.json").and_then(|t| parse_credentials_text(&t).into_iter().next()) {
-            out.insert("tmpl-creds".into(), k);
+    for (name, key) in [("file-creds", "credentials"), ("tmpl-creds", "config.json")] {
+        if let Some(s) = api.get_opt(name).await?
+            && let Some(k) = text(&s, key).and_then(|t| parse_credentials_text(&t).into_iter().next())
+        {
+            out.insert(name.into(), k);
         }
     }
     Ok(out)
