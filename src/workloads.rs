@@ -63,6 +63,8 @@ struct Seen {
     selector: Option<LabelSelector>,
     /// Rollout complete by `kubectl rollout status` rules.
     rolled_out: bool,
+    /// A newer template is still being rolled out (unlike a rolled-out workload whose pods broke).
+    progressing: bool,
     ready: i32,
     refused: Option<String>,
 }
@@ -82,11 +84,14 @@ fn deployment(d: Deployment) -> Seen {
         && updated >= want
         && st.replicas.unwrap_or(0) <= updated
         && st.available_replicas.unwrap_or(0) >= updated;
+    let progressing =
+        st.observed_generation < d.metadata.generation || updated < want || st.replicas.unwrap_or(0) > updated;
     Seen {
         reference: WorkloadRef { kind: WorkloadKind::Deployment, name: d.metadata.name.clone().unwrap_or_default() },
         template: Some(spec.template),
         selector: Some(spec.selector),
         rolled_out,
+        progressing,
         ready: st.ready_replicas.unwrap_or(0),
         refused: None,
     }
@@ -110,11 +115,15 @@ fn statefulset(s: StatefulSet) -> Seen {
         && st.ready_replicas.unwrap_or(0) >= want
         && st.update_revision.is_some()
         && st.current_revision == st.update_revision;
+    let progressing = st.observed_generation < s.metadata.generation
+        || st.updated_replicas.unwrap_or(0) < want
+        || st.current_revision != st.update_revision;
     Seen {
         reference: WorkloadRef { kind: WorkloadKind::StatefulSet, name: s.metadata.name.clone().unwrap_or_default() },
         template: Some(spec.template),
         selector: Some(spec.selector),
         rolled_out,
+        progressing,
         ready: st.ready_replicas.unwrap_or(0),
         refused,
     }
@@ -128,11 +137,14 @@ fn daemonset(d: DaemonSet) -> Seen {
     let rolled_out = st.observed_generation >= d.metadata.generation
         && st.updated_number_scheduled.unwrap_or(0) >= st.desired_number_scheduled
         && st.number_available.unwrap_or(0) >= st.desired_number_scheduled;
+    let progressing = st.observed_generation < d.metadata.generation
+        || st.updated_number_scheduled.unwrap_or(0) < st.desired_number_scheduled;
     Seen {
         reference: WorkloadRef { kind: WorkloadKind::DaemonSet, name: d.metadata.name.clone().unwrap_or_default() },
         template: Some(spec.template),
         selector: Some(spec.selector),
         rolled_out,
+        progressing,
         ready: st.number_ready,
         refused,
     }
@@ -197,7 +209,7 @@ pub async fn observe(
             complete: s.rolled_out && unstamped == 0,
             refused: s.refused,
             ready: s.ready,
-            progressing: !s.rolled_out,
+            progressing: s.progressing || unstamped > 0,
         });
     }
     let uncovered = pods

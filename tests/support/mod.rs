@@ -88,3 +88,134 @@ pub fn ikr(name: &str, spec: serde_json::Value) -> anyhow::Result<IamKeyRotation
 pub fn condition(obj: &IamKeyRotation, type_: &str) -> Option<(String, String)> {
     obj.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
 }
+
+/// Waits until the resource satisfies `check`, reporting its phase and conditions otherwise.
+pub async fn wait_ikr(
+    api: &Api<IamKeyRotation>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&IamKeyRotation) -> bool,
+) -> anyhow::Result<IamKeyRotation> {
+    eventually(what, WAIT, || async {
+        let o = api.get(name).await?;
+        if check(&o) {
+            return Ok(Ok(o));
+        }
+        let s = o.status.clone().unwrap_or_default();
+        let conds: Vec<String> =
+            s.conditions.iter().filter(|c| c.status == "True").map(|c| format!("{}={}", c.type_, c.reason)).collect();
+        Ok(Err(format!("phase {:?}, rotations {}, conditions {conds:?}", s.phase, s.rotations)))
+    })
+    .await
+}
+
+pub fn phase(o: &IamKeyRotation) -> rekey::api::Phase {
+    o.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+pub fn is_true(o: &IamKeyRotation, type_: &str, reason: &str) -> bool {
+    condition(o, type_) == Some(("True".into(), reason.into()))
+}
+
+pub fn active_key(o: &IamKeyRotation) -> Option<String> {
+    o.status.as_ref()?.active_key.as_ref().map(|k| k.access_key_id.clone())
+}
+
+/// Watches every pod of a namespace in the background and records each one that went NotReady
+/// because of its AWS key (the simulated kubelet says so in the Ready condition's message).
+pub struct KeyBreakWatch {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeyBreakWatch {
+    pub fn start(env: &TestEnv, ns: &str) -> Self {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.kube.clone(), ns);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(list) = pods.list(&Default::default()).await {
+                    for p in list.items {
+                        let broken = p
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "False"))
+                            .and_then(|c| c.message.clone())
+                            .filter(|m| m.contains("access key"));
+                        if let (Some(m), Ok(mut v)) = (broken, out.lock()) {
+                            v.push(format!("{}: {m}", p.metadata.name.unwrap_or_default()));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// Stops watching; the pods that broke on their key.
+    pub fn stop(self) -> Vec<String> {
+        self.task.abort();
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+pub fn deployment(name: &str, replicas: i32, secret: &str) -> anyhow::Result<k8s_openapi::api::apps::v1::Deployment> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [
+                {"name": "app", "image": "app:1", "envFrom": [{"secretRef": {"name": secret}}]}]}},
+        }
+    }))?)
+}
+
+/// An env-format Secret holding `key`, as a team would have created it before rekey.
+pub fn key_secret(
+    name: &str,
+    key: &rekey_testenv::creds::KeyPair,
+) -> anyhow::Result<k8s_openapi::api::core::v1::Secret> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "stringData": {"AWS_ACCESS_KEY_ID": key.access_key_id, "AWS_SECRET_ACCESS_KEY": key.secret_access_key},
+    }))?)
+}
+
+/// A namespace, a consenting user, the CRD, and the API handles a lifecycle test needs.
+pub struct Fixture {
+    pub env: TestEnv,
+    pub ns: String,
+    pub user: String,
+    pub ikrs: Api<IamKeyRotation>,
+    pub secrets: Api<k8s_openapi::api::core::v1::Secret>,
+}
+
+impl Fixture {
+    pub async fn new(prefix: &str) -> anyhow::Result<Self> {
+        let env = TestEnv::get().await?;
+        ensure_crd(&env).await?;
+        let ns = env.namespace(prefix).await?;
+        let user = consenting_user(&env, prefix, &ns).await?;
+        Ok(Self {
+            ikrs: Api::namespaced(env.kube.clone(), &ns),
+            secrets: Api::namespaced(env.kube.clone(), &ns),
+            env,
+            ns,
+            user,
+        })
+    }
+
+    pub async fn create(&self, name: &str, spec: serde_json::Value) -> anyhow::Result<()> {
+        self.ikrs.create(&Default::default(), &ikr(name, spec)?).await?;
+        Ok(())
+    }
+
+    pub async fn operator(&self) -> anyhow::Result<Operator> {
+        Operator::start(&self.ns, &[]).await
+    }
+}
