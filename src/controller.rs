@@ -245,6 +245,7 @@ async fn report<I: Iam>(
     }
     if st != *before {
         status::write(api, obj, &st, out.precondition).await?;
+        crate::failpoint!("after-status");
     }
     for (warning, reason, note) in out.events {
         status::event(&ctx.recorder, obj, warning, &reason, note, step.name()).await;

@@ -1,0 +1,106 @@
+//! Killing the operator at any instant loses no access and leaks no key (DESIGN.md rules 3 and 4).
+//! Built only with `--features failpoints`: the operator then exits (as if SIGKILLed) at a named
+//! point, set through FAILPOINTS.
+#![cfg(feature = "failpoints")]
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rekey::api::Phase;
+use serde_json::json;
+use support::*;
+
+async fn converged(f: &Fixture, rotations: u32) -> anyhow::Result<String> {
+    let o = wait_ikr(&f.ikrs, "app", "rotation complete", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == rotations && s.phase == Phase::Idle)
+    })
+    .await?;
+    let key = active_key(&o).context("active key")?;
+    let keys = f.env.keys(&f.user).await?;
+    assert_eq!(keys.into_keys().collect::<Vec<_>>(), vec![key.clone()], "exactly the active key is left");
+    let secret = f.secrets.get("creds").await?;
+    let get = |k: &str| secret.data.as_ref().and_then(|d| d.get(k)).map(|v| String::from_utf8_lossy(&v.0).to_string());
+    let pair = rekey_testenv::creds::KeyPair {
+        access_key_id: get("AWS_ACCESS_KEY_ID").context("id")?,
+        secret_access_key: get("AWS_SECRET_ACCESS_KEY").context("secret")?,
+    };
+    assert_eq!(pair.access_key_id, key);
+    assert!(f.env.caller_arn(&pair, &f.env.moto_url).await?.is_some(), "the Secret's key authenticates");
+    Ok(key)
+}
+
+async fn setup(prefix: &str) -> anyhow::Result<Fixture> {
+    let f = Fixture::new(prefix).await?;
+    Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
+        .create(&PostParams::default(), &deployment("web", 1, "creds")?)
+        .await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "2s"}}))
+        .await?;
+    Ok(f)
+}
+
+#[tokio::test]
+async fn a_crash_right_after_create_access_key_leaves_an_orphan_that_recovery_deletes() -> anyhow::Result<()> {
+    let f = setup("orphan").await?;
+    let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "after-create=return")]).await?;
+    assert_eq!(op.exited(WAIT).await?, Some(137), "the failpoint ended the process");
+    // The key exists in IAM, nobody has it, and status only has the write-ahead marker.
+    assert_eq!(f.env.keys(&f.user).await?.len(), 1);
+    let o = f.ikrs.get("app").await?;
+    assert!(o.status.as_ref().and_then(|s| s.pending.as_ref()).is_some(), "pending marker committed");
+    let _op = Operator::start(&f.ns, &[]).await?;
+    let key = converged_bootstrap(&f).await?;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns)
+        .list(&Default::default())
+        .await?;
+    assert!(events.items.iter().any(|e| e.reason.as_deref() == Some("OrphanDeleted")), "orphan reported");
+    assert!(!key.is_empty());
+    Ok(())
+}
+
+async fn converged_bootstrap(f: &Fixture) -> anyhow::Result<String> {
+    let o =
+        wait_ikr(&f.ikrs, "app", "bootstrap complete", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
+    let key = active_key(&o).context("active key")?;
+    assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), vec![key.clone()]);
+    Ok(key)
+}
+
+#[tokio::test]
+async fn killed_after_every_status_write_a_rotation_still_completes() -> anyhow::Result<()> {
+    let f = setup("boundary").await?;
+    let _op = Operator::start(&f.ns, &[]).await?;
+    converged_bootstrap(&f).await?;
+    drop(_op);
+    f.ikrs
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}})),
+        )
+        .await?;
+    // Each operator process commits one status write and dies right after it: a crash after every
+    // phase boundary of the rotation.
+    let mut kills = 0;
+    for _ in 0..80 {
+        let o = f.ikrs.get("app").await?;
+        if o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle) {
+            break;
+        }
+        let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "after-status=return")]).await?;
+        match op.exited(Duration::from_secs(30)).await {
+            Ok(Some(137)) => kills += 1,
+            // Quiet (waiting on a rollout or the soak): no status write to die at.
+            _ => op.kill().await?,
+        }
+    }
+    eprintln!("operator killed after {kills} status writes");
+    assert!(kills >= 6, "the operator died at {kills} phase boundaries");
+    let _op = Operator::start(&f.ns, &[]).await?;
+    converged(&f, 1).await?;
+    Ok(())
+}
