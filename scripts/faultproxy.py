@@ -8,6 +8,8 @@ through this proxy (AWS_ENDPOINT_URL points here), which
   forwarding (the call took effect, the answer is lost) and latency.
 
 Requests are forwarded byte for byte with their Host header, so SigV4 signatures still verify.
+IAM answers are made like real IAM's in one respect: CreateDate is cut to whole seconds (moto gives
+microseconds), so the operator's write-ahead recovery meets the clock skew it must handle.
 
 Control API (JSON), on the same port:
   GET  /__proxy/stats            counters
@@ -24,6 +26,7 @@ import argparse
 import http.client
 import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -32,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
 FAULTS = ("throttle", "error", "error_after")
+WHOLE_SECONDS = re.compile(rb"(<CreateDate>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d+Z")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization"}
 
 
@@ -183,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
         if fault == "error_after":
             STATE.record(action, "error_after")
             return self.reply(500, error_body(service, "ServiceFailure", "injected failure after forwarding"))
+        if service == "iam":
+            data = WHOLE_SECONDS.sub(rb"\1Z", data)
         STATE.record(action, "ok" if resp.status < 400 else "status_%d" % resp.status)
         self.send_response(resp.status)
         for k, v in resp.getheaders():

@@ -296,3 +296,46 @@ async fn secrets_that_disagree_or_hold_another_users_key_stall_and_are_not_overw
     assert_eq!(f.env.keys(&f.user).await?.len(), 1, "no key created");
     Ok(())
 }
+
+#[tokio::test]
+async fn emergency_rotation_retires_the_leaked_key_without_a_soak() -> anyhow::Result<()> {
+    let f = Fixture::new("emerg").await?;
+    let leaked = f.env.create_key(&f.user).await?;
+    f.secrets.create(&PostParams::default(), &key_secret("creds", &leaked)?).await?;
+    Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
+        .create(&PostParams::default(), &deployment("web", 1, "creds")?)
+        .await?;
+    // A day-long soak that an emergency must skip.
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "24h"}}))
+        .await?;
+    let _op = f.operator().await?;
+    wait_ikr(&f.ikrs, "app", "adopted", |o| active_key(o).is_some()).await?;
+    f.ikrs
+        .patch("app", &PatchParams::default(), &Patch::Merge(&annotate("rekey.dev/rotate-emergency", "leak-42")))
+        .await?;
+    let o = wait_ikr(&f.ikrs, "app", "emergency rotation complete", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let keys = f.env.keys(&f.user).await?;
+    assert!(!keys.contains_key(&leaked.access_key_id), "the leaked key is deleted: {keys:?}");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(o.status.and_then(|s| s.last_emergency_request).as_deref(), Some("leak-42"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn suspend_stops_every_write_until_lifted() -> anyhow::Result<()> {
+    let f = Fixture::new("suspend").await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "suspend": true})).await?;
+    let _op = f.operator().await?;
+    wait_ikr(&f.ikrs, "app", "suspended with a plan", |o| {
+        o.status.as_ref().and_then(|s| s.planned_step.as_deref()) == Some("Begin")
+    })
+    .await?;
+    assert!(f.env.keys(&f.user).await?.is_empty(), "no key while suspended");
+    assert!(f.secrets.get_opt("creds").await?.is_none(), "no Secret while suspended");
+    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"suspend": false}}))).await?;
+    wait_ikr(&f.ikrs, "app", "bootstrapped after resume", |o| is_true(o, "Ready", "KeyInPlace")).await?;
+    Ok(())
+}
