@@ -37,12 +37,26 @@ pub struct Context<I: Iam> {
     pub cluster: String,
     pub region: String,
     pub recorder: Recorder,
+    /// At most this many rotations in flight at once (a backlog of overdue keys must not restart
+    /// every workload of the cluster at the same moment).
+    pub max_concurrent_rotations: usize,
+    /// The controller's cache of resources, for counting rotations in flight.
+    pub store: std::sync::OnceLock<kube::runtime::reflector::Store<IamKeyRotation>>,
 }
 
 impl<I: Iam> Context<I> {
     pub fn new(client: kube::Client, iam: I, cluster: String, region: String) -> Self {
         let reporter = Reporter { controller: "rekey".into(), instance: std::env::var("POD_NAME").ok() };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, iam, cluster, region, namespace: None }
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            iam,
+            cluster,
+            region,
+            namespace: None,
+            max_concurrent_rotations: 10,
+            store: std::sync::OnceLock::new(),
+        }
     }
 }
 
@@ -53,7 +67,9 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    Controller::new(resources, watcher::Config::default())
+    let controller = Controller::new(resources, watcher::Config::default());
+    let _ = ctx.store.set(controller.store());
+    controller
         // Only the Secrets rekey writes are watched (label selector): unrelated Secrets cost nothing.
         .watches(managed, watcher::Config::default().labels(MANAGED_LABEL), |s: Secret| {
             let ns = s.namespace()?;
@@ -166,6 +182,14 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
         }
     };
 
+    let step = match step {
+        Step::Begin { .. } if !rotation_slot_free(&ctx, &obj) => Step::Wait {
+            requeue: Some(Duration::from_secs(15)),
+            why: format!("waiting for a rotation slot (--max-concurrent-rotations={})", ctx.max_concurrent_rotations),
+        },
+        other => other,
+    };
+
     if step.writes() && (obj.spec.suspend || obj.spec.dry_run) {
         let what = if obj.spec.suspend { "suspended" } else { "dry run" };
         let note = format!("{what}: next step would be {} ({step:?})", step.name());
@@ -215,6 +239,21 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
             Err(e)
         }
     }
+}
+
+/// Whether fewer than --max-concurrent-rotations other resources are mid-rotation. Counted from
+/// the cache: two resources deciding at the same instant may overshoot by one, which this limit
+/// (load smoothing, not a safety rule) tolerates.
+fn rotation_slot_free<I: Iam>(ctx: &Context<I>, obj: &IamKeyRotation) -> bool {
+    let Some(store) = ctx.store.get() else { return true };
+    let me = (obj.namespace(), obj.name_any());
+    let busy = store
+        .state()
+        .iter()
+        .filter(|o| (o.namespace(), o.name_any()) != me)
+        .filter(|o| o.status.as_ref().is_some_and(|s| s.phase != crate::api::Phase::Idle))
+        .count();
+    busy < ctx.max_concurrent_rotations
 }
 
 #[allow(clippy::too_many_arguments)]

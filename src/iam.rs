@@ -47,26 +47,36 @@ pub trait Iam: Send + Sync {
     fn whoami(&self) -> impl Future<Output = Result<String, Error>> + Send;
 }
 
+type Limiter = governor::DefaultDirectRateLimiter;
+
 /// The AWS SDK implementation (aws-config's default chain; honours AWS_ENDPOINT_URL).
 #[derive(Clone)]
 pub struct AwsIam {
     sdk: aws_config::SdkConfig,
     iam: aws_sdk_iam::Client,
     iam_once: aws_sdk_iam::Client,
+    /// One budget of calls per second for the whole operator, protecting the account's API quota.
+    limiter: std::sync::Arc<Limiter>,
 }
 
 impl AwsIam {
-    pub fn new(sdk: aws_config::SdkConfig) -> Self {
+    pub fn new(sdk: aws_config::SdkConfig, calls_per_second: std::num::NonZeroU32) -> Self {
         let once = aws_sdk_iam::config::Builder::from(&sdk).retry_config(RetryConfig::disabled()).build();
-        Self { iam: aws_sdk_iam::Client::new(&sdk), iam_once: aws_sdk_iam::Client::from_conf(once), sdk }
+        let limiter = std::sync::Arc::new(Limiter::direct(governor::Quota::per_second(calls_per_second)));
+        Self { iam: aws_sdk_iam::Client::new(&sdk), iam_once: aws_sdk_iam::Client::from_conf(once), sdk, limiter }
     }
 
-    pub async fn from_env() -> Self {
+    /// Standard retry (exponential backoff with jitter) for throttling and 5xx, 5 attempts.
+    pub async fn from_env(calls_per_second: std::num::NonZeroU32) -> Self {
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(5))
             .load()
             .await;
-        Self::new(sdk)
+        Self::new(sdk, calls_per_second)
+    }
+
+    async fn permit(&self) {
+        self.limiter.until_ready().await;
     }
 }
 
@@ -103,6 +113,7 @@ fn ts(d: Option<&aws_smithy_types::DateTime>) -> Timestamp {
 
 impl Iam for AwsIam {
     async fn user_tags(&self, user: &str) -> Result<Option<BTreeMap<String, String>>, Error> {
+        self.permit().await;
         let mut tags = BTreeMap::new();
         let mut marker = None;
         loop {
@@ -122,6 +133,7 @@ impl Iam for AwsIam {
     }
 
     async fn list_keys(&self, user: &str) -> Result<Vec<IamKey>, Error> {
+        self.permit().await;
         let out =
             self.iam.list_access_keys().user_name(user).send().await.map_err(|e| iam_error("ListAccessKeys", e))?;
         Ok(out
@@ -138,6 +150,7 @@ impl Iam for AwsIam {
     }
 
     async fn create_key(&self, user: &str) -> Result<(AccessKey, Timestamp), Error> {
+        self.permit().await;
         let out = self
             .iam_once
             .create_access_key()
@@ -154,6 +167,7 @@ impl Iam for AwsIam {
     }
 
     async fn set_key_active(&self, user: &str, key_id: &str, active: bool) -> Result<(), Error> {
+        self.permit().await;
         let status = if active { StatusType::Active } else { StatusType::Inactive };
         self.iam
             .update_access_key()
@@ -167,6 +181,7 @@ impl Iam for AwsIam {
     }
 
     async fn delete_key(&self, user: &str, key_id: &str) -> Result<(), Error> {
+        self.permit().await;
         match self.iam.delete_access_key().user_name(user).access_key_id(key_id).send().await {
             Ok(_) => Ok(()),
             // Already gone (a retried delete whose first answer was lost): the goal is reached.
@@ -176,6 +191,7 @@ impl Iam for AwsIam {
     }
 
     async fn tag_user(&self, user: &str, key: &str, value: &str) -> Result<(), Error> {
+        self.permit().await;
         let tag = aws_sdk_iam::types::Tag::builder()
             .key(key)
             .value(value)
@@ -186,6 +202,7 @@ impl Iam for AwsIam {
     }
 
     async fn untag_user(&self, user: &str, key: &str) -> Result<(), Error> {
+        self.permit().await;
         match self.iam.untag_user().user_name(user).tag_keys(key).send().await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("NoSuchEntity") => Ok(()),
@@ -194,6 +211,7 @@ impl Iam for AwsIam {
     }
 
     async fn last_used(&self, key_id: &str) -> Result<Option<Timestamp>, Error> {
+        self.permit().await;
         let out = self
             .iam
             .get_access_key_last_used()
@@ -205,12 +223,10 @@ impl Iam for AwsIam {
     }
 
     async fn verify(&self, key: &AccessKey) -> Result<Verification, Error> {
+        self.permit().await;
         let creds =
             Credentials::new(key.id.clone(), key.secret.expose_secret().to_owned(), None, None, "rekey-new-key");
-        let conf = aws_sdk_sts::config::Builder::from(&self.sdk)
-            .credentials_provider(creds)
-            .retry_config(RetryConfig::disabled())
-            .build();
+        let conf = aws_sdk_sts::config::Builder::from(&self.sdk).credentials_provider(creds).build();
         match aws_sdk_sts::Client::from_conf(conf).get_caller_identity().send().await {
             Ok(out) => Ok(Verification::Authenticated(out.arn().unwrap_or_default().to_owned())),
             Err(e) => match e.as_service_error() {
@@ -232,6 +248,7 @@ impl Iam for AwsIam {
     }
 
     async fn whoami(&self) -> Result<String, Error> {
+        self.permit().await;
         let out = aws_sdk_sts::Client::new(&self.sdk).get_caller_identity().send().await.map_err(|e| Error::Iam {
             operation: "GetCallerIdentity",
             code: e.code().unwrap_or("Unknown").to_owned(),

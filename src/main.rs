@@ -31,6 +31,12 @@ enum Command {
         region: String,
         #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Cap on AWS API calls per second, for the whole operator.
+        #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND", default_value = "10")]
+        aws_calls_per_second: std::num::NonZeroU32,
+        /// At most this many rotations in flight at once.
+        #[arg(long, env = "REKEY_MAX_CONCURRENT_ROTATIONS", default_value_t = 10)]
+        max_concurrent_rotations: usize,
         /// Watch only this namespace (default: every namespace).
         #[arg(long, env = "REKEY_NAMESPACE")]
         namespace: Option<String>,
@@ -58,7 +64,14 @@ fn main() -> ExitCode {
             println!("rekey {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run { cluster_name, region, log_format, namespace } => {
+        Command::Run {
+            cluster_name,
+            region,
+            log_format,
+            namespace,
+            aws_calls_per_second,
+            max_concurrent_rotations,
+        } => {
             // Rule 5: the AWS SDK would log request and response bodies, new secrets included.
             if std::env::var_os("LOG_SENSITIVE_BODIES").is_some() {
                 eprintln!(
@@ -92,9 +105,10 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let iam = rekey::iam::AwsIam::from_env().await;
+                let iam = rekey::iam::AwsIam::from_env(aws_calls_per_second).await;
                 let mut ctx = rekey::controller::Context::new(client, iam, cluster_name, region);
                 ctx.namespace = namespace;
+                ctx.max_concurrent_rotations = max_concurrent_rotations.max(1);
                 let ctx = Arc::new(ctx);
                 tracing::info!("rekey controller starting");
                 rekey::controller::run(ctx).await;

@@ -62,20 +62,24 @@ async fn retain_mid_rotation_keeps_keys_and_secrets_and_drops_only_the_staging_s
 }
 
 #[tokio::test]
-async fn delete_policy_deletes_the_keys_rekey_created_and_only_the_data_it_wrote() -> anyhow::Result<()> {
+async fn delete_policy_mid_rotation_deletes_the_keys_rekey_created_and_only_the_data_it_wrote() -> anyhow::Result<()> {
     let f = Fixture::new("delpol").await?;
     let other: k8s_openapi::api::core::v1::Secret =
         serde_json::from_value(json!({"metadata": {"name": "creds"}, "stringData": {"OTHER": "keep me"}}))?;
     f.secrets.create(&PostParams::default(), &other).await?;
+    Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
+        .create(&PostParams::default(), &never_healthy("web")?)
+        .await?;
     f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "deletionPolicy": "Delete"})).await?;
     let _op = f.operator().await?;
-    wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
+    wait_ikr(&f.ikrs, "app", "rolling out", |o| phase(o) == Phase::RollingOut).await?;
     f.ikrs.delete("app", &DeleteParams::default()).await?;
     gone(&f.ikrs, "app").await?;
     assert!(f.env.keys(&f.user).await?.is_empty(), "the created key was deleted");
     let s = f.secrets.get("creds").await?;
     let keys: Vec<String> = s.data.unwrap_or_default().into_keys().collect();
     assert_eq!(keys, vec!["OTHER".to_owned()], "only rekey's keys were removed");
+    assert!(f.secrets.get_opt("app-rekey-staging").await?.is_none(), "staging Secret removed");
     Ok(())
 }
 
