@@ -40,6 +40,8 @@ pub struct Context<I: Iam> {
     /// At most this many rotations in flight at once (a backlog of overdue keys must not restart
     /// every workload of the cluster at the same moment).
     pub max_concurrent_rotations: usize,
+    /// The IAM user the operator runs as (None: a role, or not yet known).
+    pub whoami: tokio::sync::OnceCell<Option<String>>,
     /// The controller's cache of resources, for counting rotations in flight.
     pub store: std::sync::OnceLock<kube::runtime::reflector::Store<IamKeyRotation>>,
 }
@@ -56,6 +58,7 @@ impl<I: Iam> Context<I> {
             namespace: None,
             max_concurrent_rotations: 10,
             store: std::sync::OnceLock::new(),
+            whoami: tokio::sync::OnceCell::new(),
         }
     }
 }
@@ -158,8 +161,16 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
         });
         match step {
             Step::NeedIam if observed.iam.is_none() => {
+                let me = ctx
+                    .whoami
+                    .get_or_try_init(|| async {
+                        ctx.iam.whoami().await.map(|arn| crate::iam::user_of_arn(&arn).map(str::to_owned))
+                    })
+                    .await?
+                    .clone();
+                let want_last_used = !valid.require_unused_for.is_zero();
                 let (iam, other) =
-                    crate::observe::iam(&ctx.client, &ctx.iam, &obj, &st, !valid.require_unused_for.is_zero()).await?;
+                    crate::observe::iam(&ctx.client, &ctx.iam, me, &obj, &st, want_last_used).await?;
                 observed.iam = Some(iam);
                 observed.other_resource = other;
             }

@@ -63,20 +63,21 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
 pub async fn iam<I: Iam>(
     client: &kube::Client,
     iam: &I,
+    operator_user: Option<String>,
     obj: &IamKeyRotation,
     status: &IamKeyRotationStatus,
     want_last_used: bool,
 ) -> Result<(IamState, Option<String>), Error> {
     let user = &obj.spec.user_name;
     let state = match iam.user_tags(user).await? {
-        None => IamState { user_exists: false, ..Default::default() },
+        None => IamState { user_exists: false, operator_user, ..Default::default() },
         Some(tags) => {
             let keys = iam.list_keys(user).await?;
             let retiring_last_used = match (&status.retiring_key, want_last_used) {
                 (Some(r), true) => Some(iam.last_used(&r.access_key_id).await?),
                 _ => None,
             };
-            IamState { user_exists: true, keys, tags, retiring_last_used }
+            IamState { user_exists: true, keys, tags, retiring_last_used, operator_user }
         }
     };
     let all: Api<IamKeyRotation> = Api::all(client.clone());

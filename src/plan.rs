@@ -46,6 +46,8 @@ pub struct IamState {
     pub tags: BTreeMap<String, String>,
     /// Last use of the retiring key, when requireOldKeyUnusedFor asks for it (None: never used).
     pub retiring_last_used: Option<Option<Timestamp>>,
+    /// The IAM user the operator itself runs as, if it runs as one.
+    pub operator_user: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -349,6 +351,12 @@ pub fn decide(i: &Input) -> Step {
 /// The checks every IAM write for this user is preceded by; None when all pass.
 fn iam_gate(i: &Input, iam: &IamState) -> Option<Step> {
     let user = &i.spec.user_name;
+    if iam.operator_user.as_deref() == Some(user.as_str()) {
+        return Some(stall(
+            StallReason::SelfRotation,
+            format!("IAM user {user} is the identity rekey runs as; rekey never rotates its own keys"),
+        ));
+    }
     if !iam.user_exists {
         return Some(stall(StallReason::UserNotFound, format!("IAM user {user} does not exist")));
     }

@@ -45,7 +45,13 @@ impl Case {
                 requests: Requests::default(),
                 secrets: vec![("a".into(), SecretState::Missing), ("b".into(), SecretState::Missing)],
                 staging_key: None,
-                iam: Some(IamState { user_exists: true, keys: vec![], tags, retiring_last_used: None }),
+                iam: Some(IamState {
+                    user_exists: true,
+                    keys: vec![],
+                    tags,
+                    retiring_last_used: None,
+                    operator_user: Some("rekey-operator".into()),
+                }),
                 workloads: Some(WorkloadsState::default()),
                 other_resource: None,
             },
@@ -192,6 +198,13 @@ fn missing_user_and_missing_consent_stall_before_any_write() {
     let mut c = Case::new();
     c.iam().tags.insert(tag, "*".into());
     assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Bootstrap });
+}
+
+#[test]
+fn rekey_never_rotates_the_user_it_runs_as() {
+    let mut c = Case::new();
+    c.spec.user_name = "rekey-operator".into();
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::SelfRotation));
 }
 
 #[test]
