@@ -15,7 +15,6 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use tracing::{Instrument as _, info, info_span, warn};
 
@@ -24,9 +23,13 @@ use crate::api::{DeletionPolicy, FINALIZER, IamKeyRotation, IamKeyRotationStatus
 use crate::error::Error;
 use crate::iam::Iam;
 use crate::plan::{self, Identity, Step};
-use crate::secrets::{self, MANAGED_LABEL};
+use crate::secrets;
 use crate::status::{self, Verdict};
 use crate::validate::validate;
+
+/// How often a resource is looked at without a reason: its Secrets are read (a hand-deleted or
+/// edited Secret is noticed), IAM is not called.
+pub const IDLE_RESYNC: Duration = Duration::from_secs(600);
 
 /// Shared by every reconcile.
 pub struct Context<I: Iam> {
@@ -66,19 +69,15 @@ impl<I: Iam> Context<I> {
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     let client = ctx.client.clone();
-    let (resources, managed): (Api<IamKeyRotation>, Api<Secret>) = match &ctx.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let resources: Api<IamKeyRotation> = match &ctx.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
+    // No watch on Secrets: rekey may only get the Secrets a spec names (it cannot list them), so
+    // their changes are seen on the next reconcile (see IDLE_RESYNC).
     let controller = Controller::new(resources, watcher::Config::default());
     let _ = ctx.store.set(controller.store());
     controller
-        // Only the Secrets rekey writes are watched (label selector): unrelated Secrets cost nothing.
-        .watches(managed, watcher::Config::default().labels(MANAGED_LABEL), |s: Secret| {
-            let ns = s.namespace()?;
-            let owner = s.labels().get(MANAGED_LABEL)?.clone();
-            Some(ObjectRef::<IamKeyRotation>::new(&owner).within(&ns))
-        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -169,8 +168,7 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
                     .await?
                     .clone();
                 let want_last_used = !valid.require_unused_for.is_zero();
-                let (iam, other) =
-                    crate::observe::iam(&ctx.client, &ctx.iam, me, &obj, &st, want_last_used).await?;
+                let (iam, other) = crate::observe::iam(&ctx.client, &ctx.iam, me, &obj, &st, want_last_used).await?;
                 observed.iam = Some(iam);
                 observed.other_resource = other;
             }
@@ -233,6 +231,11 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
                 failed.observed_generation = obj.metadata.generation;
                 failed.failed_attempts += 1;
                 failed.last_failure_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+                if e.category() == "KubeForbidden" {
+                    // Missing RBAC is for a human to fix: say exactly which verb on which resource.
+                    let v = Verdict::Forbidden(format!("{} failed: {e}", step.name()));
+                    failed.conditions = status::conditions(&failed, &v, obj.metadata.generation, now);
+                }
                 status::event(
                     &ctx.recorder,
                     &obj,
@@ -302,8 +305,8 @@ async fn report<I: Iam>(
     }
     Ok(match out.requeue {
         Some(d) if d.is_zero() => Action::requeue(Duration::from_millis(100)),
-        Some(d) => Action::requeue(d),
-        None => Action::await_change(),
+        Some(d) => Action::requeue(d.min(IDLE_RESYNC)),
+        None => Action::requeue(IDLE_RESYNC),
     })
 }
 

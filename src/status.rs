@@ -56,6 +56,8 @@ pub enum Verdict {
     Progressed,
     /// Nothing new (waiting, dry run, suspended).
     Unchanged,
+    /// The operator's own Kubernetes permissions are missing: not Ready until a human fixes them.
+    Forbidden(String),
 }
 
 impl Verdict {
@@ -84,7 +86,14 @@ pub fn conditions(
 ) -> Vec<Condition> {
     let mut c = st.conditions.clone();
     let secret_broken = matches!(verdict, Verdict::Stalled(StallReason::SecretConflict, _));
+    let forbidden = match verdict {
+        Verdict::Forbidden(m) => Some(m.as_str()),
+        _ => None,
+    };
     match (&st.active_key, secret_broken) {
+        _ if forbidden.is_some() => {
+            set(&mut c, "Ready", false, "Forbidden", forbidden.unwrap_or_default(), generation, now)
+        }
         (Some(k), false) => set(
             &mut c,
             "Ready",
@@ -113,6 +122,7 @@ pub fn conditions(
     }
     match verdict {
         Verdict::Stalled(reason, message) => set(&mut c, "Stalled", true, reason.as_str(), message, generation, now),
+        Verdict::Forbidden(message) => set(&mut c, "Stalled", true, "Forbidden", message, generation, now),
         _ => set(&mut c, "Stalled", false, "AsExpected", "rekey can proceed on its own", generation, now),
     }
     match verdict {

@@ -25,7 +25,8 @@ async fn stalled_message(api: &Api<IamKeyRotation>, name: &str) -> anyhow::Resul
 }
 
 async fn event_notes(env: &TestEnv, ns: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.kube.clone(), ns).list(&Default::default()).await?;
+    let list =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.kube.clone(), ns).list(&Default::default()).await?;
     Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default())).collect())
 }
 
@@ -98,7 +99,9 @@ async fn two_namespaces_naming_one_user_are_a_conflict_not_a_race() -> anyhow::R
     let tag = aws_sdk_iam::types::Tag::builder().key(format!("rekey.dev/allow/{ns_b}")).value(CLUSTER).build()?;
     f.env.iam.tag_user().user_name(&f.user).tags(tag).send().await?;
     let api_b: Api<IamKeyRotation> = Api::namespaced(f.env.kube.clone(), &ns_b);
-    api_b.create(&PostParams::default(), &ikr("app", json!({"userName": f.user, "secrets": [{"name": "creds"}]}))?).await?;
+    api_b
+        .create(&PostParams::default(), &ikr("app", json!({"userName": f.user, "secrets": [{"name": "creds"}]}))?)
+        .await?;
     let _op_b = Operator::start(&ns_b, &[]).await?;
     wait_ikr(&api_b, "app", "Conflict", |o| is_true(o, "Degraded", "Conflict")).await?;
     assert_eq!(f.env.keys(&f.user).await?.len(), 1, "the second namespace created no key");
@@ -156,8 +159,10 @@ async fn no_secret_reaches_logs_events_or_status_even_at_trace_level() -> anyhow
     secrets_seen(&f, &names, &mut seen).await?;
     for round in 1..=2 {
         f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&rotate(&round.to_string()))).await?;
-        wait_ikr(&f.ikrs, "app", "rotated", |o| o.status.as_ref().is_some_and(|s| s.rotations == round && s.phase == Phase::Idle))
-            .await?;
+        wait_ikr(&f.ikrs, "app", "rotated", |o| {
+            o.status.as_ref().is_some_and(|s| s.rotations == round && s.phase == Phase::Idle)
+        })
+        .await?;
         secrets_seen(&f, &names, &mut seen).await?;
     }
     op.kill().await?;
@@ -165,7 +170,12 @@ async fn no_secret_reaches_logs_events_or_status_even_at_trace_level() -> anyhow
 
     let log = std::fs::read_to_string(&op.log)?;
     assert!(log.len() > 10_000, "trace logging was on ({} bytes)", log.len());
-    let events = serde_json::to_string(&Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns).list(&Default::default()).await?.items)?;
+    let events = serde_json::to_string(
+        &Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns)
+            .list(&Default::default())
+            .await?
+            .items,
+    )?;
     let status = serde_json::to_string(&f.ikrs.get("app").await?)?;
     for secret in &seen {
         let b64 = serde_json::to_value(k8s_openapi::ByteString(secret.as_bytes().to_vec()))?;

@@ -1,0 +1,123 @@
+//! The operator runs with exactly the RBAC of deploy/rbac.yaml, authenticated as its
+//! ServiceAccount against the RBAC-enabled apiserver; without one of its rules it says which.
+
+mod support;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rekey::api::Phase;
+use rekey_testenv::env::{TestEnv, eventually};
+use serde::Deserialize as _;
+use serde_json::json;
+use support::*;
+
+const NS: &str = "rekey-system";
+
+/// Applies deploy/rbac.yaml, optionally under other names and without one rule, and returns a
+/// kubeconfig file that authenticates as the ServiceAccount.
+async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &str)>) -> anyhow::Result<PathBuf> {
+    let pp = PatchParams::apply("rekey-tests").force();
+    let nss: Api<Namespace> = Api::all(env.kube.clone());
+    nss.patch(NS, &pp, &Patch::Apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})))
+        .await?;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rbac.yaml"))?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_json::Value::deserialize(doc)?;
+        match v["kind"].as_str() {
+            Some("ServiceAccount") => {
+                let mut sa: ServiceAccount = serde_json::from_value(v)?;
+                sa.metadata.name = Some(name.into());
+                Api::<ServiceAccount>::namespaced(env.kube.clone(), NS).patch(name, &pp, &Patch::Apply(&sa)).await?;
+            }
+            Some("ClusterRole") => {
+                let mut role: ClusterRole = serde_json::from_value(v)?;
+                role.metadata.name = Some(name.into());
+                if let (Some((resource, verb)), Some(rules)) = (drop_rule, role.rules.as_mut()) {
+                    for r in rules.iter_mut().filter(|r| r.resources.iter().flatten().any(|x| x == resource)) {
+                        r.verbs.retain(|v| v != verb);
+                    }
+                }
+                Api::<ClusterRole>::all(env.kube.clone()).patch(name, &pp, &Patch::Apply(&role)).await?;
+            }
+            Some("ClusterRoleBinding") => {
+                let mut b: ClusterRoleBinding = serde_json::from_value(v)?;
+                b.metadata.name = Some(name.into());
+                b.role_ref.name = name.into();
+                for s in b.subjects.iter_mut().flatten() {
+                    s.name = name.into();
+                }
+                Api::<ClusterRoleBinding>::all(env.kube.clone()).patch(name, &pp, &Patch::Apply(&b)).await?;
+            }
+            other => anyhow::bail!("unexpected object in deploy/rbac.yaml: {other:?}"),
+        }
+    }
+    // Kubernetes 1.20 mints a token Secret for every ServiceAccount.
+    let sas: Api<ServiceAccount> = Api::namespaced(env.kube.clone(), NS);
+    let secret_name = eventually("ServiceAccount token", WAIT, || async {
+        let sa = sas.get(name).await?;
+        Ok(sa.secrets.and_then(|s| s.into_iter().next()).and_then(|r| r.name).ok_or_else(|| "no token yet".to_owned()))
+    })
+    .await?;
+    let token_secret: Secret = Api::<Secret>::namespaced(env.kube.clone(), NS).get(&secret_name).await?;
+    let token = token_secret.data.and_then(|d| d.get("token").cloned()).context("token")?;
+    let mut kubeconfig: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").context("KUBECONFIG")?)?)?;
+    kubeconfig["users"][0]["user"] = serde_yaml::to_value(json!({"token": String::from_utf8(token.0)?}))?;
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubeconfig-{name}"));
+    std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
+    Ok(path)
+}
+
+#[tokio::test]
+async fn a_full_rotation_passes_with_exactly_the_shipped_rbac() -> anyhow::Result<()> {
+    let f = Fixture::new("rbac").await?;
+    let kubeconfig = operator_identity(&f.env, "rekey", None).await?;
+    Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
+        .create(&PostParams::default(), &deployment("web", 2, "creds")?)
+        .await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "1s"}}))
+        .await?;
+    let _op = Operator::start(&f.ns, &[("KUBECONFIG", kubeconfig.to_str().context("path")?)]).await?;
+    wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
+    let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
+    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let o = wait_ikr(&f.ikrs, "app", "rotated as the ServiceAccount", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let key = active_key(&o).context("key")?;
+    assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), vec![key]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_one_needed_rule_the_condition_names_the_forbidden_verb_and_resource() -> anyhow::Result<()> {
+    let f = Fixture::new("norbac").await?;
+    let kubeconfig = operator_identity(&f.env, "rekey-no-patch-deployments", Some(("deployments", "patch"))).await?;
+    Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
+        .create(&PostParams::default(), &deployment("web", 1, "creds")?)
+        .await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}]})).await?;
+    let _op = Operator::start(&f.ns, &[("KUBECONFIG", kubeconfig.to_str().context("path")?)]).await?;
+    let o = wait_ikr(&f.ikrs, "app", "Ready=False/Forbidden", |o| {
+        condition(o, "Ready").is_some_and(|c| c.1 == "Forbidden")
+    })
+    .await?;
+    let ready = o.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).context("Ready")?;
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("cannot patch resource \"deployments\""),
+        "the message names the verb and resource: {}",
+        ready.message
+    );
+    // Safe where it stopped: the key in the Secret is Active, nothing was retired.
+    let keys = f.env.keys(&f.user).await?;
+    assert_eq!(keys.len(), 1);
+    assert!(keys.values().all(|s| s == "Active"));
+    Ok(())
+}
