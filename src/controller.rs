@@ -43,6 +43,10 @@ pub struct Context<I: Iam> {
     /// At most this many rotations in flight at once (a backlog of overdue keys must not restart
     /// every workload of the cluster at the same moment).
     pub max_concurrent_rotations: usize,
+    /// Role ARN patterns (`*` matches anything) a resource's spec.aws.roleArn must match.
+    pub allowed_role_arns: Vec<String>,
+    /// One client per (role, external id), so assumed credentials are reused until they expire.
+    pub role_clients: tokio::sync::Mutex<std::collections::HashMap<(String, String), I>>,
     /// The IAM user the operator runs as (None: a role, or not yet known).
     pub whoami: tokio::sync::OnceCell<Option<String>>,
     /// The controller's cache of resources, for counting rotations in flight.
@@ -62,6 +66,8 @@ impl<I: Iam> Context<I> {
             max_concurrent_rotations: 10,
             store: std::sync::OnceLock::new(),
             whoami: tokio::sync::OnceCell::new(),
+            allowed_role_arns: Vec::new(),
+            role_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -149,7 +155,37 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
         }
     };
     let id = identity(&obj, &ctx);
-    let mut observed = crate::observe::basic(&ctx.client, &obj, now).await?;
+    let iam = match obj.spec.aws.as_ref().and_then(|a| a.role_arn.as_deref()) {
+        None => ctx.iam.clone(),
+        Some(role) if !role_allowed(&ctx.allowed_role_arns, role) => {
+            let step = Step::Stall {
+                reason: plan::StallReason::Forbidden,
+                message: format!(
+                    "spec.aws.roleArn {role} is not allowed by this operator (--allowed-role-arns); no IAM call was made"
+                ),
+            };
+            return report(&ctx, &api, &obj, &before, st, &step, Outcome::default(), now).await;
+        }
+        Some(role) => {
+            // The role's trust policy can bind it to this namespace of this cluster.
+            let external_id = format!("{}/{}", ctx.cluster, ns);
+            let mut cache = ctx.role_clients.lock().await;
+            let key = (role.to_owned(), external_id.clone());
+            match cache.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let session = format!("rekey-{}", crate::plan::fnv1a(external_id.as_bytes()));
+                    let c = ctx.iam.for_role(role, &external_id, &session).await;
+                    cache.insert(key, c.clone());
+                    c
+                }
+            }
+        }
+    };
+    let mut observed = match crate::observe::basic(&ctx.client, &obj, now).await {
+        Ok(o) => o,
+        Err(e) => return fail(&ctx, &api, &obj, &before, "Observe", e, now).await,
+    };
     let step = loop {
         let step = plan::decide(&plan::Input {
             spec: &obj.spec,
@@ -160,32 +196,40 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
         });
         match step {
             Step::NeedIam if observed.iam.is_none() => {
-                let me = ctx
-                    .whoami
-                    .get_or_try_init(|| async {
-                        ctx.iam.whoami().await.map(|arn| crate::iam::user_of_arn(&arn).map(str::to_owned))
-                    })
-                    .await?
-                    .clone();
                 let want_last_used = !valid.require_unused_for.is_zero();
-                let (iam, other) = crate::observe::iam(&ctx.client, &ctx.iam, me, &obj, &st, want_last_used).await?;
-                observed.iam = Some(iam);
+                let gathered = async {
+                    let me = ctx
+                        .whoami
+                        .get_or_try_init(|| async {
+                            ctx.iam.whoami().await.map(|arn| crate::iam::user_of_arn(&arn).map(str::to_owned))
+                        })
+                        .await?
+                        .clone();
+                    crate::observe::iam(&ctx.client, &iam, me, &obj, &st, want_last_used).await
+                };
+                let (facts, other) = match gathered.await {
+                    Ok(g) => g,
+                    Err(e) => return fail(&ctx, &api, &obj, &before, "ObserveIam", e, now).await,
+                };
+                observed.iam = Some(facts);
                 observed.other_resource = other;
             }
             Step::NeedWorkloads if observed.workloads.is_none() => {
                 let names = crate::observe::secret_names(&obj);
                 let key = st.active_key.as_ref().map(|k| k.access_key_id.clone());
-                observed.workloads = Some(
-                    crate::workloads::observe(
-                        &ctx.client,
-                        &ns,
-                        &obj.spec.workloads.targets,
-                        obj.spec.workloads.discover,
-                        &names,
-                        key.as_deref(),
-                    )
-                    .await?,
-                );
+                let gathered = crate::workloads::observe(
+                    &ctx.client,
+                    &ns,
+                    &obj.spec.workloads.targets,
+                    obj.spec.workloads.discover,
+                    &names,
+                    key.as_deref(),
+                )
+                .await;
+                match gathered {
+                    Ok(w) => observed.workloads = Some(w),
+                    Err(e) => return fail(&ctx, &api, &obj, &before, "ObserveWorkloads", e, now).await,
+                }
             }
             other => break other,
         }
@@ -214,7 +258,7 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
 
     let env = Env {
         client: &ctx.client,
-        iam: &ctx.iam,
+        iam: &iam,
         obj: &obj,
         valid: &valid,
         observed: &observed,
@@ -224,34 +268,51 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
     info!(step = step.name(), phase = %st.phase, "performing");
     match act::perform(&env, &mut st, &step).await {
         Ok(out) => report(&ctx, &api, &obj, &before, st, &step, out, now).await,
-        Err(e) => {
-            // The failure is kept in status so the backoff survives restarts.
-            if !matches!(e, Error::Conflict) {
-                let mut failed = before.clone();
-                failed.observed_generation = obj.metadata.generation;
-                failed.failed_attempts += 1;
-                failed.last_failure_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
-                if e.category() == "KubeForbidden" {
-                    // Missing RBAC is for a human to fix: say exactly which verb on which resource.
-                    let v = Verdict::Forbidden(format!("{} failed: {e}", step.name()));
-                    failed.conditions = status::conditions(&failed, &v, obj.metadata.generation, now);
-                }
-                status::event(
-                    &ctx.recorder,
-                    &obj,
-                    true,
-                    e.category(),
-                    format!("{} failed: {e}", step.name()),
-                    step.name(),
-                )
-                .await;
-                if let Err(we) = status::write(&api, &obj, &failed, false).await {
-                    warn!(error = %we, "could not record the failure in status");
-                }
-            }
-            warn!(step = step.name(), category = e.category(), error = %e, "step failed");
-            Err(e)
+        Err(e) => fail(&ctx, &api, &obj, &before, step.name(), e, now).await,
+    }
+}
+
+/// Records a failed step in status (failedAttempts, lastFailureTime: the backoff survives
+/// restarts), as an Event, and for missing RBAC as a condition; then returns the error.
+async fn fail<I: Iam>(
+    ctx: &Context<I>,
+    api: &Api<IamKeyRotation>,
+    obj: &IamKeyRotation,
+    before: &IamKeyRotationStatus,
+    what: &str,
+    e: Error,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    if !matches!(e, Error::Conflict) {
+        let mut failed = before.clone();
+        failed.observed_generation = obj.metadata.generation;
+        failed.failed_attempts += 1;
+        failed.last_failure_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        if e.category() == "KubeForbidden" {
+            // Missing RBAC is for a human to fix: say exactly which verb on which resource.
+            let v = Verdict::Forbidden(format!("{what} failed: {e}"));
+            failed.conditions = status::conditions(&failed, &v, obj.metadata.generation, now);
         }
+        status::event(&ctx.recorder, obj, true, e.category(), format!("{what} failed: {e}"), what).await;
+        if let Err(we) = status::write(api, obj, &failed, false).await {
+            warn!(error = %we, "could not record the failure in status");
+        }
+    }
+    warn!(step = what, category = e.category(), error = %e, "step failed");
+    Err(e)
+}
+
+/// Whether `role` matches one of the allow-list's patterns (`*` matches any run of characters).
+pub fn role_allowed(patterns: &[String], role: &str) -> bool {
+    patterns.iter().any(|p| glob(p.as_bytes(), role.as_bytes()))
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match (p.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
+        (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
+        _ => false,
     }
 }
 
@@ -390,4 +451,19 @@ async fn cleanup<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Resu
     status::event(&ctx.recorder, &obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
     // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::role_allowed;
+
+    #[test]
+    fn role_allow_list_patterns() {
+        let allow = vec!["arn:aws:iam::111122223333:role/rekey/*".to_owned()];
+        assert!(role_allowed(&allow, "arn:aws:iam::111122223333:role/rekey/payments"));
+        assert!(!role_allowed(&allow, "arn:aws:iam::111122223333:role/admin"));
+        assert!(!role_allowed(&allow, "arn:aws:iam::999999999999:role/rekey/payments"));
+        assert!(!role_allowed(&[], "arn:aws:iam::111122223333:role/rekey/payments"));
+        assert!(role_allowed(&["*".to_owned()], "anything"));
+    }
 }

@@ -29,7 +29,10 @@ pub enum Verification {
 }
 
 /// The IAM and STS operations rekey needs.
-pub trait Iam: Send + Sync {
+pub trait Iam: Send + Sync + Clone {
+    /// The same operations through `role_arn`, assumed with `external_id`; credentials are cached
+    /// and refreshed shortly before they expire.
+    fn for_role(&self, role_arn: &str, external_id: &str, session: &str) -> impl Future<Output = Self> + Send;
     /// ListUserTags; Ok(None) when the user does not exist.
     fn user_tags(&self, user: &str) -> impl Future<Output = Result<Option<BTreeMap<String, String>>, Error>> + Send;
     fn list_keys(&self, user: &str) -> impl Future<Output = Result<Vec<IamKey>, Error>> + Send;
@@ -91,13 +94,15 @@ where
     let message = match &e {
         aws_sdk_iam::error::SdkError::ServiceError(_) => e.message().unwrap_or_default().to_owned(),
         aws_sdk_iam::error::SdkError::TimeoutError(_) => "timed out".to_owned(),
-        aws_sdk_iam::error::SdkError::DispatchFailure(_) => "could not reach the endpoint".to_owned(),
+        aws_sdk_iam::error::SdkError::DispatchFailure(_) => {
+            "not sent: no credentials could be obtained (e.g. a refused AssumeRole) or AWS is unreachable".to_owned()
+        }
         _ => "request failed".to_owned(),
     };
     let code = if code == "Unknown" {
         match &e {
             aws_sdk_iam::error::SdkError::ServiceError(s) => format!("HTTP{}", s.raw().status().as_u16()),
-            aws_sdk_iam::error::SdkError::DispatchFailure(_) => "Unreachable".into(),
+            aws_sdk_iam::error::SdkError::DispatchFailure(_) => "NotSent".into(),
             aws_sdk_iam::error::SdkError::TimeoutError(_) => "Timeout".into(),
             _ => code,
         }
@@ -112,6 +117,27 @@ fn ts(d: Option<&aws_smithy_types::DateTime>) -> Timestamp {
 }
 
 impl Iam for AwsIam {
+    async fn for_role(&self, role_arn: &str, external_id: &str, session: &str) -> Self {
+        let provider = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+            .external_id(external_id)
+            .session_name(session)
+            .configure(&self.sdk)
+            .build()
+            .await;
+        let sdk = self
+            .sdk
+            .to_builder()
+            .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(provider))
+            .build();
+        let once = aws_sdk_iam::config::Builder::from(&sdk).retry_config(RetryConfig::disabled()).build();
+        Self {
+            iam: aws_sdk_iam::Client::new(&sdk),
+            iam_once: aws_sdk_iam::Client::from_conf(once),
+            sdk,
+            limiter: self.limiter.clone(),
+        }
+    }
+
     async fn user_tags(&self, user: &str) -> Result<Option<BTreeMap<String, String>>, Error> {
         self.permit().await;
         let mut tags = BTreeMap::new();

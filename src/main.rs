@@ -37,6 +37,9 @@ enum Command {
         /// At most this many rotations in flight at once.
         #[arg(long, env = "REKEY_MAX_CONCURRENT_ROTATIONS", default_value_t = 10)]
         max_concurrent_rotations: usize,
+        /// Role ARN patterns (comma-separated, `*` wildcard) that spec.aws.roleArn may name; none by default.
+        #[arg(long, env = "REKEY_ALLOWED_ROLE_ARNS", value_delimiter = ',')]
+        allowed_role_arns: Vec<String>,
         /// Watch only this namespace (default: every namespace).
         #[arg(long, env = "REKEY_NAMESPACE")]
         namespace: Option<String>,
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             namespace,
             aws_calls_per_second,
             max_concurrent_rotations,
+            allowed_role_arns,
         } => {
             // Rule 5: the AWS SDK would log request and response bodies, new secrets included.
             if std::env::var_os("LOG_SENSITIVE_BODIES").is_some() {
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
                 let mut ctx = rekey::controller::Context::new(client, iam, cluster_name, region);
                 ctx.namespace = namespace;
                 ctx.max_concurrent_rotations = max_concurrent_rotations.max(1);
+                ctx.allowed_role_arns = allowed_role_arns;
                 let ctx = Arc::new(ctx);
                 tracing::info!("rekey controller starting");
                 rekey::controller::run(ctx).await;

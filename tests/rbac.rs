@@ -121,3 +121,54 @@ async fn without_one_needed_rule_the_condition_names_the_forbidden_verb_and_reso
     assert!(keys.values().all(|s| s == "Active"));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_deploy_manifests_are_hardened_and_accepted_by_the_apiserver() -> anyhow::Result<()> {
+    use kube::api::{DynamicObject, GroupVersionKind};
+    use kube::discovery::ApiResource;
+    let env = TestEnv::get().await?;
+    let mut kinds = Vec::new();
+    for file in ["deploy/operator.yaml", "deploy/rbac.yaml"] {
+        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR")))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_json::Value::deserialize(doc)?;
+            let obj: DynamicObject = serde_json::from_value(v.clone())?;
+            let types = obj.types.clone().context("apiVersion/kind")?;
+            let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
+            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+            let plural = format!("{}s", types.kind.to_lowercase()).replace("policys", "policies");
+            let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+            let name = obj.metadata.name.clone().context("name")?;
+            let api: Api<DynamicObject> = match &obj.metadata.namespace {
+                Some(ns) => Api::namespaced_with(env.kube.clone(), ns, &ar),
+                None => Api::all_with(env.kube.clone(), &ar),
+            };
+            if types.kind == "Namespace" {
+                api.patch(&name, &PatchParams::apply("rekey-tests"), &Patch::Apply(&v)).await?;
+            } else {
+                api.patch(&name, &PatchParams::apply("rekey-tests").dry_run(), &Patch::Apply(&v))
+                    .await
+                    .with_context(|| format!("{file}: {} {name} rejected", types.kind))?;
+            }
+            kinds.push(types.kind.clone());
+            if types.kind == "Deployment" {
+                let pod = &v["spec"]["template"]["spec"];
+                assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+                assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+                let c = &pod["containers"][0]["securityContext"];
+                assert_eq!(c["readOnlyRootFilesystem"], true);
+                assert_eq!(c["allowPrivilegeEscalation"], false);
+                assert_eq!(c["capabilities"]["drop"], json!(["ALL"]));
+            }
+            if types.kind == "ClusterRole" {
+                let text = v.to_string();
+                assert!(!text.contains("\"*\""), "no wildcard verbs or resources");
+                assert!(!text.contains("customresourcedefinitions"), "the operator never writes CRDs");
+            }
+        }
+    }
+    for k in ["Deployment", "NetworkPolicy", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} shipped");
+    }
+    Ok(())
+}

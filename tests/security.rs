@@ -186,3 +186,59 @@ async fn no_secret_reaches_logs_events_or_status_even_at_trace_level() -> anyhow
     }
     Ok(())
 }
+
+/// A role under /rekey/ that trusts the operator's user with `external_id` and may manage keys.
+async fn role(env: &TestEnv, external_id: &str) -> anyhow::Result<String> {
+    let name = rekey_testenv::env::unique("role");
+    let operator = std::env::var("REKEY_TEST_OPERATOR_USER").context("REKEY_TEST_OPERATOR_USER")?;
+    let trust = json!({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"AWS": format!("arn:aws:iam::{}:user/{operator}", env.account_id)},
+        "Condition": {"StringEquals": {"sts:ExternalId": external_id}}}]});
+    let out = env
+        .iam
+        .create_role()
+        .role_name(&name)
+        .path("/rekey/")
+        .assume_role_policy_document(trust.to_string())
+        .send()
+        .await?;
+    let policy = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": [
+        "iam:CreateAccessKey", "iam:UpdateAccessKey", "iam:DeleteAccessKey", "iam:ListAccessKeys",
+        "iam:GetUser", "iam:ListUserTags", "iam:TagUser", "iam:UntagUser", "iam:GetAccessKeyLastUsed"],
+        "Resource": "*"}]});
+    env.iam.put_role_policy().role_name(&name).policy_name("keys").policy_document(policy.to_string()).send().await?;
+    Ok(out.role().context("role")?.arn().to_owned())
+}
+
+#[tokio::test]
+async fn role_arn_is_assumed_with_the_namespace_external_id_and_checked_against_the_allow_list() -> anyhow::Result<()> {
+    let f = Fixture::new("role").await?;
+    let good = role(&f.env, &format!("{CLUSTER}/{}", f.ns)).await?;
+    let other_ns = role(&f.env, &format!("{CLUSTER}/someone-else")).await?;
+    let user_b = consenting_user(&f.env, "roleb", &f.ns).await?;
+    let user_c = consenting_user(&f.env, "rolec", &f.ns).await?;
+    f.create("good", json!({"userName": f.user, "secrets": [{"name": "a"}], "aws": {"roleArn": good}})).await?;
+    f.create("wrong-trust", json!({"userName": user_b, "secrets": [{"name": "b"}], "aws": {"roleArn": other_ns}}))
+        .await?;
+    let not_listed = format!("arn:aws:iam::{}:role/admin", f.env.account_id);
+    f.create("not-allowed", json!({"userName": user_c, "secrets": [{"name": "c"}], "aws": {"roleArn": not_listed}}))
+        .await?;
+    let allow = "arn:aws:iam::*:role/rekey/*";
+    let _op = Operator::start(&f.ns, &[("REKEY_ALLOWED_ROLE_ARNS", allow)]).await?;
+    wait_ikr(&f.ikrs, "good", "bootstrapped through the role", |o| phase(o) == Phase::Idle && active_key(o).is_some())
+        .await?;
+    let stats = f.env.proxy_stats().await?;
+    assert!(stats["calls"]["sts:AssumeRole"]["ok"].as_u64().unwrap_or(0) >= 1, "{stats}");
+    let o = wait_ikr(&f.ikrs, "not-allowed", "Forbidden", |o| is_true(o, "Stalled", "Forbidden")).await?;
+    assert!(stalled_message(&f.ikrs, "not-allowed").await?.contains("not allowed"), "{:?}", o.status);
+    // A role whose trust policy names another namespace's external id cannot be assumed from here.
+    rekey_testenv::env::eventually("assume refused", WAIT, || async {
+        let n = event_notes(&f.env, &f.ns).await?.iter().filter(|(r, _)| r.starts_with("Iam")).count();
+        Ok(if n > 0 { Ok(()) } else { Err("no IAM failure yet".into()) })
+    })
+    .await?;
+    assert!(f.env.keys(&user_b).await?.is_empty(), "nothing written through a role that refused");
+    assert!(f.env.keys(&user_c).await?.is_empty(), "nothing written for a role not allowed");
+    Ok(())
+}
