@@ -290,7 +290,7 @@ async fn begin<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, trigger:
     secrets::ensure_staging(&api, &env.name(), owner).await?;
     secrets::clear_staging(&api, &env.name()).await?;
     let probe = AccessKey { id: "AKIAPREFLIGHTPROBE00".into(), secret: SecretString::from("preflight".to_owned()) };
-    secrets::write_staging_dry_run(&api, &env.name(), &probe).await?;
+    secrets::write_staging(&api, &env.name(), &probe, true).await?;
     for t in &env.obj.spec.secrets {
         secrets::write_target(&api, &env.name(), t, &probe, &env.render_ctx(), true).await?;
     }
@@ -320,7 +320,7 @@ async fn create<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Resu
     let (key, created) = env.iam.create_key(env.user()).await?;
     crate::failpoint!("after-create");
     // Nothing between the create and this write: the secret exists nowhere else.
-    secrets::write_staging(&env.secrets(), &env.name(), &key).await?;
+    secrets::write_staging(&env.secrets(), &env.name(), &key, false).await?;
     crate::failpoint!("after-staging");
     st.new_key = Some(KeyRef { access_key_id: key.id.clone(), created_at: Some(Time(created)) });
     st.pending = None;

@@ -286,17 +286,22 @@ pub async fn ensure_staging(
 }
 
 /// TOUCHES THE CLUSTER. Puts the new key into the staging Secret: the one write between
-/// CreateAccessKey and safety, so it is a plain update of an object known to exist.
-pub async fn write_staging(api: &Api<Secret>, resource: &str, key: &AccessKey) -> Result<(), SecretWriteError> {
+/// CreateAccessKey and safety, so it is a plain update of an object known to exist. With
+/// `dry_run` (the preflight) the apiserver only checks that the write would be admitted.
+pub async fn write_staging(
+    api: &Api<Secret>,
+    resource: &str,
+    key: &AccessKey,
+    dry_run: bool,
+) -> Result<(), SecretWriteError> {
     let t = staging_target(resource);
     let data: BTreeMap<String, ByteString> = render(&t, key, &RenderContext::default())
         .into_iter()
         .map(|(k, v)| (k, ByteString(v.expose_secret().as_bytes().to_vec())))
         .collect();
     let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: key.id}}, "data": data});
-    api.patch(&t.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| summarise("write", &t.name, e))?;
+    let pp = if dry_run { PatchParams::default().dry_run() } else { PatchParams::default() };
+    api.patch(&t.name, &pp, &Patch::Merge(&patch)).await.map_err(|e| summarise("write", &t.name, e))?;
     Ok(())
 }
 
@@ -305,24 +310,6 @@ pub async fn clear_staging(api: &Api<Secret>, resource: &str) -> Result<(), Secr
     let name = staging_name(resource);
     let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: null}}, "data": null});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| summarise("clear", &name, e))?;
-    Ok(())
-}
-
-/// TOUCHES THE CLUSTER (dry run). Checks that the staging write will be admitted.
-pub async fn write_staging_dry_run(
-    api: &Api<Secret>,
-    resource: &str,
-    probe: &AccessKey,
-) -> Result<(), SecretWriteError> {
-    let t = staging_target(resource);
-    let data: BTreeMap<String, ByteString> = render(&t, probe, &RenderContext::default())
-        .into_iter()
-        .map(|(k, v)| (k, ByteString(v.expose_secret().as_bytes().to_vec())))
-        .collect();
-    let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: probe.id}}, "data": data});
-    api.patch(&t.name, &PatchParams::default().dry_run(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| summarise("write (dry run)", &t.name, e))?;
     Ok(())
 }
 
