@@ -10,6 +10,7 @@ pub mod controller;
 pub mod duration;
 pub mod error;
 pub mod iam;
+pub mod leader;
 pub mod observe;
 pub mod plan;
 pub mod secrets;

@@ -40,6 +40,18 @@ enum Command {
         /// Role ARN patterns (comma-separated, `*` wildcard) that spec.aws.roleArn may name; none by default.
         #[arg(long, env = "REKEY_ALLOWED_ROLE_ARNS", value_delimiter = ',')]
         allowed_role_arns: Vec<String>,
+        /// Elect a leader on a Lease so that only one replica acts (default on).
+        #[arg(long, env = "REKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// Namespace of the Lease (default: the pod's namespace, else rekey-system).
+        #[arg(long, env = "REKEY_LEASE_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// Name of the Lease.
+        #[arg(long, env = "REKEY_LEASE_NAME", default_value = "rekey")]
+        lease_name: String,
+        /// Seconds a leader's lock stays valid after its last renewal.
+        #[arg(long, env = "REKEY_LEASE_DURATION_SECONDS", default_value_t = 15)]
+        lease_duration_seconds: u64,
         /// Watch only this namespace (default: every namespace).
         #[arg(long, env = "REKEY_NAMESPACE")]
         namespace: Option<String>,
@@ -75,6 +87,10 @@ fn main() -> ExitCode {
             aws_calls_per_second,
             max_concurrent_rotations,
             allowed_role_arns,
+            leader_election,
+            lease_namespace,
+            lease_name,
+            lease_duration_seconds,
         } => {
             // Rule 5: the AWS SDK would log request and response bodies, new secrets included.
             if std::env::var_os("LOG_SENSITIVE_BODIES").is_some() {
@@ -116,8 +132,27 @@ fn main() -> ExitCode {
                 ctx.allowed_role_arns = allowed_role_arns;
                 let ctx = Arc::new(ctx);
                 tracing::info!("rekey controller starting");
-                rekey::controller::run(ctx).await;
-                ExitCode::SUCCESS
+                if !leader_election {
+                    rekey::controller::run(ctx).await;
+                    return ExitCode::SUCCESS;
+                }
+                let cfg = rekey::leader::LeaderConfig {
+                    namespace: lease_namespace
+                        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                        .unwrap_or_else(|| "rekey-system".to_owned()),
+                    name: lease_name,
+                    identity: std::env::var("POD_NAME").unwrap_or_else(|_| format!("rekey-{}", std::process::id())),
+                    duration: lease_duration_seconds,
+                    grace: (lease_duration_seconds / 3).max(1),
+                };
+                let client = ctx.client.clone();
+                match rekey::leader::run_as_leader(client, cfg, rekey::controller::run(ctx)).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %e, "stopping");
+                        ExitCode::FAILURE
+                    }
+                }
             })
         }
     }

@@ -14,6 +14,9 @@ use rekey::api::Phase;
 use serde_json::json;
 use support::*;
 
+/// A killed leader's Lease expires in 2 s, so each restart acts soon.
+const FAST_LEASE: (&str, &str) = ("REKEY_LEASE_DURATION_SECONDS", "2");
+
 async fn converged(f: &Fixture, rotations: u32) -> anyhow::Result<String> {
     let o = wait_ikr(&f.ikrs, "app", "rotation complete", |o| {
         o.status.as_ref().is_some_and(|s| s.rotations == rotations && s.phase == Phase::Idle)
@@ -46,13 +49,13 @@ async fn setup(prefix: &str) -> anyhow::Result<Fixture> {
 #[tokio::test]
 async fn a_crash_right_after_create_access_key_leaves_an_orphan_that_recovery_deletes() -> anyhow::Result<()> {
     let f = setup("orphan").await?;
-    let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "after-create=return")]).await?;
+    let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "after-create=return"), FAST_LEASE]).await?;
     assert_eq!(op.exited(WAIT).await?, Some(137), "the failpoint ended the process");
     // The key exists in IAM, nobody has it, and status only has the write-ahead marker.
     assert_eq!(f.env.keys(&f.user).await?.len(), 1);
     let o = f.ikrs.get("app").await?;
     assert!(o.status.as_ref().and_then(|s| s.pending.as_ref()).is_some(), "pending marker committed");
-    let _op = Operator::start(&f.ns, &[]).await?;
+    let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
     let key = converged_bootstrap(&f).await?;
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns)
         .list(&Default::default())
@@ -73,7 +76,7 @@ async fn converged_bootstrap(f: &Fixture) -> anyhow::Result<String> {
 #[tokio::test]
 async fn killed_after_every_status_write_a_rotation_still_completes() -> anyhow::Result<()> {
     let f = setup("boundary").await?;
-    let _op = Operator::start(&f.ns, &[]).await?;
+    let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
     converged_bootstrap(&f).await?;
     drop(_op);
     f.ikrs
@@ -91,7 +94,7 @@ async fn killed_after_every_status_write_a_rotation_still_completes() -> anyhow:
         if o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle) {
             break;
         }
-        let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "after-status=return")]).await?;
+        let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "after-status=return"), FAST_LEASE]).await?;
         match op.exited(Duration::from_secs(30)).await {
             Ok(Some(137)) => kills += 1,
             // Quiet (waiting on a rollout or the soak): no status write to die at.
@@ -100,7 +103,7 @@ async fn killed_after_every_status_write_a_rotation_still_completes() -> anyhow:
     }
     eprintln!("operator killed after {kills} status writes");
     assert!(kills >= 6, "the operator died at {kills} phase boundaries");
-    let _op = Operator::start(&f.ns, &[]).await?;
+    let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
     converged(&f, 1).await?;
     Ok(())
 }

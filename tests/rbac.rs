@@ -53,6 +53,29 @@ async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &
                 }
                 Api::<ClusterRoleBinding>::all(env.kube.clone()).patch(name, &pp, &Patch::Apply(&b)).await?;
             }
+            Some("Role") => {
+                let mut role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(v)?;
+                role.metadata.name = Some(name.into());
+                for r in role.rules.iter_mut().flatten() {
+                    if let Some(names) = r.resource_names.as_mut() {
+                        *names = vec![name.to_owned()];
+                    }
+                }
+                Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(env.kube.clone(), NS)
+                    .patch(name, &pp, &Patch::Apply(&role))
+                    .await?;
+            }
+            Some("RoleBinding") => {
+                let mut b: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(v)?;
+                b.metadata.name = Some(name.into());
+                b.role_ref.name = name.into();
+                for s in b.subjects.iter_mut().flatten() {
+                    s.name = name.into();
+                }
+                Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(env.kube.clone(), NS)
+                    .patch(name, &pp, &Patch::Apply(&b))
+                    .await?;
+            }
             other => anyhow::bail!("unexpected object in deploy/rbac.yaml: {other:?}"),
         }
     }
@@ -82,7 +105,15 @@ async fn a_full_rotation_passes_with_exactly_the_shipped_rbac() -> anyhow::Resul
         .await?;
     f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "1s"}}))
         .await?;
-    let _op = Operator::start(&f.ns, &[("KUBECONFIG", kubeconfig.to_str().context("path")?)]).await?;
+    let _op = Operator::start(
+        &f.ns,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().context("path")?),
+            ("REKEY_LEASE_NAMESPACE", NS),
+            ("REKEY_LEASE_NAME", "rekey"),
+        ],
+    )
+    .await?;
     wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
     let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
     f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
@@ -103,7 +134,15 @@ async fn without_one_needed_rule_the_condition_names_the_forbidden_verb_and_reso
         .create(&PostParams::default(), &deployment("web", 1, "creds")?)
         .await?;
     f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}]})).await?;
-    let _op = Operator::start(&f.ns, &[("KUBECONFIG", kubeconfig.to_str().context("path")?)]).await?;
+    let _op = Operator::start(
+        &f.ns,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().context("path")?),
+            ("REKEY_LEASE_NAMESPACE", NS),
+            ("REKEY_LEASE_NAME", "rekey-no-patch-deployments"),
+        ],
+    )
+    .await?;
     let o = wait_ikr(&f.ikrs, "app", "Ready=False/Forbidden", |o| {
         condition(o, "Ready").is_some_and(|c| c.1 == "Forbidden")
     })
@@ -167,7 +206,7 @@ async fn the_deploy_manifests_are_hardened_and_accepted_by_the_apiserver() -> an
             }
         }
     }
-    for k in ["Deployment", "NetworkPolicy", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"] {
+    for k in ["Deployment", "NetworkPolicy", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role"] {
         assert!(kinds.iter().any(|x| x == k), "{k} shipped");
     }
     Ok(())

@@ -53,6 +53,10 @@ impl Operator {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey"));
         cmd.args(["run", "--cluster-name", CLUSTER, "--namespace", ns])
             .env("RUST_LOG", std::env::var("REKEY_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info".into()))
+            // One Lease per test namespace: operators of different tests never wait for each other.
+            .env("REKEY_LEASE_NAMESPACE", ns)
+            .env("REKEY_LEASE_NAME", "rekey")
+            .env("REKEY_LEASE_DURATION_SECONDS", "6")
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .kill_on_drop(true);
@@ -61,6 +65,10 @@ impl Operator {
         }
         let child = cmd.spawn().context("start the operator")?;
         Ok(Self { child, log })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// SIGKILL, as an OOM kill or a node loss would.
