@@ -21,7 +21,7 @@ async fn killing_the_leader_mid_rotation_hands_over_without_a_double_create() ->
         .await?;
     // This binary's only test: the proxy's counters are this test's calls.
     f.env.proxy_control("reset", json!({})).await?;
-    let mut ops = vec![f.operator().await?, f.operator().await?];
+    let mut ops = [f.operator().await?, f.operator().await?];
     wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
     let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
     f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
