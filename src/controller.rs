@@ -34,8 +34,8 @@ pub const IDLE_RESYNC: Duration = Duration::from_secs(600);
 /// Shared by every reconcile.
 pub struct Context<I: Iam> {
     pub client: kube::Client,
-    /// Watch only this namespace (None: all).
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (empty: all).
+    pub namespaces: Vec<String>,
     pub iam: I,
     pub cluster: String,
     pub region: String,
@@ -49,8 +49,9 @@ pub struct Context<I: Iam> {
     pub role_clients: tokio::sync::Mutex<std::collections::HashMap<(String, String), I>>,
     /// The IAM user the operator runs as (None: a role, or not yet known).
     pub whoami: tokio::sync::OnceCell<Option<String>>,
-    /// The controller's cache of resources, for counting rotations in flight.
-    pub store: std::sync::OnceLock<kube::runtime::reflector::Store<IamKeyRotation>>,
+    /// The controllers' caches of resources (one per watched namespace), for counting rotations
+    /// in flight.
+    pub stores: std::sync::Mutex<Vec<kube::runtime::reflector::Store<IamKeyRotation>>>,
 }
 
 impl<I: Iam> Context<I> {
@@ -62,9 +63,9 @@ impl<I: Iam> Context<I> {
             iam,
             cluster,
             region,
-            namespace: None,
+            namespaces: Vec::new(),
             max_concurrent_rotations: 10,
-            store: std::sync::OnceLock::new(),
+            stores: std::sync::Mutex::new(Vec::new()),
             whoami: tokio::sync::OnceCell::new(),
             allowed_role_arns: Vec::new(),
             role_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
@@ -75,23 +76,26 @@ impl<I: Iam> Context<I> {
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     let client = ctx.client.clone();
-    let resources: Api<IamKeyRotation> = match &ctx.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    // Cluster-wide, or one controller per watched namespace (namespaced RBAC: a Role in each).
+    let apis: Vec<Api<IamKeyRotation>> = if ctx.namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        ctx.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
     };
-    // No watch on Secrets: rekey may only get the Secrets a spec names (it cannot list them), so
-    // their changes are seen on the next reconcile (see IDLE_RESYNC).
-    let controller = Controller::new(resources, watcher::Config::default());
-    let _ = ctx.store.set(controller.store());
-    controller
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
+    let runs = apis.into_iter().map(|api| {
+        // No watch on Secrets: rekey may only get the Secrets a spec names (it cannot list them),
+        // so their changes are seen on the next reconcile (see IDLE_RESYNC).
+        let controller = Controller::new(api, watcher::Config::default());
+        if let Ok(mut stores) = ctx.stores.lock() {
+            stores.push(controller.store());
+        }
+        controller.shutdown_on_signal().run(reconcile, error_policy, ctx.clone()).for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "reconcile failed");
             }
         })
-        .await;
+    });
+    futures::future::join_all(runs).await;
 }
 
 fn error_policy<I: Iam>(obj: Arc<IamKeyRotation>, err: &Error, _ctx: Arc<Context<I>>) -> Action {
@@ -205,7 +209,7 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
                         })
                         .await?
                         .clone();
-                    crate::observe::iam(&ctx.client, &iam, me, &obj, &st, want_last_used).await
+                    crate::observe::iam(&ctx.client, &ctx.namespaces, &iam, me, &obj, &st, want_last_used).await
                 };
                 let (facts, other) = match gathered.await {
                     Ok(g) => g,
@@ -320,11 +324,11 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
 /// the cache: two resources deciding at the same instant may overshoot by one, which this limit
 /// (load smoothing, not a safety rule) tolerates.
 fn rotation_slot_free<I: Iam>(ctx: &Context<I>, obj: &IamKeyRotation) -> bool {
-    let Some(store) = ctx.store.get() else { return true };
+    let Ok(stores) = ctx.stores.lock() else { return true };
     let me = (obj.namespace(), obj.name_any());
-    let busy = store
-        .state()
+    let busy = stores
         .iter()
+        .flat_map(|s| s.state())
         .filter(|o| (o.namespace(), o.name_any()) != me)
         .filter(|o| o.status.as_ref().is_some_and(|s| s.phase != crate::api::Phase::Idle))
         .count();

@@ -52,9 +52,10 @@ enum Command {
         /// Seconds a leader's lock stays valid after its last renewal.
         #[arg(long, env = "REKEY_LEASE_DURATION_SECONDS", default_value_t = 15)]
         lease_duration_seconds: u64,
-        /// Watch only this namespace (default: every namespace).
-        #[arg(long, env = "REKEY_NAMESPACE")]
-        namespace: Option<String>,
+        /// Watch only these namespaces (comma-separated; default: every namespace). With a list,
+        /// the RBAC can be a Role per namespace (deploy/namespaced/).
+        #[arg(long = "namespace", env = "REKEY_NAMESPACES", value_delimiter = ',')]
+        namespaces: Vec<String>,
     },
     /// Print the IamKeyRotation CustomResourceDefinition as YAML (the source of crds/).
     Crd,
@@ -83,7 +84,7 @@ fn main() -> ExitCode {
             cluster_name,
             region,
             log_format,
-            namespace,
+            namespaces,
             aws_calls_per_second,
             max_concurrent_rotations,
             allowed_role_arns,
@@ -127,7 +128,7 @@ fn main() -> ExitCode {
                 };
                 let iam = rekey::iam::AwsIam::from_env(aws_calls_per_second).await;
                 let mut ctx = rekey::controller::Context::new(client, iam, cluster_name, region);
-                ctx.namespace = namespace;
+                ctx.namespaces = namespaces;
                 ctx.max_concurrent_rotations = max_concurrent_rotations.max(1);
                 ctx.allowed_role_arns = allowed_role_arns;
                 let ctx = Arc::new(ctx);

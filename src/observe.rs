@@ -62,6 +62,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
 /// cannot both start).
 pub async fn iam<I: Iam>(
     client: &kube::Client,
+    watched: &[String],
     iam: &I,
     operator_user: Option<String>,
     obj: &IamKeyRotation,
@@ -80,12 +81,23 @@ pub async fn iam<I: Iam>(
             IamState { user_exists: true, keys, tags, retiring_last_used, operator_user }
         }
     };
-    let all: Api<IamKeyRotation> = Api::all(client.clone());
     let me = (obj.creation_timestamp().map(|t| t.0), obj.namespace().unwrap_or_default(), obj.name_any());
+    // Cluster-wide when rekey may list there; with namespaced RBAC, across the watched namespaces
+    // (the description-tag claims still catch an owner outside them).
+    let all = match Api::<IamKeyRotation>::all(client.clone()).list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(e)) if e.code == 403 && !watched.is_empty() => {
+            let mut items = Vec::new();
+            for ns in watched {
+                items.extend(
+                    Api::<IamKeyRotation>::namespaced(client.clone(), ns).list(&ListParams::default()).await?.items,
+                );
+            }
+            items
+        }
+        Err(e) => return Err(e.into()),
+    };
     let older = all
-        .list(&ListParams::default())
-        .await?
-        .items
         .into_iter()
         .filter(|o| o.spec.user_name == *user && o.meta().deletion_timestamp.is_none())
         .map(|o| (o.creation_timestamp().map(|t| t.0), o.namespace().unwrap_or_default(), o.name_any()))

@@ -21,6 +21,17 @@ const NS: &str = "rekey-system";
 /// Applies deploy/rbac.yaml, optionally under other names and without one rule, and returns a
 /// kubeconfig file that authenticates as the ServiceAccount.
 async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &str)>) -> anyhow::Result<PathBuf> {
+    operator_identity_in(env, name, drop_rule, None).await
+}
+
+/// As [`operator_identity`]; with `namespaced`, no ClusterRole: deploy/namespaced/role.yaml in
+/// that namespace instead.
+async fn operator_identity_in(
+    env: &TestEnv,
+    name: &str,
+    drop_rule: Option<(&str, &str)>,
+    namespaced: Option<&str>,
+) -> anyhow::Result<PathBuf> {
     let pp = PatchParams::apply("rekey-tests").force();
     let nss: Api<Namespace> = Api::all(env.kube.clone());
     nss.patch(NS, &pp, &Patch::Apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})))
@@ -34,6 +45,7 @@ async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &
                 sa.metadata.name = Some(name.into());
                 Api::<ServiceAccount>::namespaced(env.kube.clone(), NS).patch(name, &pp, &Patch::Apply(&sa)).await?;
             }
+            Some("ClusterRole" | "ClusterRoleBinding") if namespaced.is_some() => {}
             Some("ClusterRole") => {
                 let mut role: ClusterRole = serde_json::from_value(v)?;
                 role.metadata.name = Some(name.into());
@@ -77,6 +89,27 @@ async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &
                     .await?;
             }
             other => anyhow::bail!("unexpected object in deploy/rbac.yaml: {other:?}"),
+        }
+    }
+    if let Some(ns) = namespaced {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/namespaced/role.yaml"))?
+            .replace("WATCHED-NAMESPACE", ns);
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_json::Value::deserialize(doc)?;
+            if v["kind"] == "Role" {
+                let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(v)?;
+                Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(env.kube.clone(), ns)
+                    .patch("rekey", &pp, &Patch::Apply(&role))
+                    .await?;
+            } else {
+                let mut b: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(v)?;
+                for s in b.subjects.iter_mut().flatten() {
+                    s.name = name.into();
+                }
+                Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(env.kube.clone(), ns)
+                    .patch("rekey", &pp, &Patch::Apply(&b))
+                    .await?;
+            }
         }
     }
     // Kubernetes 1.20 mints a token Secret for every ServiceAccount.
@@ -209,5 +242,35 @@ async fn the_deploy_manifests_are_hardened_and_accepted_by_the_apiserver() -> an
     for k in ["Deployment", "NetworkPolicy", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role"] {
         assert!(kinds.iter().any(|x| x == k), "{k} shipped");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn namespaced_mode_needs_no_cluster_role() -> anyhow::Result<()> {
+    let f = Fixture::new("nsrbac").await?;
+    let name = format!("rekey-{}", f.ns);
+    let kubeconfig = operator_identity_in(&f.env, &name, None, Some(&f.ns)).await?;
+    Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
+        .create(&PostParams::default(), &deployment("web", 1, "creds")?)
+        .await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "1s"}}))
+        .await?;
+    let _op = Operator::start(
+        &f.ns,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().context("path")?),
+            ("REKEY_LEASE_NAMESPACE", NS),
+            ("REKEY_LEASE_NAME", &name),
+        ],
+    )
+    .await?;
+    wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
+    let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
+    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    wait_ikr(&f.ikrs, "app", "rotated with namespaced RBAC", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
+    })
+    .await?;
+    assert_eq!(f.env.keys(&f.user).await?.len(), 1);
     Ok(())
 }
