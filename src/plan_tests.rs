@@ -562,3 +562,13 @@ fn only_writing_steps_are_withheld_by_dry_run() {
     assert!(!Step::Advance { to: Phase::Soaking }.writes());
     assert!(!Step::NeedIam.writes());
 }
+
+#[test]
+fn malformed_consent_values_are_no_consent() {
+    for bad in ["", " prod", "prod ", "PROD", "prod,dev", "prod/payments", "**"] {
+        let mut c = Case::new();
+        let tag = c.identity.consent_tag();
+        c.iam().tags.insert(tag, bad.into());
+        assert_eq!(stall_reason(&c.decide()), Some(StallReason::Forbidden), "{bad:?}");
+    }
+}
