@@ -43,6 +43,8 @@ pub struct Context<I: Iam> {
     /// At most this many rotations in flight at once (a backlog of overdue keys must not restart
     /// every workload of the cluster at the same moment).
     pub max_concurrent_rotations: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub health: Arc<crate::http::Health>,
     /// Role ARN patterns (`*` matches anything) a resource's spec.aws.roleArn must match.
     pub allowed_role_arns: Vec<String>,
     /// One client per (role, external id), so assumed credentials are reused until they expire.
@@ -68,6 +70,8 @@ impl<I: Iam> Context<I> {
             stores: std::sync::Mutex::new(Vec::new()),
             whoami: tokio::sync::OnceCell::new(),
             allowed_role_arns: Vec::new(),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            health: Arc::new(crate::http::Health::default()),
             role_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -82,20 +86,37 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     } else {
         ctx.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
     };
-    let runs = apis.into_iter().map(|api| {
-        // No watch on Secrets: rekey may only get the Secrets a spec names (it cannot list them),
-        // so their changes are seen on the next reconcile (see IDLE_RESYNC).
-        let controller = Controller::new(api, watcher::Config::default());
-        if let Ok(mut stores) = ctx.stores.lock() {
+    let mut stores = Vec::new();
+    let runs: Vec<_> = apis
+        .into_iter()
+        .map(|api| {
+            // No watch on Secrets: rekey may only get the Secrets a spec names (it cannot list them),
+            // so their changes are seen on the next reconcile (see IDLE_RESYNC).
+            let controller = Controller::new(api, watcher::Config::default());
             stores.push(controller.store());
-        }
-        controller.shutdown_on_signal().run(reconcile, error_policy, ctx.clone()).for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "reconcile failed");
+            if let Ok(mut all) = ctx.stores.lock() {
+                all.push(controller.store());
             }
+            controller.shutdown_on_signal().run(reconcile, error_policy, ctx.clone()).for_each(|res| async move {
+                if let Err(e) = res {
+                    warn!(error = %e, "reconcile failed");
+                }
+            })
         })
+        .collect();
+    // Ready once the CRD answered and the first list of every watched namespace is in the cache.
+    let health = ctx.health.clone();
+    let synced = tokio::spawn(async move {
+        for s in stores {
+            if s.wait_until_ready().await.is_err() {
+                return;
+            }
+        }
+        health.set(crate::http::Lifecycle::Running);
     });
     futures::future::join_all(runs).await;
+    synced.abort();
+    ctx.health.set(crate::http::Lifecycle::Dead);
 }
 
 fn error_policy<I: Iam>(obj: Arc<IamKeyRotation>, err: &Error, _ctx: Arc<Context<I>>) -> Action {
@@ -109,7 +130,9 @@ fn error_policy<I: Iam>(obj: Arc<IamKeyRotation>, err: &Error, _ctx: Arc<Context
 async fn reconcile<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let span = info_span!("reconcile", namespace = %ns, name = %obj.name_any());
-    async move {
+    let started = std::time::Instant::now();
+    let metrics = ctx.metrics.clone();
+    let result = async move {
         let api: Api<IamKeyRotation> = Api::namespaced(ctx.client.clone(), &ns);
         finalizer(&api, FINALIZER, obj, |event| async {
             match event {
@@ -127,7 +150,10 @@ async fn reconcile<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Re
         })
     }
     .instrument(span)
-    .await
+    .await;
+    metrics.reconcile_duration_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.last_reconcile_timestamp_seconds.set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+    result
 }
 
 fn identity<I: Iam>(obj: &IamKeyRotation, ctx: &Context<I>) -> Identity {
@@ -302,6 +328,10 @@ async fn fail<I: Iam>(
             warn!(error = %we, "could not record the failure in status");
         }
     }
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::CategoryLabels { category: e.category().to_owned() })
+        .inc();
     warn!(step = what, category = e.category(), error = %e, "step failed");
     Err(e)
 }
@@ -348,6 +378,7 @@ async fn report<I: Iam>(
 ) -> Result<Action, Error> {
     let verdict = Verdict::of(step);
     st.conditions = status::conditions(&st, &verdict, obj.metadata.generation, now);
+    record_metrics(ctx, obj, before, &st, step, now);
     // Warn once when a stall or degradation starts, not on every look.
     let was = |t: &str| before.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
     match &verdict {
@@ -373,6 +404,42 @@ async fn report<I: Iam>(
         Some(d) => Action::requeue(d.min(IDLE_RESYNC)),
         None => Action::requeue(IDLE_RESYNC),
     })
+}
+
+fn record_metrics<I: Iam>(
+    ctx: &Context<I>,
+    obj: &IamKeyRotation,
+    before: &IamKeyRotationStatus,
+    st: &IamKeyRotationStatus,
+    step: &Step,
+    now: Timestamp,
+) {
+    use crate::metrics::{PhaseLabels, ResourceLabels, ResultLabels};
+    let m = &ctx.metrics;
+    let (namespace, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let labels = ResourceLabels { namespace: namespace.clone(), name: name.clone(), user: obj.spec.user_name.clone() };
+    let secs = |t: Timestamp| t.as_millisecond() as f64 / 1000.0;
+    if let Some(created) = st.active_key.as_ref().and_then(|k| k.created_at.as_ref()) {
+        m.key_age_seconds.get_or_create(&labels).set(secs(now) - secs(created.0));
+    }
+    if let Some(next) = &st.next_rotation_time {
+        m.next_rotation_timestamp_seconds.get_or_create(&labels).set(secs(next.0));
+    }
+    if before.phase != st.phase
+        && let Some(since) = before.rotation.as_ref().map(|r| r.phase_since.0)
+    {
+        let phase = PhaseLabels { phase: before.phase.to_string() };
+        m.phase_duration_seconds.get_or_create(&phase).observe((secs(now) - secs(since)).max(0.0));
+    }
+    let result = match step {
+        _ if st.rotations > before.rotations => Some("completed"),
+        Step::Abandon { .. } => Some("abandoned"),
+        Step::Reactivate { .. } => Some("rolled_back"),
+        _ => None,
+    };
+    if let Some(result) = result {
+        m.rotations.get_or_create(&ResultLabels { namespace, name, result: result.to_owned() }).inc();
+    }
 }
 
 /// Deletion, by `deletionPolicy`. Works with an invalid spec, a missing user or withdrawn

@@ -60,13 +60,20 @@ pub struct AwsIam {
     iam_once: aws_sdk_iam::Client,
     /// One budget of calls per second for the whole operator, protecting the account's API quota.
     limiter: std::sync::Arc<Limiter>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl AwsIam {
     pub fn new(sdk: aws_config::SdkConfig, calls_per_second: std::num::NonZeroU32) -> Self {
         let once = aws_sdk_iam::config::Builder::from(&sdk).retry_config(RetryConfig::disabled()).build();
         let limiter = std::sync::Arc::new(Limiter::direct(governor::Quota::per_second(calls_per_second)));
-        Self { iam: aws_sdk_iam::Client::new(&sdk), iam_once: aws_sdk_iam::Client::from_conf(once), sdk, limiter }
+        Self {
+            iam: aws_sdk_iam::Client::new(&sdk),
+            iam_once: aws_sdk_iam::Client::from_conf(once),
+            sdk,
+            limiter,
+            metrics: None,
+        }
     }
 
     /// Standard retry (exponential backoff with jitter) for throttling and 5xx, 5 attempts.
@@ -78,8 +85,25 @@ impl AwsIam {
         Self::new(sdk, calls_per_second)
     }
 
-    async fn permit(&self) {
+    /// One AWS call: waits for the rate limiter, then counts the outcome.
+    async fn call<T>(&self, operation: &'static str, fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
         self.limiter.until_ready().await;
+        let result = fut.await;
+        if let Some(m) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(Error::Iam { code, .. }) => code.as_str(),
+                Err(_) => "error",
+            };
+            m.aws_call(operation, outcome);
+        }
+        result
+    }
+
+    /// Counts every call in these metrics.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -135,152 +159,178 @@ impl Iam for AwsIam {
             iam_once: aws_sdk_iam::Client::from_conf(once),
             sdk,
             limiter: self.limiter.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
     async fn user_tags(&self, user: &str) -> Result<Option<BTreeMap<String, String>>, Error> {
-        self.permit().await;
-        let mut tags = BTreeMap::new();
-        let mut marker = None;
-        loop {
-            let out = match self.iam.list_user_tags().user_name(user).set_marker(marker.clone()).send().await {
-                Ok(o) => o,
-                Err(e) if e.code() == Some("NoSuchEntity") => return Ok(None),
-                Err(e) => return Err(iam_error("ListUserTags", e)),
-            };
-            for t in out.tags() {
-                tags.insert(t.key().to_owned(), t.value().to_owned());
+        self.call("ListUserTags", async {
+            let mut tags = BTreeMap::new();
+            let mut marker = None;
+            loop {
+                let out = match self.iam.list_user_tags().user_name(user).set_marker(marker.clone()).send().await {
+                    Ok(o) => o,
+                    Err(e) if e.code() == Some("NoSuchEntity") => return Ok(None),
+                    Err(e) => return Err(iam_error("ListUserTags", e)),
+                };
+                for t in out.tags() {
+                    tags.insert(t.key().to_owned(), t.value().to_owned());
+                }
+                match (out.is_truncated(), out.marker()) {
+                    (true, Some(m)) => marker = Some(m.to_owned()),
+                    _ => return Ok(Some(tags)),
+                }
             }
-            match (out.is_truncated(), out.marker()) {
-                (true, Some(m)) => marker = Some(m.to_owned()),
-                _ => return Ok(Some(tags)),
-            }
-        }
+        })
+        .await
     }
 
     async fn list_keys(&self, user: &str) -> Result<Vec<IamKey>, Error> {
-        self.permit().await;
-        let out =
-            self.iam.list_access_keys().user_name(user).send().await.map_err(|e| iam_error("ListAccessKeys", e))?;
-        Ok(out
-            .access_key_metadata()
-            .iter()
-            .filter_map(|m| {
-                Some(IamKey {
-                    id: m.access_key_id()?.to_owned(),
-                    active: m.status() == Some(&StatusType::Active),
-                    created: ts(m.create_date()),
+        self.call("ListAccessKeys", async {
+            let out =
+                self.iam.list_access_keys().user_name(user).send().await.map_err(|e| iam_error("ListAccessKeys", e))?;
+            Ok(out
+                .access_key_metadata()
+                .iter()
+                .filter_map(|m| {
+                    Some(IamKey {
+                        id: m.access_key_id()?.to_owned(),
+                        active: m.status() == Some(&StatusType::Active),
+                        created: ts(m.create_date()),
+                    })
                 })
-            })
-            .collect())
+                .collect())
+        })
+        .await
     }
 
     async fn create_key(&self, user: &str) -> Result<(AccessKey, Timestamp), Error> {
-        self.permit().await;
-        let out = self
-            .iam_once
-            .create_access_key()
-            .user_name(user)
-            .send()
-            .await
-            .map_err(|e| iam_error("CreateAccessKey", e))?;
-        let k = out.access_key().ok_or_else(|| Error::Internal("CreateAccessKey returned no key".into()))?;
-        let key = AccessKey {
-            id: k.access_key_id().to_owned(),
-            secret: SecretString::from(k.secret_access_key().to_owned()),
-        };
-        Ok((key, ts(k.create_date())))
+        self.call("CreateAccessKey", async {
+            let out = self
+                .iam_once
+                .create_access_key()
+                .user_name(user)
+                .send()
+                .await
+                .map_err(|e| iam_error("CreateAccessKey", e))?;
+            let k = out.access_key().ok_or_else(|| Error::Internal("CreateAccessKey returned no key".into()))?;
+            let key = AccessKey {
+                id: k.access_key_id().to_owned(),
+                secret: SecretString::from(k.secret_access_key().to_owned()),
+            };
+            Ok((key, ts(k.create_date())))
+        })
+        .await
     }
 
     async fn set_key_active(&self, user: &str, key_id: &str, active: bool) -> Result<(), Error> {
-        self.permit().await;
-        let status = if active { StatusType::Active } else { StatusType::Inactive };
-        self.iam
-            .update_access_key()
-            .user_name(user)
-            .access_key_id(key_id)
-            .status(status)
-            .send()
-            .await
-            .map_err(|e| iam_error("UpdateAccessKey", e))?;
-        Ok(())
+        self.call("UpdateAccessKey", async {
+            let status = if active { StatusType::Active } else { StatusType::Inactive };
+            self.iam
+                .update_access_key()
+                .user_name(user)
+                .access_key_id(key_id)
+                .status(status)
+                .send()
+                .await
+                .map_err(|e| iam_error("UpdateAccessKey", e))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn delete_key(&self, user: &str, key_id: &str) -> Result<(), Error> {
-        self.permit().await;
-        match self.iam.delete_access_key().user_name(user).access_key_id(key_id).send().await {
-            Ok(_) => Ok(()),
-            // Already gone (a retried delete whose first answer was lost): the goal is reached.
-            Err(e) if e.code() == Some("NoSuchEntity") => Ok(()),
-            Err(e) => Err(iam_error("DeleteAccessKey", e)),
-        }
+        self.call("DeleteAccessKey", async {
+            match self.iam.delete_access_key().user_name(user).access_key_id(key_id).send().await {
+                Ok(_) => Ok(()),
+                // Already gone (a retried delete whose first answer was lost): the goal is reached.
+                Err(e) if e.code() == Some("NoSuchEntity") => Ok(()),
+                Err(e) => Err(iam_error("DeleteAccessKey", e)),
+            }
+        })
+        .await
     }
 
     async fn tag_user(&self, user: &str, key: &str, value: &str) -> Result<(), Error> {
-        self.permit().await;
-        let tag = aws_sdk_iam::types::Tag::builder()
-            .key(key)
-            .value(value)
-            .build()
-            .map_err(|_| Error::Internal("tag".into()))?;
-        self.iam.tag_user().user_name(user).tags(tag).send().await.map_err(|e| iam_error("TagUser", e))?;
-        Ok(())
+        self.call("TagUser", async {
+            let tag = aws_sdk_iam::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build()
+                .map_err(|_| Error::Internal("tag".into()))?;
+            self.iam.tag_user().user_name(user).tags(tag).send().await.map_err(|e| iam_error("TagUser", e))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn untag_user(&self, user: &str, key: &str) -> Result<(), Error> {
-        self.permit().await;
-        match self.iam.untag_user().user_name(user).tag_keys(key).send().await {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("NoSuchEntity") => Ok(()),
-            Err(e) => Err(iam_error("UntagUser", e)),
-        }
+        self.call("UntagUser", async {
+            match self.iam.untag_user().user_name(user).tag_keys(key).send().await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some("NoSuchEntity") => Ok(()),
+                Err(e) => Err(iam_error("UntagUser", e)),
+            }
+        })
+        .await
     }
 
     async fn last_used(&self, key_id: &str) -> Result<Option<Timestamp>, Error> {
-        self.permit().await;
-        let out = self
-            .iam
-            .get_access_key_last_used()
-            .access_key_id(key_id)
-            .send()
-            .await
-            .map_err(|e| iam_error("GetAccessKeyLastUsed", e))?;
-        Ok(out.access_key_last_used().and_then(|u| u.last_used_date()).map(|d| ts(Some(d))))
+        self.call("GetAccessKeyLastUsed", async {
+            let out = self
+                .iam
+                .get_access_key_last_used()
+                .access_key_id(key_id)
+                .send()
+                .await
+                .map_err(|e| iam_error("GetAccessKeyLastUsed", e))?;
+            Ok(out.access_key_last_used().and_then(|u| u.last_used_date()).map(|d| ts(Some(d))))
+        })
+        .await
     }
 
     async fn verify(&self, key: &AccessKey) -> Result<Verification, Error> {
-        self.permit().await;
-        let creds =
-            Credentials::new(key.id.clone(), key.secret.expose_secret().to_owned(), None, None, "rekey-new-key");
-        let conf = aws_sdk_sts::config::Builder::from(&self.sdk).credentials_provider(creds).build();
-        match aws_sdk_sts::Client::from_conf(conf).get_caller_identity().send().await {
-            Ok(out) => Ok(Verification::Authenticated(out.arn().unwrap_or_default().to_owned())),
-            Err(e) => match e.as_service_error() {
-                // Rejections of the key itself; throttling and 5xx are errors to retry.
-                Some(se)
-                    if matches!(
-                        se.code(),
-                        Some("InvalidClientTokenId" | "SignatureDoesNotMatch" | "AccessDenied" | "ExpiredToken")
-                    ) =>
-                {
-                    Ok(Verification::Rejected(se.code().unwrap_or_default().to_owned()))
-                }
-                _ => {
-                    let code = e.code().unwrap_or("Unknown").to_owned();
-                    Err(Error::Iam { operation: "GetCallerIdentity", code, message: "verification call failed".into() })
-                }
-            },
-        }
+        self.call("GetCallerIdentity", async {
+            let creds =
+                Credentials::new(key.id.clone(), key.secret.expose_secret().to_owned(), None, None, "rekey-new-key");
+            let conf = aws_sdk_sts::config::Builder::from(&self.sdk).credentials_provider(creds).build();
+            match aws_sdk_sts::Client::from_conf(conf).get_caller_identity().send().await {
+                Ok(out) => Ok(Verification::Authenticated(out.arn().unwrap_or_default().to_owned())),
+                Err(e) => match e.as_service_error() {
+                    // Rejections of the key itself; throttling and 5xx are errors to retry.
+                    Some(se)
+                        if matches!(
+                            se.code(),
+                            Some("InvalidClientTokenId" | "SignatureDoesNotMatch" | "AccessDenied" | "ExpiredToken")
+                        ) =>
+                    {
+                        Ok(Verification::Rejected(se.code().unwrap_or_default().to_owned()))
+                    }
+                    _ => {
+                        let code = e.code().unwrap_or("Unknown").to_owned();
+                        Err(Error::Iam {
+                            operation: "GetCallerIdentity",
+                            code,
+                            message: "verification call failed".into(),
+                        })
+                    }
+                },
+            }
+        })
+        .await
     }
 
     async fn whoami(&self) -> Result<String, Error> {
-        self.permit().await;
-        let out = aws_sdk_sts::Client::new(&self.sdk).get_caller_identity().send().await.map_err(|e| Error::Iam {
-            operation: "GetCallerIdentity",
-            code: e.code().unwrap_or("Unknown").to_owned(),
-            message: String::new(),
-        })?;
-        Ok(out.arn().unwrap_or_default().to_owned())
+        self.call("GetCallerIdentity", async {
+            let out =
+                aws_sdk_sts::Client::new(&self.sdk).get_caller_identity().send().await.map_err(|e| Error::Iam {
+                    operation: "GetCallerIdentity",
+                    code: e.code().unwrap_or("Unknown").to_owned(),
+                    message: String::new(),
+                })?;
+            Ok(out.arn().unwrap_or_default().to_owned())
+        })
+        .await
     }
 }
 

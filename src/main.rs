@@ -40,6 +40,9 @@ enum Command {
         /// Role ARN patterns (comma-separated, `*` wildcard) that spec.aws.roleArn may name; none by default.
         #[arg(long, env = "REKEY_ALLOWED_ROLE_ARNS", value_delimiter = ',')]
         allowed_role_arns: Vec<String>,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, env = "REKEY_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+        metrics_address: std::net::SocketAddr,
         /// Elect a leader on a Lease so that only one replica acts (default on).
         #[arg(long, env = "REKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
         leader_election: bool,
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             aws_calls_per_second,
             max_concurrent_rotations,
             allowed_role_arns,
+            metrics_address,
             leader_election,
             lease_namespace,
             lease_name,
@@ -126,17 +130,33 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let iam = rekey::iam::AwsIam::from_env(aws_calls_per_second).await;
+                let metrics = std::sync::Arc::new(rekey::metrics::Metrics::default());
+                let iam = rekey::iam::AwsIam::from_env(aws_calls_per_second).await.with_metrics(metrics.clone());
                 let mut ctx = rekey::controller::Context::new(client, iam, cluster_name, region);
+                ctx.metrics = metrics.clone();
+                let health = ctx.health.clone();
+                let server = rekey::http::serve(metrics_address, health.clone(), metrics);
+                let server = tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        tracing::error!(error = %e, "the metrics and health server stopped");
+                    }
+                });
+                // A dead metrics server means a blind operator: treat it as fatal, like the controller.
+                let server_died = async move {
+                    let _ = server.await;
+                };
                 ctx.namespaces = namespaces;
                 ctx.max_concurrent_rotations = max_concurrent_rotations.max(1);
                 ctx.allowed_role_arns = allowed_role_arns;
                 let ctx = Arc::new(ctx);
                 tracing::info!("rekey controller starting");
                 if !leader_election {
-                    rekey::controller::run(ctx).await;
-                    return ExitCode::SUCCESS;
+                    return tokio::select! {
+                        _ = rekey::controller::run(ctx) => ExitCode::SUCCESS,
+                        _ = server_died => ExitCode::FAILURE,
+                    };
                 }
+                health.set(rekey::http::Lifecycle::Standby);
                 let cfg = rekey::leader::LeaderConfig {
                     namespace: lease_namespace
                         .or_else(|| std::env::var("POD_NAMESPACE").ok())
@@ -147,12 +167,16 @@ fn main() -> ExitCode {
                     grace: (lease_duration_seconds / 3).max(1),
                 };
                 let client = ctx.client.clone();
-                match rekey::leader::run_as_leader(client, cfg, rekey::controller::run(ctx)).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %e, "stopping");
-                        ExitCode::FAILURE
-                    }
+                let led = rekey::leader::run_as_leader(client, cfg, rekey::controller::run(ctx));
+                tokio::select! {
+                    r = led => match r {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            tracing::error!(error = %e, "stopping");
+                            ExitCode::FAILURE
+                        }
+                    },
+                    _ = server_died => ExitCode::FAILURE,
                 }
             })
         }

@@ -165,6 +165,8 @@ async fn no_secret_reaches_logs_events_or_status_even_at_trace_level() -> anyhow
         .await?;
         secrets_seen(&f, &names, &mut seen).await?;
     }
+    let metrics = rekey_testenv::env::http_get(&op.http, "/metrics").await?;
+    assert!(metrics.contains("rekey_aws_calls_total"), "metrics scraped");
     op.kill().await?;
     assert!(seen.len() >= 3, "three keys' secrets collected: {}", seen.len());
 
@@ -179,7 +181,7 @@ async fn no_secret_reaches_logs_events_or_status_even_at_trace_level() -> anyhow
     let status = serde_json::to_string(&f.ikrs.get("app").await?)?;
     for secret in &seen {
         let b64 = serde_json::to_value(k8s_openapi::ByteString(secret.as_bytes().to_vec()))?;
-        for (place, text) in [("operator log", &log), ("Events", &events), ("status", &status)] {
+        for (place, text) in [("operator log", &log), ("Events", &events), ("status", &status), ("metrics", &metrics)] {
             assert!(!text.contains(secret.as_str()), "a secret access key appears in the {place}");
             assert!(!text.contains(b64.as_str().unwrap_or("-")), "a base64 secret access key appears in the {place}");
         }

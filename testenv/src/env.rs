@@ -159,6 +159,11 @@ where
     }
 }
 
+/// GET `path` from a loopback HTTP server; an error unless it answers 200.
+pub async fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+    http(base, "GET", path, "").await
+}
+
 /// A minimal HTTP/1.0 exchange with a loopback control endpoint.
 async fn http(base: &str, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
     let addr = base.trim_start_matches("http://").trim_end_matches('/');

@@ -44,13 +44,18 @@ pub async fn consenting_user(env: &TestEnv, prefix: &str, ns: &str) -> anyhow::R
 pub struct Operator {
     child: tokio::process::Child,
     pub log: PathBuf,
+    /// Base URL of its /metrics, /healthz and /readyz.
+    pub http: String,
 }
 
 impl Operator {
     pub async fn start(ns: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{ns}.log"));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        // A free loopback port for this process's metrics and health server.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey"));
+        cmd.env("REKEY_METRICS_ADDRESS", format!("127.0.0.1:{port}"));
         cmd.args(["run", "--cluster-name", CLUSTER, "--namespace", ns])
             .env("RUST_LOG", std::env::var("REKEY_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info".into()))
             // One Lease per test namespace: operators of different tests never wait for each other.
@@ -64,7 +69,7 @@ impl Operator {
             cmd.env(k, v);
         }
         let child = cmd.spawn().context("start the operator")?;
-        Ok(Self { child, log })
+        Ok(Self { child, log, http: format!("http://127.0.0.1:{port}") })
     }
 
     pub fn pid(&self) -> Option<u32> {

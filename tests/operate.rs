@@ -1,0 +1,41 @@
+//! What an operator of rekey meets: health endpoints tied to the controller, and metrics.
+
+mod support;
+
+use rekey::api::Phase;
+use rekey_testenv::env::{eventually, http_get};
+use serde_json::json;
+use support::*;
+
+#[tokio::test]
+async fn readiness_follows_the_cache_and_metrics_describe_the_rotation() -> anyhow::Result<()> {
+    let f = Fixture::new("metrics").await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "0s"}}))
+        .await?;
+    let op = f.operator().await?;
+    eventually("/readyz answers 200", WAIT, || async {
+        Ok(http_get(&op.http, "/readyz").await.map_err(|e| e.to_string()))
+    })
+    .await?;
+    assert_eq!(http_get(&op.http, "/healthz").await?, "ok");
+    wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
+    let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
+    f.ikrs.patch("app", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    wait_ikr(&f.ikrs, "app", "rotated", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let text = http_get(&op.http, "/metrics").await?;
+    let labels = format!("namespace=\"{}\",name=\"app\"", f.ns);
+    for want in [
+        format!("rekey_key_age_seconds{{{labels},user=\"{}\"}}", f.user),
+        format!("rekey_next_rotation_timestamp_seconds{{{labels},user=\"{}\"}}", f.user),
+        format!("rekey_rotations_total{{{labels},result=\"completed\"}} 1"),
+        "rekey_aws_calls_total{operation=\"CreateAccessKey\",outcome=\"ok\"} 2".to_owned(),
+        "rekey_phase_duration_seconds_count{phase=\"Soaking\"}".to_owned(),
+        "rekey_reconcile_duration_seconds_count".to_owned(),
+    ] {
+        assert!(text.contains(&want), "/metrics lacks {want}:\n{text}");
+    }
+    Ok(())
+}
