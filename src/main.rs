@@ -60,6 +60,34 @@ enum Command {
         #[arg(long = "namespace", env = "REKEY_NAMESPACES", value_delimiter = ',')]
         namespaces: Vec<String>,
     },
+    /// Show IamKeyRotations: user, active key and age, phase, next rotation, last failure.
+    Status {
+        /// Namespace (default: all namespaces).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        name: Option<String>,
+    },
+    /// Request an on-demand rotation (the rekey.dev/rotate annotation).
+    Rotate {
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        name: String,
+        /// The key leaked: retire it as soon as the Secrets hold the new one, no soak.
+        #[arg(long)]
+        emergency: bool,
+        /// Follow the rotation to its end; exit non-zero if it ends Degraded or Stalled.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// After a rollback or an uncovered consumer was fixed: retire the old key again.
+    Retire {
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        name: String,
+    },
     /// Print the IamKeyRotation CustomResourceDefinition as YAML (the source of crds/).
     Crd,
     /// Print the version.
@@ -69,6 +97,15 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { namespace, name } => cli_run(|client| async move {
+            rekey::cli::status(client, namespace.as_deref(), name.as_deref()).await.map(|t| print!("{t}"))
+        }),
+        Command::Rotate { namespace, name, emergency, wait, timeout } => cli_run(|client| async move {
+            rekey::cli::rotate(client, &namespace, &name, emergency, wait.then_some(timeout)).await
+        }),
+        Command::Retire { namespace, name } => {
+            cli_run(|client| async move { rekey::cli::retire(client, &namespace, &name).await })
+        }
         Command::Crd => match rekey::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -181,4 +218,35 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// Runs a client subcommand on a small runtime; its error goes to stderr with exit code 1.
+fn cli_run<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), rekey::cli::CliError>>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rekey: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("rekey: no Kubernetes client: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match f(client).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rekey: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

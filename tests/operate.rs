@@ -39,3 +39,38 @@ async fn readiness_follows_the_cache_and_metrics_describe_the_rotation() -> anyh
     }
     Ok(())
 }
+
+async fn rekey(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey")).args(args).output().await?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into()))
+}
+
+#[tokio::test]
+async fn the_cli_shows_status_follows_a_rotation_and_fails_when_it_degrades() -> anyhow::Result<()> {
+    let f = Fixture::new("cli").await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "0s"}}))
+        .await?;
+    let _op = f.operator().await?;
+    let o = wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
+    let key = active_key(&o).unwrap_or_default();
+    let (ok, out, _) = rekey(&["status", "-n", &f.ns]).await?;
+    assert!(ok && out.contains(&f.user) && out.contains(&key) && out.contains("Idle"), "{out}");
+
+    let (ok, out, err) = rekey(&["rotate", "-n", &f.ns, "app", "--wait", "--timeout", "2m"]).await?;
+    assert!(ok, "rotate --wait failed: {out}{err}");
+    assert!(out.contains("done in"), "{out}");
+    let (_, out, _) = rekey(&["status", "-n", &f.ns, "app"]).await?;
+    assert!(!out.contains(&key), "the old key is gone from the status: {out}");
+
+    // A foreign key fills the quota: the rotation ends Degraded and the CLI says so, non-zero.
+    f.env.create_key(&f.user).await?;
+    let (ok, out, err) = rekey(&["rotate", "-n", &f.ns, "app", "--wait", "--timeout", "2m"]).await?;
+    assert!(!ok, "{out}");
+    assert!(err.contains("Degraded/KeyQuotaExhausted"), "{err}");
+
+    let (ok, out, _) = rekey(&["retire", "-n", &f.ns, "app"]).await?;
+    assert!(ok && out.contains("rekey.dev/retire="), "{out}");
+    let o = f.ikrs.get("app").await?;
+    assert!(o.metadata.annotations.unwrap_or_default().contains_key("rekey.dev/retire"));
+    Ok(())
+}
