@@ -139,12 +139,10 @@ pub async fn rotate(
         }
         let requested =
             if emergency { st.last_emergency_request.as_deref() } else { st.last_rotate_request.as_deref() };
-        if requested == Some(value.as_str()) {
-            if st.rotations > rotations && st.phase == Phase::Idle {
-                let key = st.active_key.map(|k| k.access_key_id).unwrap_or_default();
-                println!("done in {}s: key {key} in use", started.elapsed().as_secs());
-                return Ok(());
-            }
+        if requested == Some(value.as_str()) && st.rotations > rotations && st.phase == Phase::Idle {
+            let key = st.active_key.map(|k| k.access_key_id).unwrap_or_default();
+            println!("done in {}s: key {key} in use", started.elapsed().as_secs());
+            return Ok(());
         }
         if started.elapsed() > timeout {
             return Err(CliError::Failed(format!("still {} after {}s", st.phase, timeout.as_secs())));
