@@ -129,24 +129,18 @@ async fn operator_identity_in(
     Ok(path)
 }
 
-#[tokio::test]
-async fn a_full_rotation_passes_with_exactly_the_shipped_rbac() -> anyhow::Result<()> {
-    let f = Fixture::new("rbac").await?;
-    let kubeconfig = operator_identity(&f.env, "rekey", None).await?;
+/// Bootstrap and one rotation of a Deployment's key, by an operator authenticated through
+/// `kubeconfig` and leading on Lease `lease` in rekey-system.
+async fn rotation_as(f: &Fixture, kubeconfig: &std::path::Path, lease: &str) -> anyhow::Result<()> {
     Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
         .create(&PostParams::default(), &deployment("web", 2, "creds")?)
         .await?;
     f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "1s"}}))
         .await?;
-    let _op = Operator::start(
-        &f.ns,
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().context("path")?),
-            ("REKEY_LEASE_NAMESPACE", NS),
-            ("REKEY_LEASE_NAME", "rekey"),
-        ],
-    )
-    .await?;
+    let path = kubeconfig.to_str().context("path")?;
+    let _op =
+        Operator::start(&f.ns, &[("KUBECONFIG", path), ("REKEY_LEASE_NAMESPACE", NS), ("REKEY_LEASE_NAME", lease)])
+            .await?;
     wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
     let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
     f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
@@ -157,6 +151,13 @@ async fn a_full_rotation_passes_with_exactly_the_shipped_rbac() -> anyhow::Resul
     let key = active_key(&o).context("key")?;
     assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), vec![key]);
     Ok(())
+}
+
+#[tokio::test]
+async fn a_full_rotation_passes_with_exactly_the_shipped_rbac() -> anyhow::Result<()> {
+    let f = Fixture::new("rbac").await?;
+    let kubeconfig = operator_identity(&f.env, "rekey", None).await?;
+    rotation_as(&f, &kubeconfig, "rekey").await
 }
 
 #[tokio::test]
@@ -250,27 +251,5 @@ async fn namespaced_mode_needs_no_cluster_role() -> anyhow::Result<()> {
     let f = Fixture::new("nsrbac").await?;
     let name = format!("rekey-{}", f.ns);
     let kubeconfig = operator_identity_in(&f.env, &name, None, Some(&f.ns)).await?;
-    Api::<Deployment>::namespaced(f.env.kube.clone(), &f.ns)
-        .create(&PostParams::default(), &deployment("web", 1, "creds")?)
-        .await?;
-    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "1s"}}))
-        .await?;
-    let _op = Operator::start(
-        &f.ns,
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().context("path")?),
-            ("REKEY_LEASE_NAMESPACE", NS),
-            ("REKEY_LEASE_NAME", &name),
-        ],
-    )
-    .await?;
-    wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
-    let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
-    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    wait_ikr(&f.ikrs, "app", "rotated with namespaced RBAC", |o| {
-        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
-    })
-    .await?;
-    assert_eq!(f.env.keys(&f.user).await?.len(), 1);
-    Ok(())
+    rotation_as(&f, &kubeconfig, &name).await
 }
