@@ -33,6 +33,8 @@ pub struct Outcome {
     pub events: Vec<(bool, String, String)>,
     /// Commit the status with a resourceVersion precondition (phase changes, the marker).
     pub precondition: bool,
+    /// Target Secrets a GitOps tool manages (reported as Degraded/GitOpsManagedSecret).
+    pub gitops_managed: Vec<(String, &'static str)>,
 }
 
 impl Outcome {

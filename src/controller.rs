@@ -297,7 +297,10 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
     };
     info!(step = step.name(), phase = %st.phase, "performing");
     match act::perform(&env, &mut st, &step).await {
-        Ok(out) => report(&ctx, &api, &obj, &before, st, &step, out, now).await,
+        Ok(mut out) => {
+            out.gitops_managed = observed.gitops_managed.clone();
+            report(&ctx, &api, &obj, &before, st, &step, out, now).await
+        }
         Err(e) => fail(&ctx, &api, &obj, &before, step.name(), e, now).await,
     }
 }
@@ -376,7 +379,19 @@ async fn report<I: Iam>(
     out: Outcome,
     now: Timestamp,
 ) -> Result<Action, Error> {
-    let verdict = Verdict::of(step);
+    let verdict = match Verdict::of(step) {
+        Verdict::Progressed | Verdict::Unchanged if !out.gitops_managed.is_empty() => {
+            let which: Vec<String> = out.gitops_managed.iter().map(|(s, tool)| format!("{s} ({tool})")).collect();
+            Verdict::Degraded(
+                plan::DegradeReason::GitOpsManagedSecret,
+                format!(
+                    "Secret {} is applied by a GitOps tool, whose next sync reverts the key rekey writes: keep the Secret out of Git, or make the tool ignore its data (Argo CD: ignoreDifferences on /data; Flux: remove it from the Kustomization)",
+                    which.join(", ")
+                ),
+            )
+        }
+        v => v,
+    };
     st.conditions = status::conditions(&st, &verdict, obj.metadata.generation, now);
     record_metrics(ctx, obj, before, &st, step, now);
     // Warn once when a stall or degradation starts, not on every look.

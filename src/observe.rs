@@ -36,8 +36,12 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut states = Vec::new();
+    let mut gitops_managed = Vec::new();
     for t in &obj.spec.secrets {
         let s = get_secret(&api, &t.name).await?;
+        if let Some(tool) = s.as_ref().and_then(secrets::gitops_tool) {
+            gitops_managed.push((t.name.clone(), tool));
+        }
         states.push((t.name.clone(), secrets::held(t, s.as_ref())));
     }
     let name = obj.name_any();
@@ -54,6 +58,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
         iam: None,
         workloads: None,
         other_resource: None,
+        gitops_managed,
     })
 }
 

@@ -93,6 +93,8 @@ pub struct Observed {
     pub workloads: Option<WorkloadsState>,
     /// Another, older resource of this cluster names the same user.
     pub other_resource: Option<String>,
+    /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
+    pub gitops_managed: Vec<(String, &'static str)>,
 }
 
 /// Who this resource is: the owner string of rule 7, and the consent it needs.

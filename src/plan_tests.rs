@@ -54,6 +54,7 @@ impl Case {
                 }),
                 workloads: Some(WorkloadsState::default()),
                 other_resource: None,
+                gitops_managed: Vec::new(),
             },
             identity,
         }

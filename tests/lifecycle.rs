@@ -339,3 +339,41 @@ async fn suspend_stops_every_write_until_lifted() -> anyhow::Result<()> {
     wait_ikr(&f.ikrs, "app", "bootstrapped after resume", |o| is_true(o, "Ready", "KeyInPlace")).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_secret_applied_by_argo_cd_is_still_written_but_reported() -> anyhow::Result<()> {
+    let f = Fixture::new("gitops").await?;
+    let key = f.env.create_key(&f.user).await?;
+    let mut s = key_secret("creds", &key)?;
+    s.metadata.annotations =
+        Some([("argocd.argoproj.io/tracking-id".to_owned(), "payments:/Secret:ns/creds".to_owned())].into());
+    f.secrets.create(&PostParams::default(), &s).await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "0s"}}))
+        .await?;
+    let _op = f.operator().await?;
+    let o = wait_ikr(&f.ikrs, "app", "Degraded/GitOpsManagedSecret", |o| is_true(o, "Degraded", "GitOpsManagedSecret"))
+        .await?;
+    assert!(is_true(&o, "Ready", "KeyInPlace"), "the Secret still works");
+    let msg =
+        o.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded")).map(|c| c.message.clone());
+    assert!(
+        msg.as_deref().is_some_and(|m| m.contains("creds (Argo CD)") && m.contains("ignoreDifferences")),
+        "{msg:?}"
+    );
+    // rekey still rotates it.
+    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&annotate("rekey.dev/rotate", "1"))).await?;
+    wait_ikr(&f.ikrs, "app", "rotated", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns)
+        .list(&Default::default())
+        .await?;
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("GitOpsManagedSecret") && e.type_.as_deref() == Some("Warning"))
+    );
+    Ok(())
+}
