@@ -127,6 +127,7 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("rekey_aws_calls_total{operation=\"CreateAccessKey\",outcome=\"ok\"} 1"), "{text}");
         assert!(text.contains("rekey_reconcile_errors_total{category=\"IamError\"} 1"), "{text}");
-        assert!(text.contains("# TYPE rekey_key_age_seconds gauge"), "{text}");
+        assert!(text.contains("# TYPE rekey_reconcile_duration_seconds histogram"), "{text}");
+        assert!(text.contains("# TYPE rekey_aws_throttles counter"), "{text}");
     }
 }
