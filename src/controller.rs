@@ -466,22 +466,21 @@ async fn cleanup<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Resu
     let st = obj.status.clone().unwrap_or_default();
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = identity(&obj, &ctx).owner();
-    // A new key that no target Secret holds yet: nobody has it, delete it under any policy.
-    let held: Vec<String> = {
-        let observed = crate::observe::basic(&ctx.client, &obj, Timestamp::now()).await;
-        observed
-            .map(|o| {
-                o.secrets
-                    .into_iter()
-                    .filter_map(|(_, s)| match s {
-                        plan::SecretState::Holds(id) => Some(id),
-                        _ => None,
-                    })
-                    .collect()
+    // A new key that no target Secret holds yet: nobody has it, delete it under any policy. If the
+    // Secrets cannot be read, nothing proves nobody has it: keep it (reported below).
+    let held: Option<Vec<String>> = crate::observe::basic(&ctx.client, &obj, Timestamp::now()).await.ok().map(|o| {
+        o.secrets
+            .into_iter()
+            .filter_map(|(_, s)| match s {
+                plan::SecretState::Holds(id) => Some(id),
+                _ => None,
             })
-            .unwrap_or_default()
-    };
+            .collect()
+    });
     let mut problems = Vec::new();
+    if held.is_none() {
+        problems.push("the target Secrets could not be read, so a new key was kept".to_owned());
+    }
     let keys = match ctx.iam.list_keys(&user).await {
         Ok(k) => k,
         Err(e) => {
@@ -500,7 +499,7 @@ async fn cleanup<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Resu
         .new_key
         .iter()
         .map(|k| k.access_key_id.clone())
-        .filter(|k| !held.contains(k) && keys.iter().any(|x| &x.id == k))
+        .filter(|k| held.as_ref().is_some_and(|h| !h.contains(k)) && keys.iter().any(|x| &x.id == k))
         .collect();
     let to_delete: Vec<String> = match obj.spec.deletion_policy {
         DeletionPolicy::Retain => unhanded,
