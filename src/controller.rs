@@ -114,8 +114,20 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
         }
         health.set(crate::http::Lifecycle::Running);
     });
+    // How many resources this replica manages, for the "not reconciling" alert: counted from the
+    // cache on a timer, so it stays true when nothing reconciles (which is what the alert is for).
+    let counter = ctx.clone();
+    let counting = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tick.tick().await;
+            let n = counter.stores.lock().map(|s| s.iter().map(|s| s.state().len()).sum::<usize>()).unwrap_or(0);
+            counter.metrics.managed_resources.set(n as i64);
+        }
+    });
     futures::future::join_all(runs).await;
     synced.abort();
+    counting.abort();
     ctx.health.set(crate::http::Lifecycle::Dead);
 }
 
@@ -429,7 +441,7 @@ fn record_metrics<I: Iam>(
     step: &Step,
     now: Timestamp,
 ) {
-    use crate::metrics::{PhaseLabels, ResourceLabels, ResultLabels};
+    use crate::metrics::{ConditionLabels, PhaseLabels, ResourceLabels, ResultLabels};
     let m = &ctx.metrics;
     let (namespace, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
     let labels = ResourceLabels { namespace: namespace.clone(), name: name.clone(), user: obj.spec.user_name.clone() };
@@ -439,6 +451,13 @@ fn record_metrics<I: Iam>(
     }
     if let Some(next) = &st.next_rotation_time {
         m.next_rotation_timestamp_seconds.get_or_create(&labels).set(secs(next.0));
+    }
+    if let Ok(valid) = crate::validate::validate(&obj.spec) {
+        m.max_key_age_seconds.get_or_create(&labels).set(valid.max_key_age.as_secs_f64());
+    }
+    for c in &st.conditions {
+        let labels = ConditionLabels { namespace: namespace.clone(), name: name.clone(), condition: c.type_.clone() };
+        m.condition.get_or_create(&labels).set(i64::from(c.status == "True"));
     }
     if before.phase != st.phase
         && let Some(since) = before.rotation.as_ref().map(|r| r.phase_since.0)
@@ -534,6 +553,7 @@ async fn cleanup<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Resu
         }
     );
     status::event(&ctx.recorder, &obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
+    ctx.metrics.forget(&ns, &name, &user);
     // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
     Ok(Action::await_change())
 }

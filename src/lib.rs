@@ -28,15 +28,25 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 }
 
 /// A point where tests built with `--features failpoints` can make the process die, as if killed
-/// at that instant (`FAILPOINTS=after-create=return`). Compiled out otherwise.
+/// at that instant (`FAILPOINTS=after-create=return`), or pause there for a number of milliseconds
+/// (`FAILPOINTS=before-deactivate=return(pause:3000)`, logged, so a test knows a step is in flight).
+/// Compiled out otherwise. Only in async code.
 #[macro_export]
 macro_rules! failpoint {
     ($name:literal) => {
         #[cfg(feature = "failpoints")]
         {
-            if fail::eval($name, |_| ()).is_some() {
-                tracing::error!(failpoint = $name, "failpoint hit: exiting as if killed");
-                std::process::exit(137);
+            if let Some(arg) = fail::eval($name, |arg| arg) {
+                match arg.as_deref().and_then(|a| a.strip_prefix("pause:")).and_then(|ms| ms.parse::<u64>().ok()) {
+                    Some(ms) => {
+                        tracing::warn!(failpoint = $name, ms, "failpoint hit: pausing");
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    }
+                    None => {
+                        tracing::error!(failpoint = $name, "failpoint hit: exiting as if killed");
+                        std::process::exit(137);
+                    }
+                }
             }
         }
     };

@@ -107,3 +107,29 @@ async fn killed_after_every_status_write_a_rotation_still_completes() -> anyhow:
     converged(&f, 1).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_lets_the_step_in_flight_finish_and_exits_cleanly() -> anyhow::Result<()> {
+    let f = setup("sigterm").await?;
+    let op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
+    let old = converged_bootstrap(&f).await?;
+    drop(op);
+    let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "before-deactivate=return(pause:3000)"), FAST_LEASE]).await?;
+    let rotate = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
+    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&rotate)).await?;
+    // The deactivation step has started (its fresh key listing is done) and is paused: terminate now.
+    op.logged("failpoint hit: pausing").await?;
+    op.terminate().await?;
+    assert_eq!(op.exited(WAIT).await?, Some(0), "a clean exit after the step, not a kill");
+    // The step finished: the old key is Inactive in IAM and the status says so.
+    assert_eq!(f.env.keys(&f.user).await?.get(&old).map(String::as_str), Some("Inactive"));
+    let o = f.ikrs.get("app").await?;
+    let retiring = o.status.as_ref().and_then(|s| s.retiring_key.as_ref()).context("retiring key")?;
+    assert_eq!(retiring.access_key_id, old);
+    assert!(retiring.deactivated_at.is_some(), "the status recorded the deactivation");
+    let log = std::fs::read_to_string(&op.log)?;
+    assert!(!log.contains("failpoint hit: exiting"), "{log}");
+    let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
+    converged(&f, 1).await?;
+    Ok(())
+}

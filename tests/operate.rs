@@ -37,7 +37,32 @@ async fn readiness_follows_the_cache_and_metrics_describe_the_rotation() -> anyh
     ] {
         assert!(text.contains(&want), "/metrics lacks {want}:\n{text}");
     }
+    // Every metric the shipped alerts and dashboard use is one rekey exports.
+    let named = monitoring_metric_names()?;
+    assert!(named.len() >= 8, "{named:?}");
+    for name in &named {
+        let family = ["_total", "_bucket", "_sum", "_count"].iter().fold(name.as_str(), |n, s| n.trim_end_matches(s));
+        let exported = text.lines().any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            || text.contains(&format!("# TYPE {family} "));
+        assert!(exported, "deploy/monitoring/ uses {name}, which /metrics does not export:\n{text}");
+    }
     Ok(())
+}
+
+/// The `rekey_*` names in the PrometheusRule and the Grafana dashboard.
+fn monitoring_metric_names() -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["prometheusrule.yaml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(format!("{}/deploy/monitoring/{file}", env!("CARGO_MANIFEST_DIR")))?;
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("rekey_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+            names.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    Ok(names)
 }
 
 async fn rekey(args: &[&str]) -> anyhow::Result<(bool, String, String)> {

@@ -1,4 +1,4 @@
-//! The operator runs with exactly the RBAC of deploy/rbac.yaml, authenticated as its
+//! The operator runs with exactly the RBAC that `kubectl kustomize deploy/<mode>` renders, authenticated as its
 //! ServiceAccount against the RBAC-enabled apiserver; without one of its rules it says which.
 
 mod support;
@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rekey::api::Phase;
 use rekey_testenv::env::{TestEnv, eventually};
@@ -18,99 +17,55 @@ use support::*;
 
 const NS: &str = "rekey-system";
 
-/// Applies deploy/rbac.yaml, optionally under other names and without one rule, and returns a
-/// kubeconfig file that authenticates as the ServiceAccount.
+/// Applies the RBAC objects of the cluster-wide kustomize overlay, under other names (tests run side
+/// by side) and optionally without one rule, and returns a kubeconfig file that authenticates as the
+/// ServiceAccount.
 async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &str)>) -> anyhow::Result<PathBuf> {
     operator_identity_in(env, name, drop_rule, None).await
 }
 
-/// As [`operator_identity`]; with `namespaced`, no ClusterRole: deploy/namespaced/role.yaml in
-/// that namespace instead.
+/// As [`operator_identity`]; with `namespaced`, the namespaced overlay with that namespace in the
+/// place marked for the watched namespace.
 async fn operator_identity_in(
     env: &TestEnv,
     name: &str,
     drop_rule: Option<(&str, &str)>,
     namespaced: Option<&str>,
 ) -> anyhow::Result<PathBuf> {
-    let pp = PatchParams::apply("rekey-tests").force();
-    let nss: Api<Namespace> = Api::all(env.kube.clone());
-    nss.patch(NS, &pp, &Patch::Apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})))
-        .await?;
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rbac.yaml"))?;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_json::Value::deserialize(doc)?;
-        match v["kind"].as_str() {
-            Some("ServiceAccount") => {
-                let mut sa: ServiceAccount = serde_json::from_value(v)?;
-                sa.metadata.name = Some(name.into());
-                Api::<ServiceAccount>::namespaced(env.kube.clone(), NS).patch(name, &pp, &Patch::Apply(&sa)).await?;
-            }
-            Some("ClusterRole" | "ClusterRoleBinding") if namespaced.is_some() => {}
-            Some("ClusterRole") => {
-                let mut role: ClusterRole = serde_json::from_value(v)?;
-                role.metadata.name = Some(name.into());
-                if let (Some((resource, verb)), Some(rules)) = (drop_rule, role.rules.as_mut()) {
-                    for r in rules.iter_mut().filter(|r| r.resources.iter().flatten().any(|x| x == resource)) {
-                        r.verbs.retain(|v| v != verb);
-                    }
-                }
-                Api::<ClusterRole>::all(env.kube.clone()).patch(name, &pp, &Patch::Apply(&role)).await?;
-            }
-            Some("ClusterRoleBinding") => {
-                let mut b: ClusterRoleBinding = serde_json::from_value(v)?;
-                b.metadata.name = Some(name.into());
-                b.role_ref.name = name.into();
-                for s in b.subjects.iter_mut().flatten() {
-                    s.name = name.into();
-                }
-                Api::<ClusterRoleBinding>::all(env.kube.clone()).patch(name, &pp, &Patch::Apply(&b)).await?;
-            }
-            Some("Role") => {
-                let mut role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(v)?;
-                role.metadata.name = Some(name.into());
-                for r in role.rules.iter_mut().flatten() {
-                    if let Some(names) = r.resource_names.as_mut() {
-                        *names = vec![name.to_owned()];
-                    }
-                }
-                Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(env.kube.clone(), NS)
-                    .patch(name, &pp, &Patch::Apply(&role))
-                    .await?;
-            }
-            Some("RoleBinding") => {
-                let mut b: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(v)?;
-                b.metadata.name = Some(name.into());
-                b.role_ref.name = name.into();
-                for s in b.subjects.iter_mut().flatten() {
-                    s.name = name.into();
-                }
-                Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(env.kube.clone(), NS)
-                    .patch(name, &pp, &Patch::Apply(&b))
-                    .await?;
-            }
-            other => anyhow::bail!("unexpected object in deploy/rbac.yaml: {other:?}"),
+    let objects = match namespaced {
+        None => kustomize("cluster-wide")?,
+        Some(ns) => watching(kustomize("namespaced")?, ns)?,
+    };
+    for mut v in objects {
+        let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+        if !["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"].contains(&kind.as_str()) {
+            continue;
         }
-    }
-    if let Some(ns) = namespaced {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/namespaced/role.yaml"))?
-            .replace("WATCHED-NAMESPACE", ns);
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_json::Value::deserialize(doc)?;
-            if v["kind"] == "Role" {
-                let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(v)?;
-                Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(env.kube.clone(), ns)
-                    .patch("rekey", &pp, &Patch::Apply(&role))
-                    .await?;
-            } else {
-                let mut b: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(v)?;
-                for s in b.subjects.iter_mut().flatten() {
-                    s.name = name.into();
-                }
-                Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(env.kube.clone(), ns)
-                    .patch("rekey", &pp, &Patch::Apply(&b))
-                    .await?;
+        // The objects in the operator's namespace, and the cluster-wide ones, get this test's name;
+        // a watched namespace's Role is per namespace already.
+        let watched = namespaced.is_some_and(|ns| v["metadata"]["namespace"] == ns) || kind == "Namespace";
+        if !watched {
+            v["metadata"]["name"] = json!(name);
+            if v.get("roleRef").is_some() {
+                v["roleRef"]["name"] = json!(name);
             }
         }
+        for s in v["subjects"].as_array_mut().into_iter().flatten() {
+            s["name"] = json!(name);
+        }
+        for r in v["rules"].as_array_mut().into_iter().flatten() {
+            if let Some(names) = r.get_mut("resourceNames") {
+                *names = json!([name]);
+            }
+            if let Some((resource, verb)) = drop_rule
+                && kind == "ClusterRole"
+                && r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == resource))
+                && let Some(verbs) = r["verbs"].as_array_mut()
+            {
+                verbs.retain(|v| v != verb);
+            }
+        }
+        apply_manifest(&env.kube, &v, false).await?;
     }
     // Kubernetes 1.20 mints a token Secret for every ServiceAccount.
     let sas: Api<ServiceAccount> = Api::namespaced(env.kube.clone(), NS);
@@ -195,53 +150,67 @@ async fn without_one_needed_rule_the_condition_names_the_forbidden_verb_and_reso
     Ok(())
 }
 
+/// The namespaced overlay with `ns` where it marks the watched namespace (what a user edits).
+fn watching(objects: Vec<serde_json::Value>, ns: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let text = serde_json::to_string(&objects)?;
+    anyhow::ensure!(text.contains("team-a"), "the namespaced overlay marks its watched namespace as team-a");
+    Ok(serde_json::from_str(&text.replace("team-a", ns))?)
+}
+
 #[tokio::test]
-async fn the_deploy_manifests_are_hardened_and_accepted_by_the_apiserver() -> anyhow::Result<()> {
-    use kube::api::{DynamicObject, GroupVersionKind};
-    use kube::discovery::ApiResource;
+async fn every_kustomize_overlay_renders_is_hardened_and_accepted_by_the_apiserver() -> anyhow::Result<()> {
     let env = TestEnv::get().await?;
-    let mut kinds = Vec::new();
-    for file in ["deploy/operator.yaml", "deploy/rbac.yaml"] {
-        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR")))?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_json::Value::deserialize(doc)?;
-            let obj: DynamicObject = serde_json::from_value(v.clone())?;
-            let types = obj.types.clone().context("apiVersion/kind")?;
-            let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
-            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
-            let plural = format!("{}s", types.kind.to_lowercase()).replace("policys", "policies");
-            let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
-            let name = obj.metadata.name.clone().context("name")?;
-            let api: Api<DynamicObject> = match &obj.metadata.namespace {
-                Some(ns) => Api::namespaced_with(env.kube.clone(), ns, &ar),
-                None => Api::all_with(env.kube.clone(), &ar),
-            };
-            if types.kind == "Namespace" {
-                api.patch(&name, &PatchParams::apply("rekey-tests"), &Patch::Apply(&v)).await?;
-            } else {
-                api.patch(&name, &PatchParams::apply("rekey-tests").dry_run(), &Patch::Apply(&v))
-                    .await
-                    .with_context(|| format!("{file}: {} {name} rejected", types.kind))?;
-            }
-            kinds.push(types.kind.clone());
-            if types.kind == "Deployment" {
+    let watched = env.namespace("kustomize").await?;
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_rekey")).args(["run", "--help"]).output()?;
+    let help = String::from_utf8(help.stdout)?;
+    for overlay in ["", "cluster-wide", "namespaced"] {
+        let objects = watching(kustomize(overlay)?, &watched).or_else(|_| kustomize(overlay))?;
+        let mut kinds = Vec::new();
+        for v in &objects {
+            let kind = v["kind"].as_str().context("kind")?.to_owned();
+            // The namespace is created for real, so the objects in it can be checked.
+            apply_manifest(&env.kube, v, kind != "Namespace").await.with_context(|| format!("deploy/{overlay}"))?;
+            if kind == "Deployment" {
                 let pod = &v["spec"]["template"]["spec"];
                 assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
                 assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
-                let c = &pod["containers"][0]["securityContext"];
-                assert_eq!(c["readOnlyRootFilesystem"], true);
-                assert_eq!(c["allowPrivilegeEscalation"], false);
-                assert_eq!(c["capabilities"]["drop"], json!(["ALL"]));
+                let c = &pod["containers"][0];
+                assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+                assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+                assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+                assert_eq!(c["image"], "registry.example.com/rekey:0.1.0", "the image is set in deploy/settings/");
+                assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+                assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+                // Every variable the manifests set is one `rekey run` reads (a typo would be ignored).
+                for e in c["env"].as_array().context("env")? {
+                    let name = e["name"].as_str().context("env name")?;
+                    let known = help.contains(&format!("[env: {name}=")) || ["POD_NAME", "POD_NAMESPACE"].contains(&name);
+                    assert!(known, "deploy/{overlay}: {name} is not a setting of `rekey run`");
+                }
+                let cluster = c["env"].as_array().into_iter().flatten().find(|e| e["name"] == "REKEY_CLUSTER_NAME");
+                assert_ne!(cluster.map(|e| &e["value"]), Some(&json!("CHANGE-ME")), "settings override the base");
             }
-            if types.kind == "ClusterRole" {
+            if kind == "ServiceAccount" {
+                assert!(v["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].is_string(), "the IRSA place");
+            }
+            if kind == "ClusterRole" || kind == "Role" {
                 let text = v.to_string();
                 assert!(!text.contains("\"*\""), "no wildcard verbs or resources");
                 assert!(!text.contains("customresourcedefinitions"), "the operator never writes CRDs");
+                for r in v["rules"].as_array().into_iter().flatten() {
+                    if r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == "secrets")) {
+                        let verbs = r["verbs"].to_string();
+                        assert!(!verbs.contains("list") && !verbs.contains("watch"), "rekey cannot enumerate Secrets");
+                    }
+                }
             }
+            kinds.push(kind);
         }
-    }
-    for k in ["Deployment", "NetworkPolicy", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role"] {
-        assert!(kinds.iter().any(|x| x == k), "{k} shipped");
+        for k in ["Namespace", "Deployment", "Service", "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding"] {
+            assert!(kinds.iter().any(|x| x == k), "deploy/{overlay} ships a {k}");
+        }
+        let cluster_role = kinds.iter().any(|x| x == "ClusterRole");
+        assert_eq!(cluster_role, overlay != "namespaced", "deploy/{overlay}: a ClusterRole only in cluster-wide mode");
     }
     Ok(())
 }

@@ -32,6 +32,39 @@ pub async fn ensure_crd(env: &TestEnv) -> anyhow::Result<()> {
     .await
 }
 
+/// `kubectl kustomize deploy/<dir>`: the objects a user installs, as JSON.
+pub fn kustomize(dir: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    use serde::Deserialize as _;
+    let path = format!("{}/deploy/{dir}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("kubectl").args(["kustomize", &path]).output().context("kubectl")?;
+    anyhow::ensure!(out.status.success(), "kubectl kustomize {path}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Ok(serde_json::Value::deserialize(doc)?))
+        .collect()
+}
+
+/// Server-side applies one manifest of any kind (`dry_run`: validated and admitted, not stored).
+pub async fn apply_manifest(kube: &kube::Client, v: &serde_json::Value, dry_run: bool) -> anyhow::Result<()> {
+    use kube::api::{DynamicObject, GroupVersionKind};
+    use kube::discovery::ApiResource;
+    let obj: DynamicObject = serde_json::from_value(v.clone())?;
+    let types = obj.types.clone().context("apiVersion/kind")?;
+    let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
+    let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+    let plural = format!("{}s", types.kind.to_lowercase()).replace("policys", "policies");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+    let name = obj.metadata.name.clone().context("name")?;
+    let api: Api<DynamicObject> = match &obj.metadata.namespace {
+        Some(ns) => Api::namespaced_with(kube.clone(), ns, &ar),
+        None => Api::all_with(kube.clone(), &ar),
+    };
+    let mut pp = PatchParams::apply("rekey-tests").force();
+    pp.dry_run = dry_run;
+    api.patch(&name, &pp, &Patch::Apply(v)).await.with_context(|| format!("{} {name} rejected", types.kind))?;
+    Ok(())
+}
+
 /// A user consenting to namespace `ns` of the test cluster.
 pub async fn consenting_user(env: &TestEnv, prefix: &str, ns: &str) -> anyhow::Result<String> {
     let user = env.create_user(prefix).await?;
@@ -81,6 +114,23 @@ impl Operator {
         self.child.start_kill()?;
         self.child.wait().await?;
         Ok(())
+    }
+
+    /// SIGTERM, as the kubelet sends when the pod is deleted or rolled.
+    pub async fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.pid().context("already exited")?;
+        let ok = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?.success();
+        anyhow::ensure!(ok, "kill -TERM {pid}");
+        Ok(())
+    }
+
+    /// Waits until the operator's log contains `needle`.
+    pub async fn logged(&self, needle: &str) -> anyhow::Result<()> {
+        eventually(&format!("operator log shows {needle:?}"), WAIT, || async {
+            let text = std::fs::read_to_string(&self.log)?;
+            Ok(if text.contains(needle) { Ok(()) } else { Err("not yet".to_owned()) })
+        })
+        .await
     }
 
     /// Waits for the process to exit (a failpoint ends it), returning its exit code.
