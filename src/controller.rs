@@ -288,7 +288,10 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
     if step.writes() && (obj.spec.suspend || obj.spec.dry_run) {
         let what = if obj.spec.suspend { "suspended" } else { "dry run" };
         let note = format!("{what}: next step would be {} ({step:?})", step.name());
-        let mut out = Outcome { requeue: Some(Duration::from_secs(60)), ..Default::default() };
+        // A suspended resource is looked at again when its spec changes (the watch) or at the idle
+        // resync, not polled: thousands of suspended resources must cost no AWS calls.
+        let requeue = if obj.spec.suspend { IDLE_RESYNC } else { Duration::from_secs(60) };
+        let mut out = Outcome { requeue: Some(requeue), ..Default::default() };
         if st.planned_step.as_deref() != Some(step.name()) {
             out.events.push((false, if obj.spec.suspend { "Suspended" } else { "DryRun" }.into(), note));
         }

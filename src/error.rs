@@ -30,6 +30,19 @@ impl From<kube::Error> for Error {
 
 impl Error {
     /// Bounded: an Event reason and a metric label.
+    /// Every value [`Error::category`] returns (metrics export each from the start, at 0).
+    pub const CATEGORIES: [&'static str; 9] = [
+        "KubeForbidden",
+        "KubeError",
+        "SecretWriteFailed",
+        "IamAccessDenied",
+        "IamThrottled",
+        "IamError",
+        "Conflict",
+        "SafetyCheckFailed",
+        "Internal",
+    ];
+
     pub fn category(&self) -> &'static str {
         match self {
             Error::Kube(kube::Error::Api(s)) if s.code == 403 => "KubeForbidden",

@@ -121,6 +121,10 @@ impl Default for Metrics {
             "IamKeyRotations in this replica's cache (0 on a standby)",
             m.managed_resources.clone(),
         );
+        // Errors by category from 0, so rate() and alerts see a series before the first error.
+        for category in crate::error::Error::CATEGORIES {
+            m.reconcile_errors.get_or_create(&CategoryLabels { category: category.into() });
+        }
         Self { registry, ..m }
     }
 }
@@ -150,7 +154,11 @@ impl Metrics {
             });
         }
         for result in ["completed", "abandoned", "rolled_back"] {
-            self.rotations.remove(&ResultLabels { namespace: namespace.into(), name: name.into(), result: result.into() });
+            self.rotations.remove(&ResultLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                result: result.into(),
+            });
         }
     }
 
@@ -174,6 +182,7 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("rekey_aws_calls_total{operation=\"CreateAccessKey\",outcome=\"ok\"} 1"), "{text}");
         assert!(text.contains("rekey_reconcile_errors_total{category=\"IamError\"} 1"), "{text}");
+        assert!(text.contains("rekey_reconcile_errors_total{category=\"Conflict\"} 0"), "{text}");
         assert!(text.contains("# TYPE rekey_reconcile_duration_seconds histogram"), "{text}");
         assert!(text.contains("# TYPE rekey_aws_throttles counter"), "{text}");
     }

@@ -127,7 +127,7 @@ async fn sigterm_lets_the_step_in_flight_finish_and_exits_cleanly() -> anyhow::R
     let retiring = o.status.as_ref().and_then(|s| s.retiring_key.as_ref()).context("retiring key")?;
     assert_eq!(retiring.access_key_id, old);
     assert!(retiring.deactivated_at.is_some(), "the status recorded the deactivation");
-    let log = std::fs::read_to_string(&op.log)?;
+    let log = op.output()?;
     assert!(!log.contains("failpoint hit: exiting"), "{log}");
     let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
     converged(&f, 1).await?;

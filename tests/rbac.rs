@@ -3,86 +3,15 @@
 
 mod support;
 
-use std::path::PathBuf;
-
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rekey::api::Phase;
-use rekey_testenv::env::{TestEnv, eventually};
-use serde::Deserialize as _;
+use rekey_testenv::env::TestEnv;
 use serde_json::json;
 use support::*;
 
-const NS: &str = "rekey-system";
-
-/// Applies the RBAC objects of the cluster-wide kustomize overlay, under other names (tests run side
-/// by side) and optionally without one rule, and returns a kubeconfig file that authenticates as the
-/// ServiceAccount.
-async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &str)>) -> anyhow::Result<PathBuf> {
-    operator_identity_in(env, name, drop_rule, None).await
-}
-
-/// As [`operator_identity`]; with `namespaced`, the namespaced overlay with that namespace in the
-/// place marked for the watched namespace.
-async fn operator_identity_in(
-    env: &TestEnv,
-    name: &str,
-    drop_rule: Option<(&str, &str)>,
-    namespaced: Option<&str>,
-) -> anyhow::Result<PathBuf> {
-    let objects = match namespaced {
-        None => kustomize("cluster-wide")?,
-        Some(ns) => watching(kustomize("namespaced")?, ns)?,
-    };
-    for mut v in objects {
-        let kind = v["kind"].as_str().unwrap_or_default().to_owned();
-        if !["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"].contains(&kind.as_str()) {
-            continue;
-        }
-        // The objects in the operator's namespace, and the cluster-wide ones, get this test's name;
-        // a watched namespace's Role is per namespace already.
-        let watched = namespaced.is_some_and(|ns| v["metadata"]["namespace"] == ns) || kind == "Namespace";
-        if !watched {
-            v["metadata"]["name"] = json!(name);
-            if v.get("roleRef").is_some() {
-                v["roleRef"]["name"] = json!(name);
-            }
-        }
-        for s in v["subjects"].as_array_mut().into_iter().flatten() {
-            s["name"] = json!(name);
-        }
-        for r in v["rules"].as_array_mut().into_iter().flatten() {
-            if let Some(names) = r.get_mut("resourceNames") {
-                *names = json!([name]);
-            }
-            if let Some((resource, verb)) = drop_rule
-                && kind == "ClusterRole"
-                && r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == resource))
-                && let Some(verbs) = r["verbs"].as_array_mut()
-            {
-                verbs.retain(|v| v != verb);
-            }
-        }
-        apply_manifest(&env.kube, &v, false).await?;
-    }
-    // Kubernetes 1.20 mints a token Secret for every ServiceAccount.
-    let sas: Api<ServiceAccount> = Api::namespaced(env.kube.clone(), NS);
-    let secret_name = eventually("ServiceAccount token", WAIT, || async {
-        let sa = sas.get(name).await?;
-        Ok(sa.secrets.and_then(|s| s.into_iter().next()).and_then(|r| r.name).ok_or_else(|| "no token yet".to_owned()))
-    })
-    .await?;
-    let token_secret: Secret = Api::<Secret>::namespaced(env.kube.clone(), NS).get(&secret_name).await?;
-    let token = token_secret.data.and_then(|d| d.get("token").cloned()).context("token")?;
-    let mut kubeconfig: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").context("KUBECONFIG")?)?)?;
-    kubeconfig["users"][0]["user"] = serde_yaml::to_value(json!({"token": String::from_utf8(token.0)?}))?;
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubeconfig-{name}"));
-    std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
-    Ok(path)
-}
+const NS: &str = OPERATOR_NS;
 
 /// Bootstrap and one rotation of a Deployment's key, by an operator authenticated through
 /// `kubeconfig` and leading on Lease `lease` in rekey-system.
@@ -150,13 +79,6 @@ async fn without_one_needed_rule_the_condition_names_the_forbidden_verb_and_reso
     Ok(())
 }
 
-/// The namespaced overlay with `ns` where it marks the watched namespace (what a user edits).
-fn watching(objects: Vec<serde_json::Value>, ns: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let text = serde_json::to_string(&objects)?;
-    anyhow::ensure!(text.contains("team-a"), "the namespaced overlay marks its watched namespace as team-a");
-    Ok(serde_json::from_str(&text.replace("team-a", ns))?)
-}
-
 #[tokio::test]
 async fn every_kustomize_overlay_renders_is_hardened_and_accepted_by_the_apiserver() -> anyhow::Result<()> {
     let env = TestEnv::get().await?;
@@ -184,7 +106,8 @@ async fn every_kustomize_overlay_renders_is_hardened_and_accepted_by_the_apiserv
                 // Every variable the manifests set is one `rekey run` reads (a typo would be ignored).
                 for e in c["env"].as_array().context("env")? {
                     let name = e["name"].as_str().context("env name")?;
-                    let known = help.contains(&format!("[env: {name}=")) || ["POD_NAME", "POD_NAMESPACE"].contains(&name);
+                    let known =
+                        help.contains(&format!("[env: {name}=")) || ["POD_NAME", "POD_NAMESPACE"].contains(&name);
                     assert!(known, "deploy/{overlay}: {name} is not a setting of `rekey run`");
                 }
                 let cluster = c["env"].as_array().into_iter().flatten().find(|e| e["name"] == "REKEY_CLUSTER_NAME");

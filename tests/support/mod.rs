@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
 use rekey::api::IamKeyRotation;
@@ -39,9 +40,7 @@ pub fn kustomize(dir: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     let out = std::process::Command::new("kubectl").args(["kustomize", &path]).output().context("kubectl")?;
     anyhow::ensure!(out.status.success(), "kubectl kustomize {path}: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout)?;
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Ok(serde_json::Value::deserialize(doc)?))
-        .collect()
+    serde_yaml::Deserializer::from_str(&text).map(|doc| Ok(serde_json::Value::deserialize(doc)?)).collect()
 }
 
 /// Server-side applies one manifest of any kind (`dry_run`: validated and admitted, not stored).
@@ -77,6 +76,8 @@ pub async fn consenting_user(env: &TestEnv, prefix: &str, ns: &str) -> anyhow::R
 pub struct Operator {
     child: tokio::process::Child,
     pub log: PathBuf,
+    /// Where this process's lines start in `log` (shared by the operators of one namespace).
+    log_start: usize,
     /// Base URL of its /metrics, /healthz and /readyz.
     pub http: String,
 }
@@ -85,6 +86,7 @@ impl Operator {
     pub async fn start(ns: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{ns}.log"));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_start = file.metadata()?.len() as usize;
         // A free loopback port for this process's metrics and health server.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey"));
@@ -102,7 +104,7 @@ impl Operator {
             cmd.env(k, v);
         }
         let child = cmd.spawn().context("start the operator")?;
-        Ok(Self { child, log, http: format!("http://127.0.0.1:{port}") })
+        Ok(Self { child, log, log_start, http: format!("http://127.0.0.1:{port}") })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -124,11 +126,16 @@ impl Operator {
         Ok(())
     }
 
-    /// Waits until the operator's log contains `needle`.
+    /// What this process has logged so far.
+    pub fn output(&self) -> anyhow::Result<String> {
+        let bytes = std::fs::read(&self.log)?;
+        Ok(String::from_utf8_lossy(bytes.get(self.log_start..).unwrap_or_default()).into_owned())
+    }
+
+    /// Waits until this process has logged `needle`.
     pub async fn logged(&self, needle: &str) -> anyhow::Result<()> {
         eventually(&format!("operator log shows {needle:?}"), WAIT, || async {
-            let text = std::fs::read_to_string(&self.log)?;
-            Ok(if text.contains(needle) { Ok(()) } else { Err("not yet".to_owned()) })
+            Ok(if self.output()?.contains(needle) { Ok(()) } else { Err("not yet".to_owned()) })
         })
         .await
     }
@@ -281,4 +288,84 @@ impl Fixture {
     pub async fn operator(&self) -> anyhow::Result<Operator> {
         Operator::start(&self.ns, &[]).await
     }
+}
+
+/// The operator's namespace in the shipped manifests.
+pub const OPERATOR_NS: &str = "rekey-system";
+
+/// Applies the RBAC objects of the cluster-wide kustomize overlay, under other names (tests run side
+/// by side) and optionally without one rule, and returns a kubeconfig file that authenticates as the
+/// ServiceAccount.
+pub async fn operator_identity(env: &TestEnv, name: &str, drop_rule: Option<(&str, &str)>) -> anyhow::Result<PathBuf> {
+    operator_identity_in(env, name, drop_rule, None).await
+}
+
+/// As [`operator_identity`]; with `namespaced`, the namespaced overlay with that namespace in the
+/// place marked for the watched namespace.
+pub async fn operator_identity_in(
+    env: &TestEnv,
+    name: &str,
+    drop_rule: Option<(&str, &str)>,
+    namespaced: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    let objects = match namespaced {
+        None => kustomize("cluster-wide")?,
+        Some(ns) => watching(kustomize("namespaced")?, ns)?,
+    };
+    for mut v in objects {
+        let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+        if !["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+            .contains(&kind.as_str())
+        {
+            continue;
+        }
+        // The objects in the operator's namespace, and the cluster-wide ones, get this test's name;
+        // a watched namespace's Role is per namespace already.
+        let watched = namespaced.is_some_and(|ns| v["metadata"]["namespace"] == ns) || kind == "Namespace";
+        if !watched {
+            v["metadata"]["name"] = json!(name);
+            if v.get("roleRef").is_some() {
+                v["roleRef"]["name"] = json!(name);
+            }
+        }
+        // get_mut, not indexing: indexing a missing field would add it as null.
+        for s in v.get_mut("subjects").and_then(|s| s.as_array_mut()).into_iter().flatten() {
+            s["name"] = json!(name);
+        }
+        for r in v.get_mut("rules").and_then(|r| r.as_array_mut()).into_iter().flatten() {
+            if let Some(names) = r.get_mut("resourceNames") {
+                *names = json!([name]);
+            }
+            if let Some((resource, verb)) = drop_rule
+                && kind == "ClusterRole"
+                && r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == resource))
+                && let Some(verbs) = r["verbs"].as_array_mut()
+            {
+                verbs.retain(|v| v != verb);
+            }
+        }
+        apply_manifest(&env.kube, &v, false).await?;
+    }
+    // Kubernetes 1.20 mints a token Secret for every ServiceAccount.
+    let sas: Api<ServiceAccount> = Api::namespaced(env.kube.clone(), OPERATOR_NS);
+    let secret_name = eventually("ServiceAccount token", WAIT, || async {
+        let sa = sas.get(name).await?;
+        Ok(sa.secrets.and_then(|s| s.into_iter().next()).and_then(|r| r.name).ok_or_else(|| "no token yet".to_owned()))
+    })
+    .await?;
+    let token_secret: Secret = Api::<Secret>::namespaced(env.kube.clone(), OPERATOR_NS).get(&secret_name).await?;
+    let token = token_secret.data.and_then(|d| d.get("token").cloned()).context("token")?;
+    let mut kubeconfig: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").context("KUBECONFIG")?)?)?;
+    kubeconfig["users"][0]["user"] = serde_yaml::to_value(json!({"token": String::from_utf8(token.0)?}))?;
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubeconfig-{name}"));
+    std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
+    Ok(path)
+}
+
+/// The namespaced overlay with `ns` where it marks the watched namespace (what a user edits).
+pub fn watching(objects: Vec<serde_json::Value>, ns: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let text = serde_json::to_string(&objects)?;
+    anyhow::ensure!(text.contains("team-a"), "the namespaced overlay marks its watched namespace as team-a");
+    Ok(serde_json::from_str(&text.replace("team-a", ns))?)
 }
