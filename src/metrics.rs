@@ -123,7 +123,7 @@ impl Default for Metrics {
         );
         // Errors by category from 0, so rate() and alerts see a series before the first error.
         for category in crate::error::Error::CATEGORIES {
-            m.reconcile_errors.get_or_create(&CategoryLabels { category: category.into() });
+            let _created = m.reconcile_errors.get_or_create(&CategoryLabels { category: category.into() });
         }
         Self { registry, ..m }
     }

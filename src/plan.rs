@@ -340,6 +340,7 @@ pub fn decide(i: &Input) -> Step {
         Phase::Creating => creating(i),
         Phase::Verifying => verifying(i),
         Phase::Distributing => distributing(i),
+        Phase::RollingOut | Phase::Deactivating | Phase::Soaking | Phase::Deleting if let Some(s) = refill(i) => s,
         Phase::RollingOut => rolling_out(i),
         Phase::Deactivating => deactivating(i),
         Phase::Soaking => soaking(i),
@@ -347,6 +348,32 @@ pub fn decide(i: &Input) -> Step {
             Some(r) => Step::Delete { key_id: r.access_key_id.clone() },
             None => Step::Finish,
         },
+    }
+}
+
+/// After distribution every target Secret holds the active key. One deleted or emptied by hand
+/// meanwhile gets it back before anything else happens (its pods cannot start without it, and the
+/// old key must not be retired under them): from a target Secret that holds it, else from the
+/// staging Secret. With neither, the rotation goes on and Idle starts over with a new key.
+fn refill(i: &Input) -> Option<Step> {
+    let (st, o) = (i.status, i.observed);
+    let active = &st.active_key.as_ref()?.access_key_id;
+    let lacking: Vec<String> = o
+        .secrets
+        .iter()
+        .filter(|(_, s)| matches!(s, SecretState::Missing | SecretState::Empty))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if lacking.is_empty() {
+        return None;
+    }
+    let holder = o.secrets.iter().find(|(_, s)| *s == SecretState::Holds(active.clone())).map(|(n, _)| n.clone());
+    match holder {
+        Some(from) => Some(Step::Fill { from, to: lacking }),
+        None if o.staging_key.as_ref() == Some(active) => {
+            Some(Step::Distribute { key_id: active.clone(), secrets: lacking })
+        }
+        None => None,
     }
 }
 

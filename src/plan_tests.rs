@@ -410,6 +410,24 @@ fn rolling_out_stamps_waits_and_then_deactivates() {
 }
 
 #[test]
+fn a_target_secret_deleted_after_distribution_gets_the_active_key_back_first() {
+    for phase in [Phase::RollingOut, Phase::Deactivating, Phase::Soaking, Phase::Deleting] {
+        let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2);
+        c.status.phase = phase;
+        c.observed.secrets[1].1 = SecretState::Missing;
+        // From the target Secret that still holds it.
+        assert_eq!(c.decide(), Step::Fill { from: "a".into(), to: vec!["b".into()] }, "{phase}");
+        // Every target gone: from the staging Secret, while it holds the active key.
+        c.observed.secrets[0].1 = SecretState::Empty;
+        c.observed.staging_key = Some(NEW.into());
+        assert_eq!(c.decide(), Step::Distribute { key_id: NEW.into(), secrets: vec!["a".into(), "b".into()] });
+        // Nothing to copy from: the rotation goes on (Idle starts over with a new key).
+        c.observed.staging_key = Some(OLD.into());
+        assert!(!matches!(c.decide(), Step::Fill { .. } | Step::Distribute { .. }), "{phase}");
+    }
+}
+
+#[test]
 fn a_rollout_past_its_timeout_is_degraded_and_nothing_is_retired() {
     let c = rolling(now() - secs(601), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 0);
     assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::RolloutStalled));

@@ -186,6 +186,40 @@ impl Sim {
         move |name: &str| self.secrets.get(&ObjectRef::new(name).within(ns)).map(|s| (*s).clone())
     }
 
+    /// The Secrets a pod's env names, read from the apiserver (None while it cannot be reached).
+    async fn fresh_secrets(
+        &self,
+        ns: &str,
+        spec: &k8s_openapi::api::core::v1::PodSpec,
+    ) -> Option<HashMap<String, Secret>> {
+        let mut names = BTreeSet::new();
+        for c in &spec.containers {
+            names.extend(c.env_from.iter().flatten().filter_map(|f| f.secret_ref.as_ref()).map(|r| r.name.clone()));
+            names.extend(
+                c.env
+                    .iter()
+                    .flatten()
+                    .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+                    .map(|r| r.name.clone()),
+            );
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let mut out = HashMap::new();
+        for name in names {
+            match api.get_opt(&name).await {
+                Ok(Some(s)) => {
+                    out.insert(name, s);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(error = %e, "reading a pod's Secret");
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
     async fn tick(&mut self) -> anyhow::Result<()> {
         let pods = self.pods.state();
         let live: BTreeSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
@@ -223,7 +257,11 @@ impl Sim {
                 continue;
             }
             if !self.started.contains_key(&uid) {
-                let env = env_credentials(spec, &self.lookup(&ns));
+                // Like the kubelet, a container starts with the Secret as it is now: the cache may
+                // lag (after an apiserver restart the Secret watch can relist after the new pod
+                // appears), so the Secrets its env names are read afresh.
+                let Some(fresh) = self.fresh_secrets(&ns, spec).await else { continue };
+                let env = env_credentials(spec, &|n: &str| fresh.get(n).cloned());
                 if !env.problems.is_empty() {
                     running.push((pod.clone(), Err(env.problems.join("; "))));
                     continue;
