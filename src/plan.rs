@@ -358,12 +358,7 @@ pub fn decide(i: &Input) -> Step {
 fn refill(i: &Input) -> Option<Step> {
     let (st, o) = (i.status, i.observed);
     let active = &st.active_key.as_ref()?.access_key_id;
-    let lacking: Vec<String> = o
-        .secrets
-        .iter()
-        .filter(|(_, s)| matches!(s, SecretState::Missing | SecretState::Empty))
-        .map(|(n, _)| n.clone())
-        .collect();
+    let lacking = lacking(o);
     if lacking.is_empty() {
         return None;
     }
@@ -423,6 +418,15 @@ fn iam_gate(i: &Input, iam: &IamState) -> Option<Step> {
     None
 }
 
+/// The target Secrets that hold no key at all (deleted, or emptied).
+fn lacking(o: &Observed) -> Vec<String> {
+    o.secrets
+        .iter()
+        .filter(|(_, s)| matches!(s, SecretState::Missing | SecretState::Empty))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 fn held_ids(o: &Observed) -> Result<BTreeSet<String>, Step> {
     let mut held = BTreeSet::new();
     for (name, s) in &o.secrets {
@@ -462,12 +466,7 @@ fn idle(i: &Input) -> Step {
             ),
         );
     }
-    let lacking: Vec<String> = o
-        .secrets
-        .iter()
-        .filter(|(_, s)| matches!(s, SecretState::Missing | SecretState::Empty))
-        .map(|(n, _)| n.clone())
-        .collect();
+    let lacking = lacking(o);
     let holder = o.secrets.iter().find(|(_, s)| matches!(s, SecretState::Holds(_))).map(|(n, _)| n.clone());
     if !lacking.is_empty() {
         match holder {
