@@ -202,6 +202,7 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
     let out = tokio::process::Command::new(script)
         .args([ns2.as_str(), user2.as_str(), "creds", "web"])
         .env("AWS_ENDPOINT_URL", &env.proxy_url)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", std::env::var("REKEY_TEST_ADMIN_ACCESS_KEY_ID")?)
         .env("AWS_SECRET_ACCESS_KEY", std::env::var("REKEY_TEST_ADMIN_SECRET_ACCESS_KEY")?)
         .output()
