@@ -247,7 +247,8 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
                         })
                         .await?
                         .clone();
-                    crate::observe::iam(&ctx.client, &ctx.namespaces, &iam, me, &obj, &st, want_last_used).await
+                    let cached = cached_resources(&ctx).await;
+                    crate::observe::iam(&cached, &iam, me, &obj, &st, want_last_used).await
                 };
                 let (facts, other) = match gathered.await {
                     Ok(g) => g,
@@ -366,6 +367,19 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
         (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
         _ => false,
     }
+}
+
+/// Every IamKeyRotation the controller watches, from its cache once the first list is in.
+async fn cached_resources<I: Iam>(ctx: &Context<I>) -> Vec<Arc<IamKeyRotation>> {
+    let stores: Vec<_> = ctx.stores.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for s in stores {
+        // Ready after the first list: before it, a store is empty, not "nobody else".
+        if s.wait_until_ready().await.is_ok() {
+            out.extend(s.state());
+        }
+    }
+    out
 }
 
 /// Whether fewer than --max-concurrent-rotations other resources are mid-rotation. Counted from

@@ -66,7 +66,10 @@ pub struct AwsIam {
 impl AwsIam {
     pub fn new(sdk: aws_config::SdkConfig, calls_per_second: std::num::NonZeroU32) -> Self {
         let once = aws_sdk_iam::config::Builder::from(&sdk).retry_config(RetryConfig::disabled()).build();
-        let limiter = std::sync::Arc::new(Limiter::direct(governor::Quota::per_second(calls_per_second)));
+        // No burst: the cap holds in every one-second window, not just on average (a full bucket
+        // plus a second's refill let 169 calls through in one second at a cap of 100).
+        let quota = governor::Quota::per_second(calls_per_second).allow_burst(std::num::NonZeroU32::MIN);
+        let limiter = std::sync::Arc::new(Limiter::direct(quota));
         Self {
             iam: aws_sdk_iam::Client::new(&sdk),
             iam_once: aws_sdk_iam::Client::from_conf(once),
