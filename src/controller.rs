@@ -27,6 +27,9 @@ use crate::secrets;
 use crate::status::{self, Verdict};
 use crate::validate::validate;
 
+/// Reconciles in flight at once, per watched namespace. Each waits on AWS (capped calls per
+/// second) or on the apiserver; more in parallel would only hold more memory.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
 /// How often a resource is looked at without a reason: its Secrets are read (a hand-deleted or
 /// edited Secret is noticed), IAM is not called.
 pub const IDLE_RESYNC: Duration = Duration::from_secs(600);
@@ -92,7 +95,10 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
         .map(|api| {
             // No watch on Secrets: rekey may only get the Secrets a spec names (it cannot list them),
             // so their changes are seen on the next reconcile (see IDLE_RESYNC).
-            let controller = Controller::new(api, watcher::Config::default());
+            // A bounded number of reconciles at once: 1,000 resources due together must not hold
+            // 1,000 working sets in memory; the AWS cap is the throughput limit anyway.
+            let controller = Controller::new(api, watcher::Config::default())
+                .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
             stores.push(controller.store());
             if let Ok(mut all) = ctx.stores.lock() {
                 all.push(controller.store());

@@ -5,6 +5,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// mimalloc instead of glibc malloc: after a burst of reconciles glibc kept its per-thread arenas
+/// (143 MiB resident for 1,000 resources); mimalloc hands freed memory back.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "rekey", version, about = "Rotates AWS IAM user access keys stored in Kubernetes Secrets")]
 struct Cli {
