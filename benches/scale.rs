@@ -172,7 +172,7 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
     ikrs.create(&PostParams::default(), &ikr("app", spec)?).await?;
     let _op = operator(&ns, kubeconfig, &[]).await?;
     wait_ikr(&ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
-    deployment_ready(&deployments, "web").await?;
+    deployment_ready(&deployments, "web", WAIT).await?;
     env.proxy_control("reset", json!({})).await?;
     let from = audit_offset()?;
     let t0 = Instant::now();
@@ -197,7 +197,7 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
     secrets.create(&PostParams::default(), &key_secret("creds", &key)?).await?;
     let deployments2: Api<Deployment> = Api::namespaced(env.kube.clone(), &ns2);
     deployments2.create(&PostParams::default(), &deployment("web", 2, "creds")?).await?;
-    deployment_ready(&deployments2, "web").await?;
+    deployment_ready(&deployments2, "web", WAIT).await?;
     env.proxy_control("reset", json!({})).await?;
     let from = audit_offset()?;
     let t0 = Instant::now();
@@ -228,17 +228,6 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
         "—",
     );
     Ok(())
-}
-
-async fn deployment_ready(api: &Api<Deployment>, name: &str) -> anyhow::Result<()> {
-    eventually(&format!("{name} ready"), WAIT, || async {
-        let d = api.get(name).await?;
-        let s = d.status.unwrap_or_default();
-        let want = d.spec.and_then(|s| s.replicas).unwrap_or(1);
-        let ok = s.ready_replicas == Some(want) && s.updated_replicas == Some(want) && s.replicas == Some(want);
-        Ok(if ok { Ok(()) } else { Err(format!("{s:?}")) })
-    })
-    .await
 }
 
 /// create → Ready for a bootstrap with no workloads, one resource at a time.

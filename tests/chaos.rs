@@ -135,14 +135,7 @@ impl World {
             let pair = secret_pair(&self.secrets.get(&t.secret).await?).context("the Secret holds a key")?;
             anyhow::ensure!(pair.access_key_id == active, "{}: the Secret holds {}", t.name, pair.access_key_id);
             anyhow::ensure!(self.env.caller_arn(&pair, &self.env.moto_url).await?.is_some(), "the key authenticates");
-            eventually(&format!("{} Ready", t.deployment), CONVERGE, || async {
-                let d = self.deployments.get(&t.deployment).await?;
-                let s = d.status.unwrap_or_default();
-                let want = d.spec.and_then(|s| s.replicas).unwrap_or(1);
-                let ok = s.ready_replicas == Some(want) && s.updated_replicas == Some(want) && s.replicas == Some(want);
-                Ok(if ok { Ok(()) } else { Err(format!("{s:?}")) })
-            })
-            .await?;
+            deployment_ready(&self.deployments, &t.deployment, CONVERGE).await?;
         }
         Ok(())
     }

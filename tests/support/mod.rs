@@ -256,6 +256,22 @@ pub fn key_secret(
     }))?)
 }
 
+/// Waits until every replica of the Deployment is updated and Ready.
+pub async fn deployment_ready(
+    api: &Api<k8s_openapi::api::apps::v1::Deployment>,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    eventually(&format!("{name} ready"), timeout, || async {
+        let d = api.get(name).await?;
+        let s = d.status.unwrap_or_default();
+        let want = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+        let ok = s.ready_replicas == Some(want) && s.updated_replicas == Some(want) && s.replicas == Some(want);
+        Ok(if ok { Ok(()) } else { Err(format!("{s:?}")) })
+    })
+    .await
+}
+
 /// A namespace, a consenting user, the CRD, and the API handles a lifecycle test needs.
 pub struct Fixture {
     pub env: TestEnv,
