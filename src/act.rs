@@ -166,6 +166,16 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
                 _ => None,
             }
             .ok_or_else(|| Error::Unsafe(format!("Secret {from} cannot be read back to copy its key")))?;
+            // Read again at act time: only the key rekey accounts for is ever copied, never one a
+            // human put into the source Secret since the decision.
+            let active = st.active_key.as_ref().map(|k| k.access_key_id.as_str());
+            if active != Some(key.id.as_str()) {
+                return Err(Error::Unsafe(format!(
+                    "Secret {from} now holds {}, not the active key {}; nothing copied",
+                    key.id,
+                    active.unwrap_or("(none)")
+                )));
+            }
             for name in to {
                 if let Some(t) = env.obj.spec.secrets.iter().find(|t| &t.name == name) {
                     secrets::write_target(&api, &env.name(), t, &key, &env.render_ctx(), false).await?;

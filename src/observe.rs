@@ -63,13 +63,8 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
 }
 
 /// The user's tags and keys (and the retiring key's last use when the spec asks for it), plus
-/// whether an older resource among `resources` (the controller's cache) names the same user.
-///
-/// The cache, not a fresh list: a list of every IamKeyRotation per reconcile made bootstrapping
-/// 1,000 resources O(n²) for the apiserver (504s, 5 GiB). The cache is exact where it matters:
-/// an older resource's ADDED event precedes the newer one's in the same watch, and the reflector
-/// applies it before the newer one is reconciled. Across the separate watches of namespaced mode
-/// the description-tag claims on the keys remain the second line (DESIGN rule 7).
+/// whether an older resource among `resources` (see `controller::owner_candidates`: a read at
+/// least as fresh as this resource) names the same user.
 pub async fn iam<I: Iam>(
     resources: &[std::sync::Arc<IamKeyRotation>],
     iam: &I,

@@ -214,3 +214,27 @@ async fn what_only_rekey_can_judge_stalls_with_a_reason_and_writes_nothing_to_ia
     assert!(f.env.keys(&f.user).await?.is_empty(), "no IAM write");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_target_secret_deleted_while_idle_gets_the_active_key_copied_back() -> anyhow::Result<()> {
+    let f = Fixture::new("fill").await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}, {"name": "copy"}]})).await?;
+    let _op = f.operator().await?;
+    let o = wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
+    let key = active_key(&o).context("key")?;
+    f.secrets.delete("copy", &DeleteParams::default()).await?;
+    // rekey reads its Secrets at the idle resync; a spec touch makes it look now.
+    let touch = json!({"metadata": {"annotations": {"touched": "1"}}});
+    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&touch)).await?;
+    let held = eventually("the deleted Secret is back", WAIT, || async {
+        let s = f.secrets.get_opt("copy").await?;
+        let id = s.and_then(|s| s.data).and_then(|d| d.get("AWS_ACCESS_KEY_ID").cloned());
+        Ok(id.map(|v| String::from_utf8_lossy(&v.0).into_owned()).ok_or_else(|| "not yet".to_owned()))
+    })
+    .await?;
+    assert_eq!(held, key, "the active key, copied from the Secret that still holds it");
+    assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), vec![key], "no new key was made");
+    let o = f.ikrs.get("app").await?;
+    assert_eq!(o.status.map(|s| s.rotations), Some(0));
+    Ok(())
+}

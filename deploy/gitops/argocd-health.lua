@@ -25,31 +25,25 @@ end
 local function describe(t)
   return t .. "/" .. (c[t].reason or "") .. ": " .. (c[t].message or "")
 end
--- Stalled: rekey will not proceed without a person. Degraded: it is retrying something that fails.
-if is_true("Stalled") then
-  hs.status = "Degraded"
-  hs.message = describe("Stalled")
-  return hs
-end
-if is_true("Degraded") then
-  hs.status = "Degraded"
-  hs.message = describe("Degraded")
-  return hs
-end
-if obj.spec ~= nil and obj.spec.suspend == true then
-  hs.status = "Suspended"
-  hs.message = "spec.suspend is true: no rotation starts"
-  return hs
-end
-if is_true("Rotating") then
-  hs.status = "Progressing"
-  hs.message = describe("Rotating")
-  return hs
-end
-if is_true("Ready") then
-  hs.status = "Healthy"
-  hs.message = describe("Ready")
-  return hs
+-- In order: Stalled (rekey will not proceed without a person), Degraded (retrying something that
+-- fails), suspended, a rotation in flight, the key in place.
+local verdicts = {
+  {"Stalled", "Degraded"},
+  {"Degraded", "Degraded"},
+  {"Rotating", "Progressing"},
+  {"Ready", "Healthy"},
+}
+for i, v in ipairs(verdicts) do
+  if v[1] == "Rotating" and obj.spec ~= nil and obj.spec.suspend == true then
+    hs.status = "Suspended"
+    hs.message = "spec.suspend is true: no rotation starts"
+    return hs
+  end
+  if is_true(v[1]) then
+    hs.status = v[2]
+    hs.message = describe(v[1])
+    return hs
+  end
 end
 hs.status = "Progressing"
 if c["Ready"] ~= nil then
