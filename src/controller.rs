@@ -15,6 +15,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
 use tracing::{Instrument as _, info, info_span, warn};
 
@@ -56,7 +57,7 @@ pub struct Context<I: Iam> {
     pub whoami: tokio::sync::OnceCell<Option<String>>,
     /// The controllers' caches of resources (one per watched namespace), for counting rotations
     /// in flight.
-    pub stores: std::sync::Mutex<Vec<kube::runtime::reflector::Store<IamKeyRotation>>>,
+    pub stores: std::sync::Mutex<Vec<Store<IamKeyRotation>>>,
 }
 
 impl<I: Iam> Context<I> {
@@ -114,10 +115,11 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     let health = ctx.health.clone();
     let synced = tokio::spawn(async move {
         for s in stores {
-            if s.wait_until_ready().await.is_err() {
+            if !synced(&s, None).await {
                 return;
             }
         }
+        info!("caches synced");
         health.set(crate::http::Lifecycle::Running);
     });
     // How many resources this replica manages, for the "not reconciling" alert: counted from the
@@ -396,9 +398,9 @@ async fn owner_candidates<I: Iam>(ctx: &Context<I>) -> Result<Vec<Arc<IamKeyRota
     let mut out = Vec::new();
     for s in stores {
         // Before the first list is in, an empty cache means "not known yet", not "nobody else".
-        match tokio::time::timeout(Duration::from_secs(30), s.wait_until_ready()).await {
-            Ok(Ok(())) => out.extend(s.state()),
-            _ => {
+        match synced(&s, Some(Duration::from_secs(30))).await {
+            true => out.extend(s.state()),
+            false => {
                 return Err(Error::Internal(
                     "the IamKeyRotation cache has not synced, so one owner per IAM user cannot be checked yet".into(),
                 ));
@@ -406,6 +408,21 @@ async fn owner_candidates<I: Iam>(ctx: &Context<I>) -> Result<Vec<Arc<IamKeyRota
         }
     }
     Ok(out)
+}
+
+/// Whether `store` holds its first full list, waiting for it at most `limit` (None: for as long as
+/// the watch lives). kube-runtime's readiness signal wakes only the last task that waited on it, and
+/// the controller's runner waits on it too: a second waiter would sleep forever (readiness never
+/// reported). So this looks again every 100 ms instead of relying on being woken.
+async fn synced(store: &Store<IamKeyRotation>, limit: Option<Duration>) -> bool {
+    let start = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(r) => return r.is_ok(),
+            Err(_) if limit.is_some_and(|l| start.elapsed() >= l) => return false,
+            Err(_) => {}
+        }
+    }
 }
 
 /// Whether fewer than --max-concurrent-rotations other resources are mid-rotation. Counted from

@@ -13,10 +13,7 @@ async fn readiness_follows_the_cache_and_metrics_describe_the_rotation() -> anyh
     f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "0s"}}))
         .await?;
     let op = f.operator().await?;
-    eventually("/readyz answers 200", WAIT, || async {
-        Ok(http_get(&op.http, "/readyz").await.map_err(|e| e.to_string()))
-    })
-    .await?;
+    ready(&op).await?;
     assert_eq!(http_get(&op.http, "/healthz").await?, "ok");
     wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
     let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
@@ -47,6 +44,27 @@ async fn readiness_follows_the_cache_and_metrics_describe_the_rotation() -> anyh
         assert!(exported, "deploy/monitoring/ uses {name}, which /metrics does not export:\n{text}");
     }
     Ok(())
+}
+
+/// Without leader election and with nothing to manage yet, readiness still comes once the cache has
+/// its first list: a Deployment run with --leader-election=false becomes Ready on an empty cluster.
+#[tokio::test]
+async fn ready_without_leader_election_and_without_resources() -> anyhow::Result<()> {
+    let f = Fixture::new("ready").await?;
+    let op = Operator::start(&f.ns, &[("REKEY_LEADER_ELECTION", "false")]).await?;
+    ready(&op).await
+}
+
+/// Waits until /readyz says the leader's cache is synced (a standby also answers 200, differently).
+async fn ready(op: &Operator) -> anyhow::Result<()> {
+    eventually("/readyz answers 200 \"ready\"", WAIT, || async {
+        Ok(match http_get(&op.http, "/readyz").await {
+            Ok(body) if body == "ready" => Ok(()),
+            Ok(body) => Err(body),
+            Err(e) => Err(e.to_string()),
+        })
+    })
+    .await
 }
 
 /// The `rekey_*` names in the PrometheusRule and the Grafana dashboard.
