@@ -15,8 +15,8 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::Store;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt as _, watcher};
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::act::{self, Env, Outcome};
@@ -98,7 +98,11 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
             // so their changes are seen on the next reconcile (see IDLE_RESYNC).
             // A bounded number of reconciles at once: 1,000 resources due together must not hold
             // 1,000 working sets in memory; the AWS cap is the throughput limit anyway.
-            let controller = Controller::new(api, watcher::Config::default())
+            // The cache holds a slim copy of each resource (crate::cache); reconcile reads it afresh.
+            let (reader, writer) = reflector::store();
+            let trigger =
+                watcher(api, watcher::Config::default()).modify(crate::cache::slim).reflect(writer).applied_objects();
+            let controller = Controller::for_stream(trigger, reader)
                 .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
             stores.push(controller.store());
             if let Ok(mut all) = ctx.stores.lock() {
@@ -501,24 +505,9 @@ fn record_metrics<I: Iam>(
     step: &Step,
     now: Timestamp,
 ) {
-    use crate::metrics::{ConditionLabels, PhaseLabels, ResourceLabels, ResultLabels};
+    use crate::metrics::{CONDITIONS, PhaseLabels, RESULTS};
     let m = &ctx.metrics;
-    let (namespace, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
-    let labels = ResourceLabels { namespace: namespace.clone(), name: name.clone(), user: obj.spec.user_name.clone() };
     let secs = |t: Timestamp| t.as_millisecond() as f64 / 1000.0;
-    if let Some(created) = st.active_key.as_ref().and_then(|k| k.created_at.as_ref()) {
-        m.key_age_seconds.get_or_create(&labels).set(secs(now) - secs(created.0));
-    }
-    if let Some(next) = &st.next_rotation_time {
-        m.next_rotation_timestamp_seconds.get_or_create(&labels).set(secs(next.0));
-    }
-    if let Ok(valid) = crate::validate::validate(&obj.spec) {
-        m.max_key_age_seconds.get_or_create(&labels).set(valid.max_key_age.as_secs_f64());
-    }
-    for c in &st.conditions {
-        let labels = ConditionLabels { namespace: namespace.clone(), name: name.clone(), condition: c.type_.clone() };
-        m.condition.get_or_create(&labels).set(i64::from(c.status == "True"));
-    }
     if before.phase != st.phase
         && let Some(since) = before.rotation.as_ref().map(|r| r.phase_since.0)
     {
@@ -531,16 +520,28 @@ fn record_metrics<I: Iam>(
         Step::Reactivate { .. } => Some("rolled_back"),
         _ => None,
     };
-    if let Some(result) = result {
-        m.rotations.get_or_create(&ResultLabels { namespace, name, result: result.to_owned() }).inc();
+    let mut all = m.resources.write();
+    let f = all.entry((obj.namespace().unwrap_or_default(), obj.name_any())).or_default();
+    f.user.clone_from(&obj.spec.user_name);
+    f.key_created = st.active_key.as_ref().and_then(|k| k.created_at.as_ref()).map(|t| secs(t.0));
+    f.next_rotation = st.next_rotation_time.as_ref().map(|t| secs(t.0));
+    f.max_key_age = crate::validate::validate(&obj.spec).ok().map(|v| v.max_key_age.as_secs_f64());
+    for (slot, name) in f.conditions.iter_mut().zip(CONDITIONS) {
+        *slot = st.conditions.iter().find(|c| c.type_ == name).map(|c| c.status == "True");
+    }
+    if let Some(i) = result.and_then(|r| RESULTS.iter().position(|x| *x == r)) {
+        f.rotations[i] += 1;
     }
 }
 
 /// Deletion, by `deletionPolicy`. Works with an invalid spec, a missing user or withdrawn
 /// consent, and never blocks namespace deletion for longer than one reconcile.
-async fn cleanup<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
-    let ns = obj.namespace().unwrap_or_default();
-    let name = obj.name_any();
+async fn cleanup<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
+    let ns = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    // The cache keeps no status (crate::cache): which keys to delete is read from the apiserver.
+    let api: Api<IamKeyRotation> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(obj) = api.get_opt(&name).await? else { return Ok(Action::await_change()) };
     let user = obj.spec.user_name.clone();
     let st = obj.status.clone().unwrap_or_default();
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -613,7 +614,7 @@ async fn cleanup<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Resu
         }
     );
     status::event(&ctx.recorder, &obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
-    ctx.metrics.forget(&ns, &name, &user);
+    ctx.metrics.forget(&ns, &name);
     // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
     Ok(Action::await_change())
 }

@@ -6,6 +6,7 @@
 
 pub mod act;
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod duration;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// mimalloc instead of glibc malloc: after a burst of reconciles glibc kept its per-thread arenas
 /// (143 MiB resident for 1,000 resources); mimalloc hands freed memory back.
 #[global_allocator]
+#[cfg(not(feature = "system-allocator"))]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]

@@ -1,34 +1,20 @@
 //! Prometheus metrics. Labels are bounded: namespace, name, user, phase, operation, outcome and
 //! error category — never an error's text, never a key.
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResourceLabels {
-    pub namespace: String,
-    pub name: String,
-    pub user: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub namespace: String,
-    pub name: String,
-    pub result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConditionLabels {
-    pub namespace: String,
-    pub name: String,
-    pub condition: String,
-}
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -46,6 +32,83 @@ pub struct AwsLabels {
     pub outcome: String,
 }
 
+/// The conditions exported as `rekey_condition{condition}`, in [`ResourceFigures::conditions`] order.
+pub const CONDITIONS: [&str; 5] = ["Ready", "Rotating", "Degraded", "Stalled", "Reconciling"];
+/// The results of `rekey_rotations_total{result}`, in [`ResourceFigures::rotations`] order.
+pub const RESULTS: [&str; 3] = ["completed", "abandoned", "rolled_back"];
+
+/// What the per-resource series say of one resource. Kept as one small record per resource and
+/// written out at scrape time: a label set per series (three strings, six series a resource) cost
+/// more memory at 10,000 resources than the resources themselves.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResourceFigures {
+    pub user: String,
+    /// When the active key was created (Unix seconds); its age is computed at scrape time.
+    pub key_created: Option<f64>,
+    pub next_rotation: Option<f64>,
+    pub max_key_age: Option<f64>,
+    pub conditions: [Option<bool>; 5],
+    pub rotations: [u64; 3],
+}
+
+/// Every managed resource's figures, by (namespace, name).
+#[derive(Debug, Default)]
+pub struct Resources(RwLock<BTreeMap<(String, String), ResourceFigures>>);
+
+impl Resources {
+    pub fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<(String, String), ResourceFigures>> {
+        // A panic elsewhere while holding the lock leaves figures that are still figures.
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl Collector for Resources {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = unix_now();
+        type Value = fn(&ResourceFigures, f64) -> Option<f64>;
+        let gauges: [(&str, &str, Value); 3] = [
+            ("key_age_seconds", "Age of the key the Secrets hold", |f, now| f.key_created.map(|c| now - c)),
+            ("next_rotation_timestamp_seconds", "When the next rotation starts (Unix time)", |f, _| f.next_rotation),
+            ("max_key_age_seconds", "spec.maxKeyAge: the age a key must never reach", |f, _| f.max_key_age),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for ((ns, n), f) in all.iter() {
+                if let Some(v) = value(f, now) {
+                    let labels = [("namespace", ns.as_str()), ("name", n.as_str()), ("user", f.user.as_str())];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let help = "1 while the condition (Ready, Rotating, Degraded, Stalled, Reconciling) is True, else 0";
+        let mut family = encoder.encode_descriptor("condition", help, None, MetricType::Gauge)?;
+        for ((ns, n), f) in all.iter() {
+            for (condition, status) in CONDITIONS.iter().zip(f.conditions) {
+                if let Some(status) = status {
+                    let labels = [("namespace", ns.as_str()), ("name", n.as_str()), ("condition", condition)];
+                    ConstGauge::new(i64::from(status)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family =
+            encoder.encode_descriptor("rotations", "Rotations finished, by result", None, MetricType::Counter)?;
+        for ((ns, n), f) in all.iter() {
+            for (result, count) in RESULTS.iter().zip(f.rotations) {
+                if count > 0 {
+                    let labels = [("namespace", ns.as_str()), ("name", n.as_str()), ("result", result)];
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 18))
 }
@@ -53,11 +116,8 @@ fn seconds_histogram() -> Histogram {
 /// Every metric rekey exports.
 pub struct Metrics {
     pub registry: Registry,
-    pub key_age_seconds: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
-    pub next_rotation_timestamp_seconds: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
-    pub max_key_age_seconds: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
-    pub condition: Family<ConditionLabels, Gauge>,
-    pub rotations: Family<ResultLabels, Counter>,
+    /// Per-resource figures (key age, next rotation, maxKeyAge, conditions, rotations).
+    pub resources: Arc<Resources>,
     pub phase_duration_seconds: Family<PhaseLabels, Histogram, fn() -> Histogram>,
     pub reconcile_duration_seconds: Histogram,
     pub reconcile_errors: Family<CategoryLabels, Counter>,
@@ -71,11 +131,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("rekey");
         let m = Self {
-            key_age_seconds: Family::default(),
-            next_rotation_timestamp_seconds: Family::default(),
-            max_key_age_seconds: Family::default(),
-            condition: Family::default(),
-            rotations: Family::default(),
+            resources: Arc::default(),
             phase_duration_seconds: Family::new_with_constructor(seconds_histogram),
             reconcile_duration_seconds: seconds_histogram(),
             reconcile_errors: Family::default(),
@@ -85,23 +141,7 @@ impl Default for Metrics {
             managed_resources: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("key_age_seconds", "Age of the key the Secrets hold", m.key_age_seconds.clone());
-        registry.register(
-            "next_rotation_timestamp_seconds",
-            "When the next rotation starts (Unix time)",
-            m.next_rotation_timestamp_seconds.clone(),
-        );
-        registry.register(
-            "max_key_age_seconds",
-            "spec.maxKeyAge: the age a key must never reach",
-            m.max_key_age_seconds.clone(),
-        );
-        registry.register(
-            "condition",
-            "1 while the condition (Ready, Rotating, Degraded, Stalled, Reconciling) is True, else 0",
-            m.condition.clone(),
-        );
-        registry.register("rotations", "Rotations finished, by result", m.rotations.clone());
+        registry.register_collector(Box::new(m.resources.clone()));
         registry.register("phase_duration_seconds", "Time spent in each phase", m.phase_duration_seconds.clone());
         registry.register(
             "reconcile_duration_seconds",
@@ -141,25 +181,8 @@ impl Metrics {
 
     /// Drops every series of a deleted resource, so label sets do not pile up for resources that
     /// are gone (and alerts about them resolve).
-    pub fn forget(&self, namespace: &str, name: &str, user: &str) {
-        let resource = ResourceLabels { namespace: namespace.into(), name: name.into(), user: user.into() };
-        self.key_age_seconds.remove(&resource);
-        self.next_rotation_timestamp_seconds.remove(&resource);
-        self.max_key_age_seconds.remove(&resource);
-        for condition in ["Ready", "Rotating", "Degraded", "Stalled", "Reconciling"] {
-            self.condition.remove(&ConditionLabels {
-                namespace: namespace.into(),
-                name: name.into(),
-                condition: condition.into(),
-            });
-        }
-        for result in ["completed", "abandoned", "rolled_back"] {
-            self.rotations.remove(&ResultLabels {
-                namespace: namespace.into(),
-                name: name.into(),
-                result: result.into(),
-            });
-        }
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.resources.write().remove(&(namespace.to_owned(), name.to_owned()));
     }
 
     pub fn aws_call(&self, operation: &str, outcome: &str) {
@@ -190,23 +213,35 @@ mod tests {
     #[test]
     fn a_deleted_resource_leaves_no_series_behind() {
         let m = Metrics::default();
-        let mine = ResourceLabels { namespace: "ns".into(), name: "a".into(), user: "u".into() };
-        let other = ResourceLabels { namespace: "ns".into(), name: "b".into(), user: "v".into() };
-        for l in [&mine, &other] {
-            m.key_age_seconds.get_or_create(l).set(5.0);
-            m.max_key_age_seconds.get_or_create(l).set(10.0);
-            m.condition
-                .get_or_create(&ConditionLabels {
-                    namespace: l.namespace.clone(),
-                    name: l.name.clone(),
-                    condition: "Degraded".into(),
-                })
-                .set(1);
+        for (name, user) in [("a", "u"), ("b", "v")] {
+            let mut f = ResourceFigures { user: user.into(), max_key_age: Some(10.0), ..Default::default() };
+            f.conditions[2] = Some(true);
+            f.rotations[0] = 2;
+            m.resources.write().insert(("ns".into(), name.into()), f);
         }
-        m.forget("ns", "a", "u");
+        m.forget("ns", "a");
         let text = m.encode();
         assert!(!text.contains("name=\"a\""), "{text}");
         assert!(text.contains("rekey_condition{namespace=\"ns\",name=\"b\",condition=\"Degraded\"} 1"), "{text}");
         assert!(text.contains("rekey_max_key_age_seconds{namespace=\"ns\",name=\"b\",user=\"v\"} 10.0"), "{text}");
+        assert!(text.contains("rekey_rotations_total{namespace=\"ns\",name=\"b\",result=\"completed\"} 2"), "{text}");
+    }
+
+    #[test]
+    fn key_age_is_computed_when_scraped_and_unknown_figures_are_not_exported() {
+        let m = Metrics::default();
+        let created = unix_now() - 3600.0;
+        let f = ResourceFigures { user: "u".into(), key_created: Some(created), ..Default::default() };
+        m.resources.write().insert(("ns".into(), "a".into()), f);
+        let text = m.encode();
+        let age: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("rekey_key_age_seconds{namespace=\"ns\",name=\"a\",user=\"u\"} "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no key age in {text}"));
+        assert!((3600.0..3700.0).contains(&age), "{age}");
+        assert!(!text.contains("rekey_next_rotation_timestamp_seconds{"), "{text}");
+        assert!(!text.contains("rekey_condition{"), "{text}");
+        assert!(text.contains("# TYPE rekey_rotations counter"), "{text}");
     }
 }
