@@ -1,34 +1,109 @@
 //! What rekey keeps of each IamKeyRotation between reconciles.
 //!
 //! Every decision reads the resource afresh from the apiserver (DESIGN rule 4), so the watch cache
-//! only has to answer three questions: which resources exist (and who they name, for the one-owner
+//! only has to answer three questions: which resources exist and whom they name (the one-owner
 //! check), which are mid-rotation (--max-concurrent-rotations) and how often each failed (the retry
-//! backoff). managedFields, conditions, history and annotations are most of an object's memory and
-//! answer none of them: at 10,000 resources they were most of the operator's memory.
+//! backoff). The controller therefore watches IamKeyRotations as [`Cached`], which deserializes
+//! only that: managedFields, conditions, history and annotations were most of the operator's
+//! memory at 10,000 resources and answer none of the three.
 
-use crate::api::{IamKeyRotation, IamKeyRotationStatus};
+use std::borrow::Cow;
 
-/// Drops what the cache does not need, in place (applied to every object the watch delivers).
-/// Whoever reads a cached object for anything but the three questions above must read the
-/// resource from the apiserver instead: this is why reconcile starts with a GET.
-pub fn slim(obj: &mut IamKeyRotation) {
-    let m = &mut obj.metadata;
-    m.managed_fields = None;
-    m.annotations = None;
-    m.labels = None;
-    if let Some(st) = obj.status.take() {
-        obj.status =
-            Some(IamKeyRotationStatus { phase: st.phase, failed_attempts: st.failed_attempts, ..Default::default() });
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::Resource;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{IamKeyRotation, Phase};
+
+/// An IamKeyRotation as the watch cache holds it. Anything else about the resource is read from
+/// the apiserver, which is why reconcile starts with a GET.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct Cached {
+    #[serde(deserialize_with = "identity_only")]
+    pub metadata: ObjectMeta,
+    pub spec: CachedSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<CachedStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedSpec {
+    #[serde(default)]
+    pub user_name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedStatus {
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default)]
+    pub failed_attempts: u32,
+}
+
+/// The same API resource as [`IamKeyRotation`] (group, version, kind, plural, namespaced).
+impl Resource for Cached {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        IamKeyRotation::kind(dt)
     }
+    fn group(dt: &()) -> Cow<'_, str> {
+        IamKeyRotation::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        IamKeyRotation::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        IamKeyRotation::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The metadata the cache needs: identity, generation, lifecycle and finalizers. The rest
+/// (managedFields above all) is skipped while parsing.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Identity {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    generation: Option<i64>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+    finalizers: Option<Vec<String>>,
+}
+
+fn identity_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = Identity::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        generation: m.generation,
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        finalizers: m.finalizers,
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Phase;
+    use kube::ResourceExt as _;
 
-    fn full() -> IamKeyRotation {
-        serde_json::from_value(serde_json::json!({
+    fn full() -> serde_json::Value {
+        serde_json::json!({
             "apiVersion": "rekey.dev/v1alpha1", "kind": "IamKeyRotation",
             "metadata": {
                 "name": "app", "namespace": "team-a", "uid": "u1", "generation": 3, "resourceVersion": "42",
@@ -39,27 +114,29 @@ mod tests {
                 "managedFields": [{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
                                    "fieldsV1": {"f:spec": {"f:userName": {}}}}]
             },
-            "spec": {"userName": "billing", "secrets": [{"name": "creds"}]},
+            "spec": {"userName": "billing", "secrets": [{"name": "creds"}], "maxKeyAge": "30d"},
             "status": {"phase": "RollingOut", "failedAttempts": 2, "rotations": 7,
                        "activeKey": {"accessKeyId": "AKIA1"},
                        "conditions": [{"type": "Ready", "status": "True", "reason": "KeyInPlace", "message": "m",
                                        "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
-        }))
-        .unwrap()
+        })
+    }
+
+    #[test]
+    fn is_the_same_api_resource_as_the_full_type() {
+        assert_eq!(Cached::url_path(&(), Some("ns")), IamKeyRotation::url_path(&(), Some("ns")));
+        assert_eq!(Cached::kind(&()), "IamKeyRotation");
+        assert_eq!(Cached::api_version(&()), IamKeyRotation::api_version(&()));
     }
 
     #[test]
     fn keeps_what_the_owner_check_the_rotation_limit_and_the_backoff_read() {
-        let mut o = full();
-        slim(&mut o);
+        let o: Cached = serde_json::from_value(full()).unwrap();
+        assert_eq!((o.name_any(), o.namespace(), o.uid()), ("app".into(), Some("team-a".into()), Some("u1".into())));
         let m = &o.metadata;
-        assert_eq!(
-            (m.name.as_deref(), m.namespace.as_deref(), m.uid.as_deref()),
-            (Some("app"), Some("team-a"), Some("u1"))
-        );
         assert_eq!((m.generation, m.resource_version.as_deref()), (Some(3), Some("42")));
         assert!(m.creation_timestamp.is_some() && m.deletion_timestamp.is_some());
-        assert_eq!(m.finalizers.as_deref(), Some(&["rekey.dev/cleanup".to_owned()][..]));
+        assert_eq!(o.finalizers(), ["rekey.dev/cleanup".to_owned()]);
         assert_eq!(o.spec.user_name, "billing");
         let st = o.status.as_ref().unwrap();
         assert_eq!((st.phase, st.failed_attempts), (Phase::RollingOut, 2));
@@ -67,14 +144,15 @@ mod tests {
 
     #[test]
     fn drops_the_rest() {
-        let mut o = full();
-        slim(&mut o);
-        assert!(o.metadata.managed_fields.is_none() && o.metadata.annotations.is_none() && o.metadata.labels.is_none());
-        let st = o.status.as_ref().unwrap();
-        assert!(st.conditions.is_empty() && st.active_key.is_none() && st.rotations == 0);
+        let o: Cached = serde_json::from_value(full()).unwrap();
+        let m = &o.metadata;
+        assert!(m.managed_fields.is_none() && m.annotations.is_none() && m.labels.is_none());
+        let back = serde_json::to_value(&o).unwrap();
+        assert_eq!(back["spec"], serde_json::json!({"userName": "billing"}));
+        assert_eq!(back["status"], serde_json::json!({"phase": "RollingOut", "failedAttempts": 2}));
         let mut none = full();
-        none.status = None;
-        slim(&mut none);
-        assert!(none.status.is_none());
+        none.as_object_mut().unwrap().remove("status");
+        let o: Cached = serde_json::from_value(none).unwrap();
+        assert!(o.status.is_none());
     }
 }

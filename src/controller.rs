@@ -13,14 +13,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{Controller, WatchStreamExt as _, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::{Controller, watcher};
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::act::{self, Env, Outcome};
 use crate::api::{DeletionPolicy, FINALIZER, IamKeyRotation, IamKeyRotationStatus};
+use crate::cache::Cached;
 use crate::error::Error;
 use crate::iam::Iam;
 use crate::plan::{self, Identity, Step};
@@ -43,7 +44,7 @@ pub struct Context<I: Iam> {
     pub iam: I,
     pub cluster: String,
     pub region: String,
-    pub recorder: Recorder,
+    pub events: status::Events,
     /// At most this many rotations in flight at once (a backlog of overdue keys must not restart
     /// every workload of the cluster at the same moment).
     pub max_concurrent_rotations: usize,
@@ -57,14 +58,14 @@ pub struct Context<I: Iam> {
     pub whoami: tokio::sync::OnceCell<Option<String>>,
     /// The controllers' caches of resources (one per watched namespace), for counting rotations
     /// in flight.
-    pub stores: std::sync::Mutex<Vec<Store<IamKeyRotation>>>,
+    pub stores: std::sync::Mutex<Vec<Store<Cached>>>,
 }
 
 impl<I: Iam> Context<I> {
     pub fn new(client: kube::Client, iam: I, cluster: String, region: String) -> Self {
         let reporter = Reporter { controller: "rekey".into(), instance: std::env::var("POD_NAME").ok() };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: status::Events::new(client.clone(), reporter),
             client,
             iam,
             cluster,
@@ -85,7 +86,7 @@ impl<I: Iam> Context<I> {
 pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     let client = ctx.client.clone();
     // Cluster-wide, or one controller per watched namespace (namespaced RBAC: a Role in each).
-    let apis: Vec<Api<IamKeyRotation>> = if ctx.namespaces.is_empty() {
+    let apis: Vec<Api<Cached>> = if ctx.namespaces.is_empty() {
         vec![Api::all(client.clone())]
     } else {
         ctx.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
@@ -98,11 +99,8 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
             // so their changes are seen on the next reconcile (see IDLE_RESYNC).
             // A bounded number of reconciles at once: 1,000 resources due together must not hold
             // 1,000 working sets in memory; the AWS cap is the throughput limit anyway.
-            // The cache holds a slim copy of each resource (crate::cache); reconcile reads it afresh.
-            let (reader, writer) = reflector::store();
-            let trigger =
-                watcher(api, watcher::Config::default()).modify(crate::cache::slim).reflect(writer).applied_objects();
-            let controller = Controller::for_stream(trigger, reader)
+            // The cache holds `Cached` (crate::cache), not whole resources; reconcile reads afresh.
+            let controller = Controller::new(api, watcher::Config::default())
                 .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
             stores.push(controller.store());
             if let Ok(mut all) = ctx.stores.lock() {
@@ -143,7 +141,7 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     ctx.health.set(crate::http::Lifecycle::Dead);
 }
 
-fn error_policy<I: Iam>(obj: Arc<IamKeyRotation>, err: &Error, _ctx: Arc<Context<I>>) -> Action {
+fn error_policy<I: Iam>(obj: Arc<Cached>, err: &Error, _ctx: Arc<Context<I>>) -> Action {
     let failed = obj.status.as_ref().map(|s| s.failed_attempts).unwrap_or(0);
     match err {
         Error::Conflict => Action::requeue(Duration::from_millis(500)),
@@ -151,13 +149,13 @@ fn error_policy<I: Iam>(obj: Arc<IamKeyRotation>, err: &Error, _ctx: Arc<Context
     }
 }
 
-async fn reconcile<I: Iam>(obj: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
+async fn reconcile<I: Iam>(obj: Arc<Cached>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let span = info_span!("reconcile", namespace = %ns, name = %obj.name_any());
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
     let result = async move {
-        let api: Api<IamKeyRotation> = Api::namespaced(ctx.client.clone(), &ns);
+        let api: Api<Cached> = Api::namespaced(ctx.client.clone(), &ns);
         finalizer(&api, FINALIZER, obj, |event| async {
             match event {
                 Finalizer::Apply(o) => apply(o, ctx.clone()).await,
@@ -184,7 +182,7 @@ fn identity<I: Iam>(obj: &IamKeyRotation, ctx: &Context<I>) -> Identity {
     Identity { cluster: ctx.cluster.clone(), namespace: obj.namespace().unwrap_or_default(), name: obj.name_any() }
 }
 
-async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
+async fn apply<I: Iam>(cached: Arc<Cached>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
     let ns = cached.namespace().unwrap_or_default();
     let api: Api<IamKeyRotation> = Api::namespaced(ctx.client.clone(), &ns);
     // Rule 4: decide on the apiserver's current object, never on a possibly stale cache.
@@ -198,6 +196,11 @@ async fn apply<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Res
         st.last_rotate_request = r.rotate;
         st.last_emergency_request = r.emergency;
         st.last_retire_request = r.retire;
+    }
+    if before.observed_generation.is_some() && before.observed_generation != obj.metadata.generation {
+        // A spec edit is a new attempt: it does not wait out the failures of the spec before it.
+        st.failed_attempts = 0;
+        st.last_failure_time = None;
     }
     st.observed_generation = obj.metadata.generation;
 
@@ -354,7 +357,7 @@ async fn fail<I: Iam>(
             let v = Verdict::Forbidden(format!("{what} failed: {e}"));
             failed.conditions = status::conditions(&failed, &v, obj.metadata.generation, now);
         }
-        status::event(&ctx.recorder, obj, true, e.category(), format!("{what} failed: {e}"), what).await;
+        ctx.events.publish(obj, true, e.category(), format!("{what} failed: {e}"), what).await;
         if let Err(we) = status::write(api, obj, &failed, false).await {
             warn!(error = %we, "could not record the failure in status");
         }
@@ -389,11 +392,11 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
 /// earlier is in it. A fresh list adds nothing but load (a list of every resource per reconcile made
 /// bootstrapping 1,000 resources O(n²) for the apiserver: 504s, 5 GiB). Separate watches of several
 /// namespaces are not ordered with one another, so then the watched namespaces are listed afresh.
-async fn owner_candidates<I: Iam>(ctx: &Context<I>) -> Result<Vec<Arc<IamKeyRotation>>, Error> {
+async fn owner_candidates<I: Iam>(ctx: &Context<I>) -> Result<Vec<Arc<Cached>>, Error> {
     if ctx.namespaces.len() > 1 {
         let mut out = Vec::new();
         for ns in &ctx.namespaces {
-            let list = Api::<IamKeyRotation>::namespaced(ctx.client.clone(), ns).list(&Default::default()).await?;
+            let list = Api::<Cached>::namespaced(ctx.client.clone(), ns).list(&Default::default()).await?;
             out.extend(list.items.into_iter().map(Arc::new));
         }
         return Ok(out);
@@ -418,7 +421,7 @@ async fn owner_candidates<I: Iam>(ctx: &Context<I>) -> Result<Vec<Arc<IamKeyRota
 /// the watch lives). kube-runtime's readiness signal wakes only the last task that waited on it, and
 /// the controller's runner waits on it too: a second waiter would sleep forever (readiness never
 /// reported). So this looks again every 100 ms instead of relying on being woken.
-async fn synced(store: &Store<IamKeyRotation>, limit: Option<Duration>) -> bool {
+async fn synced(store: &Store<Cached>, limit: Option<Duration>) -> bool {
     let start = tokio::time::Instant::now();
     loop {
         match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
@@ -474,12 +477,12 @@ async fn report<I: Iam>(
     let was = |t: &str| before.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
     match &verdict {
         Verdict::Stalled(r, m) if was("Stalled") != Some(("True".into(), r.as_str().into())) => {
-            status::event(&ctx.recorder, obj, true, r.as_str(), m.clone(), "Stall").await;
+            ctx.events.publish(obj, true, r.as_str(), m.clone(), "Stall").await;
         }
         Verdict::Degraded(r, m)
             if was("Degraded") != Some(("True".into(), r.as_str().into())) && !matches!(step, Step::Abandon { .. }) =>
         {
-            status::event(&ctx.recorder, obj, true, r.as_str(), m.clone(), "Degrade").await;
+            ctx.events.publish(obj, true, r.as_str(), m.clone(), "Degrade").await;
         }
         _ => {}
     }
@@ -488,7 +491,7 @@ async fn report<I: Iam>(
         crate::failpoint!("after-status");
     }
     for (warning, reason, note) in out.events {
-        status::event(&ctx.recorder, obj, warning, &reason, note, step.name()).await;
+        ctx.events.publish(obj, warning, &reason, note, step.name()).await;
     }
     Ok(match out.requeue {
         Some(d) if d.is_zero() => Action::requeue(Duration::from_millis(100)),
@@ -536,7 +539,7 @@ fn record_metrics<I: Iam>(
 
 /// Deletion, by `deletionPolicy`. Works with an invalid spec, a missing user or withdrawn
 /// consent, and never blocks namespace deletion for longer than one reconcile.
-async fn cleanup<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
+async fn cleanup<I: Iam>(cached: Arc<Cached>, ctx: Arc<Context<I>>) -> Result<Action, Error> {
     let ns = cached.namespace().unwrap_or_default();
     let name = cached.name_any();
     // The cache keeps no status (crate::cache): which keys to delete is read from the apiserver.
@@ -613,7 +616,7 @@ async fn cleanup<I: Iam>(cached: Arc<IamKeyRotation>, ctx: Arc<Context<I>>) -> R
             format!("; left behind after errors: {}", problems.join("; "))
         }
     );
-    status::event(&ctx.recorder, &obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
+    ctx.events.publish(&obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
     ctx.metrics.forget(&ns, &name);
     // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
     Ok(Action::await_change())

@@ -66,7 +66,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
 /// whether an older resource among `resources` (see `controller::owner_candidates`: a read at
 /// least as fresh as this resource) names the same user.
 pub async fn iam<I: Iam>(
-    resources: &[std::sync::Arc<IamKeyRotation>],
+    resources: &[std::sync::Arc<crate::cache::Cached>],
     iam: &I,
     operator_user: Option<String>,
     obj: &IamKeyRotation,

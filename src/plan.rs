@@ -335,6 +335,9 @@ fn stall(reason: StallReason, message: impl Into<String>) -> Step {
 /// Decides the next step.
 pub fn decide(i: &Input) -> Step {
     let st = i.status;
+    if let Some(s) = backing_off(i) {
+        return s;
+    }
     match st.phase {
         Phase::Idle => idle(i),
         Phase::Creating => creating(i),
@@ -349,6 +352,26 @@ pub fn decide(i: &Input) -> Step {
             None => Step::Finish,
         },
     }
+}
+
+/// After a failure, whatever the phase, the next attempt waits for the backoff. Recording the
+/// failure in status is itself a change the watch reports, which would otherwise retry at once,
+/// and again (ten times a second, each with a status write and an Event). A new request from a
+/// human (a rekey.dev/rotate, -emergency or retire value not acted on yet) does not wait; nor does
+/// a spec edit, which clears the failure count before deciding (controller::apply).
+fn backing_off(i: &Input) -> Option<Step> {
+    let (st, o) = (i.status, i.observed);
+    let last = st.last_failure_time.as_ref().filter(|_| st.failed_attempts > 0)?;
+    let new = |asked: &Option<String>, done: &Option<String>| asked.is_some() && asked != done;
+    let r = &o.requests;
+    if new(&r.rotate, &st.last_rotate_request)
+        || new(&r.emergency, &st.last_emergency_request)
+        || new(&r.retire, &st.last_retire_request)
+    {
+        return None;
+    }
+    let retry = add(last.0, backoff(st.failed_attempts));
+    (o.now < retry).then(|| wait(Some(until(o.now, retry)), format!("retrying after failure at {retry}")))
 }
 
 /// After distribution every target Secret holds the active key. One deleted or emptied by hand
@@ -539,17 +562,9 @@ fn first_key(i: &Input) -> Step {
     }
 }
 
-/// Starting a rotation: the gate, the failure backoff, and the 2-key quota.
+/// Starting a rotation: the gate and the 2-key quota (the failure backoff is `backing_off`).
 fn begin(i: &Input, trigger: Trigger) -> Step {
     let (st, o) = (i.status, i.observed);
-    if st.failed_attempts > 0
-        && let Some(last) = &st.last_failure_time
-    {
-        let retry = add(last.0, backoff(st.failed_attempts));
-        if o.now < retry {
-            return wait(Some(until(o.now, retry)), format!("retrying after failure at {retry}"));
-        }
-    }
     let Some(iam) = &o.iam else { return Step::NeedIam };
     if let Some(s) = iam_gate(i, iam) {
         return s;

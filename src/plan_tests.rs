@@ -441,6 +441,38 @@ fn a_partitioned_statefulset_is_refused() {
 }
 
 #[test]
+fn after_a_failure_every_phase_waits_for_the_backoff_before_trying_again() {
+    let failed = |mut c: Case, ago: i64| {
+        c.status.failed_attempts = 2; // 20 s
+        c.status.last_failure_time = Some(Time(now() - secs(ago)));
+        c
+    };
+    // Mid-rotation: the deactivation is due, but the last attempt failed 5 s ago.
+    let c = failed(deactivating(now() - secs(3600)), 5);
+    assert!(matches!(c.decide(), Step::Wait { requeue: Some(d), .. } if d == Duration::from_secs(15)));
+    assert_eq!(failed(deactivating(now() - secs(3600)), 21).decide(), Step::Deactivate { key_id: OLD.into() });
+    // First look: not even IAM is asked again before the backoff is over.
+    let mut c = failed(Case::new(), 5);
+    c.observed.iam = None;
+    assert!(matches!(c.decide(), Step::Wait { .. }));
+    c.status.last_failure_time = Some(Time(now() - secs(21)));
+    assert_eq!(c.decide(), Step::NeedIam);
+}
+
+#[test]
+fn a_new_request_from_a_human_does_not_wait_for_the_failure_backoff() {
+    let created = now() - secs(86_400);
+    let mut c = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
+    c.status.failed_attempts = 6; // 320 s
+    c.status.last_failure_time = Some(Time(now() - secs(5)));
+    c.status.last_rotate_request = Some("1".into());
+    c.observed.requests.rotate = Some("1".into());
+    assert!(matches!(c.decide(), Step::Wait { .. }), "a request already acted on still waits");
+    c.observed.requests.rotate = Some("2".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Requested });
+}
+
+#[test]
 fn bootstrap_without_an_old_key_finishes_after_rollout() {
     let mut c = rolling(now(), Trigger::Bootstrap).workload("Deployment/web", Some(NEW), true, 2);
     c.status.retiring_key = None;

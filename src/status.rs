@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource as _, ResourceExt as _};
 
 use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
@@ -167,17 +167,38 @@ pub async fn write(
     Err(Error::Conflict)
 }
 
-/// Publishes an Event; a failure to publish is logged, never fatal.
-pub async fn event(recorder: &Recorder, obj: &IamKeyRotation, warning: bool, reason: &str, note: String, action: &str) {
-    let ev = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: action.to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
-        tracing::warn!(error = %crate::error::transport_kind(&e), "could not publish an Event");
+/// Where rekey's Events go. Warnings repeat (a failing step is retried with backoff), so they go
+/// through one shared kube Recorder, which folds repeats into a series. Normal Events mark
+/// transitions, which do not repeat, so each gets a Recorder of its own: the shared one keeps every
+/// Event it published for 6 minutes, which for 10,000 resources looked at once was 13 MiB.
+pub struct Events {
+    client: kube::Client,
+    reporter: Reporter,
+    warnings: Recorder,
+}
+
+impl Events {
+    pub fn new(client: kube::Client, reporter: Reporter) -> Self {
+        Self { warnings: Recorder::new(client.clone(), reporter.clone()), client, reporter }
+    }
+
+    /// Publishes an Event; a failure to publish is logged, never fatal.
+    pub async fn publish(&self, obj: &IamKeyRotation, warning: bool, reason: &str, note: String, action: &str) {
+        let ev = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        let published = if warning {
+            self.warnings.publish(&ev, &obj.object_ref(&())).await
+        } else {
+            Recorder::new(self.client.clone(), self.reporter.clone()).publish(&ev, &obj.object_ref(&())).await
+        };
+        if let Err(e) = published {
+            tracing::warn!(error = %crate::error::transport_kind(&e), "could not publish an Event");
+        }
     }
 }
 

@@ -240,6 +240,31 @@ async fn role_arn_is_assumed_with_the_namespace_external_id_and_checked_against_
         Ok(if n > 0 { Ok(()) } else { Err("no IAM failure yet".into()) })
     })
     .await?;
+    // The refusal comes back at every retry, after a backoff (10 s, then 20 s, ...): one Warning
+    // Event whose series counts the repeats, and no more repeats than the backoff allows.
+    let (count, first) = rekey_testenv::env::eventually("the repeated refusal folded into one Event", WAIT, || async {
+        let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns)
+            .list(&Default::default())
+            .await?;
+        let mine: Vec<_> = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref().is_some_and(|r| r.starts_with("Iam")))
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("wrong-trust"))
+            .collect();
+        let count = mine.first().and_then(|e| e.series.as_ref()).map_or(1, |s| s.count);
+        let first = mine.first().and_then(|e| e.event_time.as_ref()).map(|t| t.0);
+        Ok(match first {
+            Some(first) if mine.len() == 1 && count >= 2 => Ok((count, first)),
+            _ => Err(format!("{} Events, count {count}", mine.len())),
+        })
+    })
+    .await?;
+    let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(first).as_secs_f64();
+    assert!(
+        f64::from(count) <= 2.0 + elapsed / 10.0,
+        "{count} attempts in {elapsed:.1} s: the backoff was not waited for"
+    );
     assert!(f.env.keys(&user_b).await?.is_empty(), "nothing written through a role that refused");
     assert!(f.env.keys(&user_c).await?.is_empty(), "nothing written for a role not allowed");
     Ok(())
