@@ -137,6 +137,7 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
     let now = env.now();
     match step {
         Step::Wait { requeue, .. } => Ok(Outcome { requeue: *requeue, ..Default::default() }),
+        Step::Retry { requeue, .. } => Ok(Outcome { requeue: Some(*requeue), ..Default::default() }),
         Step::NeedIam | Step::NeedWorkloads => Err(Error::Internal("the plan asked for facts twice".into())),
         Step::Stall { .. } => Ok(Outcome::requeue(Duration::from_secs(300))),
         Step::Degrade { requeue, .. } => Ok(Outcome::requeue(*requeue)),

@@ -174,6 +174,9 @@ reason_str!(DegradeReason {
 pub enum Step {
     /// Nothing to write; look again after `requeue` (None: only on a watch event).
     Wait { requeue: Option<Duration>, why: String },
+    /// The last attempt failed: nothing is done, and nothing concluded (the failure's conditions
+    /// stand), until the backoff is over.
+    Retry { requeue: Duration, why: String },
     /// The decision needs IAM facts: gather them and decide again.
     NeedIam,
     /// The decision needs the workloads: gather them and decide again.
@@ -223,6 +226,7 @@ impl Step {
         !matches!(
             self,
             Step::Wait { .. }
+                | Step::Retry { .. }
                 | Step::NeedIam
                 | Step::NeedWorkloads
                 | Step::Stall { .. }
@@ -238,6 +242,7 @@ impl Step {
     pub fn name(&self) -> &'static str {
         match self {
             Step::Wait { .. } => "Wait",
+            Step::Retry { .. } => "Retry",
             Step::NeedIam => "NeedIam",
             Step::NeedWorkloads => "NeedWorkloads",
             Step::Stall { .. } => "Stall",
@@ -371,7 +376,8 @@ fn backing_off(i: &Input) -> Option<Step> {
         return None;
     }
     let retry = add(last.0, backoff(st.failed_attempts));
-    (o.now < retry).then(|| wait(Some(until(o.now, retry)), format!("retrying after failure at {retry}")))
+    (o.now < retry)
+        .then(|| Step::Retry { requeue: until(o.now, retry), why: format!("retrying after failure at {retry}") })
 }
 
 /// After distribution every target Secret holds the active key. One deleted or emptied by hand

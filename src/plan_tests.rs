@@ -275,7 +275,7 @@ fn failure_backoff_from_status_delays_the_next_attempt() {
     let mut c = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
     c.status.failed_attempts = 3; // 40 s
     c.status.last_failure_time = Some(Time(now() - secs(30)));
-    assert!(matches!(c.decide(), Step::Wait { requeue: Some(d), .. } if d == Duration::from_secs(10)));
+    assert!(matches!(c.decide(), Step::Retry { requeue, .. } if requeue == Duration::from_secs(10)));
     c.status.last_failure_time = Some(Time(now() - secs(41)));
     assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Scheduled });
     assert_eq!(backoff(1), Duration::from_secs(10));
@@ -449,12 +449,12 @@ fn after_a_failure_every_phase_waits_for_the_backoff_before_trying_again() {
     };
     // Mid-rotation: the deactivation is due, but the last attempt failed 5 s ago.
     let c = failed(deactivating(now() - secs(3600)), 5);
-    assert!(matches!(c.decide(), Step::Wait { requeue: Some(d), .. } if d == Duration::from_secs(15)));
+    assert!(matches!(c.decide(), Step::Retry { requeue, .. } if requeue == Duration::from_secs(15)));
     assert_eq!(failed(deactivating(now() - secs(3600)), 21).decide(), Step::Deactivate { key_id: OLD.into() });
     // First look: not even IAM is asked again before the backoff is over.
     let mut c = failed(Case::new(), 5);
     c.observed.iam = None;
-    assert!(matches!(c.decide(), Step::Wait { .. }));
+    assert!(matches!(c.decide(), Step::Retry { .. }));
     c.status.last_failure_time = Some(Time(now() - secs(21)));
     assert_eq!(c.decide(), Step::NeedIam);
 }
@@ -467,7 +467,7 @@ fn a_new_request_from_a_human_does_not_wait_for_the_failure_backoff() {
     c.status.last_failure_time = Some(Time(now() - secs(5)));
     c.status.last_rotate_request = Some("1".into());
     c.observed.requests.rotate = Some("1".into());
-    assert!(matches!(c.decide(), Step::Wait { .. }), "a request already acted on still waits");
+    assert!(matches!(c.decide(), Step::Retry { .. }), "a request already acted on still waits");
     c.observed.requests.rotate = Some("2".into());
     assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Requested });
 }

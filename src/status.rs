@@ -56,6 +56,8 @@ pub enum Verdict {
     Progressed,
     /// Nothing new (waiting, dry run, suspended).
     Unchanged,
+    /// Waiting out the backoff after a failure: the conditions that failure set stand.
+    Retrying,
     /// The operator's own Kubernetes permissions are missing: not Ready until a human fixes them.
     Forbidden(String),
 }
@@ -71,6 +73,7 @@ impl Verdict {
                 DegradeReason::RolledBack,
                 format!("key {key_id} was reactivated: {} broke after it was deactivated", broken.join(", ")),
             ),
+            Step::Retry { .. } => Verdict::Retrying,
             Step::Wait { .. } | Step::NeedIam | Step::NeedWorkloads | Step::TrackSoak { .. } => Verdict::Unchanged,
             _ => Verdict::Progressed,
         }
@@ -85,6 +88,9 @@ pub fn conditions(
     now: Timestamp,
 ) -> Vec<Condition> {
     let mut c = st.conditions.clone();
+    if *verdict == Verdict::Retrying {
+        return c;
+    }
     let secret_broken = matches!(verdict, Verdict::Stalled(StallReason::SecretConflict, _));
     let forbidden = match verdict {
         Verdict::Forbidden(m) => Some(m.as_str()),
@@ -246,6 +252,19 @@ mod tests {
         assert_eq!(cond(&st.conditions, "Degraded"), ("True", "RolloutStalled"));
         st.conditions = conditions(&st, &Verdict::Progressed, None, now);
         assert_eq!(cond(&st.conditions, "Degraded").0, "False");
+    }
+
+    #[test]
+    fn what_a_failure_said_stands_while_its_backoff_runs() {
+        let now = Timestamp::now();
+        let mut st = status(Phase::RollingOut, true);
+        st.conditions = conditions(&st, &Verdict::Forbidden("cannot patch deployments".into()), None, now);
+        assert_eq!(cond(&st.conditions, "Ready"), ("False", "Forbidden"));
+        let c = conditions(&st, &Verdict::Retrying, None, now);
+        assert_eq!(cond(&c, "Ready"), ("False", "Forbidden"));
+        assert_eq!(cond(&c, "Stalled"), ("True", "Forbidden"));
+        let c = conditions(&st, &Verdict::Progressed, None, now);
+        assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
     }
 
     #[test]
