@@ -71,7 +71,7 @@ impl Resource for Cached {
 /// (managedFields above all) is skipped while parsing.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Identity {
+struct KeptMeta {
     name: Option<String>,
     namespace: Option<String>,
     uid: Option<String>,
@@ -83,7 +83,7 @@ struct Identity {
 }
 
 fn identity_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let m = Identity::deserialize(d)?;
+    let m = KeptMeta::deserialize(d)?;
     Ok(ObjectMeta {
         name: m.name,
         namespace: m.namespace,

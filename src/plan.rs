@@ -361,20 +361,13 @@ pub fn decide(i: &Input) -> Step {
 
 /// After a failure, whatever the phase, the next attempt waits for the backoff. Recording the
 /// failure in status is itself a change the watch reports, which would otherwise retry at once,
-/// and again (ten times a second, each with a status write and an Event). A new request from a
-/// human (a rekey.dev/rotate, -emergency or retire value not acted on yet) does not wait; nor does
-/// a spec edit, which clears the failure count before deciding (controller::apply).
+/// and again (ten times a second, each with a status write and an Event). A new request annotation
+/// waits too: it is marked as acted on only when its step succeeds, so letting it through would
+/// bring that loop back for as long as the step fails. A spec edit clears the failure count before
+/// deciding (controller::apply), so it is tried at once.
 fn backing_off(i: &Input) -> Option<Step> {
     let (st, o) = (i.status, i.observed);
     let last = st.last_failure_time.as_ref().filter(|_| st.failed_attempts > 0)?;
-    let new = |asked: &Option<String>, done: &Option<String>| asked.is_some() && asked != done;
-    let r = &o.requests;
-    if new(&r.rotate, &st.last_rotate_request)
-        || new(&r.emergency, &st.last_emergency_request)
-        || new(&r.retire, &st.last_retire_request)
-    {
-        return None;
-    }
     let retry = add(last.0, backoff(st.failed_attempts));
     (o.now < retry)
         .then(|| Step::Retry { requeue: until(o.now, retry), why: format!("retrying after failure at {retry}") })

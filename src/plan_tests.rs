@@ -460,16 +460,18 @@ fn after_a_failure_every_phase_waits_for_the_backoff_before_trying_again() {
 }
 
 #[test]
-fn a_new_request_from_a_human_does_not_wait_for_the_failure_backoff() {
+fn a_new_request_waits_out_the_failure_backoff_then_is_acted_on() {
+    // The request is marked done only when its step succeeds: were it let through the backoff, a
+    // failing step would be retried at every status write for as long as the annotation stands.
     let created = now() - secs(86_400);
     let mut c = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
     c.status.failed_attempts = 6; // 320 s
     c.status.last_failure_time = Some(Time(now() - secs(5)));
-    c.status.last_rotate_request = Some("1".into());
-    c.observed.requests.rotate = Some("1".into());
-    assert!(matches!(c.decide(), Step::Retry { .. }), "a request already acted on still waits");
     c.observed.requests.rotate = Some("2".into());
-    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Requested });
+    c.observed.requests.emergency = Some("2".into());
+    assert!(matches!(c.decide(), Step::Retry { .. }));
+    c.status.last_failure_time = Some(Time(now() - secs(321)));
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Emergency });
 }
 
 #[test]
