@@ -20,7 +20,9 @@ use crate::api::{
 };
 use crate::error::Error;
 use crate::iam::{Iam, Verification, user_of_arn};
-use crate::plan::{self, Identity, Observed, POLL, Step};
+use crate::ownership::{Identity, claim_value};
+use crate::plan::{self, POLL, Step};
+use crate::plan::snapshot::{Observed, SecretState};
 use crate::secrets::{self, AccessKey, RenderContext};
 use crate::validate::ValidSpec;
 use crate::workloads;
@@ -216,7 +218,7 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
         Step::Abandon { delete_key, reason, message } => {
             if let Some(k) = delete_key {
                 let keys = env.iam.list_keys(env.user()).await?;
-                let in_secret = env.observed.secrets.iter().any(|(_, s)| *s == plan::SecretState::Holds(k.clone()));
+                let in_secret = env.observed.secrets.iter().any(|(_, s)| *s == SecretState::Holds(k.clone()));
                 let is_active = st.active_key.as_ref().is_some_and(|a| &a.access_key_id == k);
                 if !in_secret && !is_active && keys.iter().any(|x| &x.id == k) {
                     env.iam.delete_key(env.user(), k).await?;
@@ -340,7 +342,7 @@ async fn create<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Resu
     enter(st, Phase::Verifying, now);
     let mut out = Outcome::requeue(Duration::ZERO).event(false, "Created", format!("created key {}", key.id));
     // The owner claim (DESIGN rule 7); reported, never fatal (e.g. the 50-tag quota).
-    if let Err(e) = env.iam.tag_user(env.user(), &key.id, &plan::claim_value(&env.identity.owner())).await {
+    if let Err(e) = env.iam.tag_user(env.user(), &key.id, &claim_value(&env.identity.owner())).await {
         out = out.event(true, "TagFailed", format!("could not tag IAM user with the claim on {}: {e}", key.id));
     }
     Ok(out)

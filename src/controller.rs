@@ -24,7 +24,9 @@ use crate::api::{DeletionPolicy, FINALIZER, IamKeyRotation, IamKeyRotationStatus
 use crate::cache::Cached;
 use crate::error::Error;
 use crate::iam::Iam;
-use crate::plan::{self, Identity, Step};
+use crate::ownership::{Identity, claims, fnv1a, is_own_claim};
+use crate::plan::{self, Step};
+use crate::plan::snapshot::SecretState;
 use crate::secrets;
 use crate::status::{self, Verdict};
 use crate::validate::validate;
@@ -231,7 +233,7 @@ async fn apply<I: Iam>(cached: Arc<Cached>, ctx: Arc<Context<I>>) -> Result<Acti
             match cache.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let session = format!("rekey-{}", crate::plan::fnv1a(external_id.as_bytes()));
+                    let session = format!("rekey-{}", fnv1a(external_id.as_bytes()));
                     let c = ctx.iam.for_role(role, &external_id, &session).await;
                     cache.insert(key, c.clone());
                     c
@@ -555,7 +557,7 @@ async fn cleanup<I: Iam>(cached: Arc<Cached>, ctx: Arc<Context<I>>) -> Result<Ac
         o.secrets
             .into_iter()
             .filter_map(|(_, s)| match s {
-                plan::SecretState::Holds(id) => Some(id),
+                SecretState::Holds(id) => Some(id),
                 _ => None,
             })
             .collect()
@@ -572,9 +574,9 @@ async fn cleanup<I: Iam>(cached: Arc<Cached>, ctx: Arc<Context<I>>) -> Result<Ac
         }
     };
     let tags = ctx.iam.user_tags(&user).await.ok().flatten().unwrap_or_default();
-    let ours: Vec<String> = plan::claims(&tags)
+    let ours: Vec<String> = claims(&tags)
         .into_iter()
-        .filter(|(_, o)| plan::is_own_claim(o, &owner))
+        .filter(|(_, o)| is_own_claim(o, &owner))
         .map(|(k, _)| k)
         .filter(|k| keys.iter().any(|x| &x.id == k))
         .collect();

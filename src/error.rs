@@ -1,8 +1,6 @@
 //! Errors of a reconcile, each with a bounded category used as Event reason and metric label
 //! (never the error's text, which may name objects).
 
-use crate::secrets::SecretWriteError;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
@@ -68,3 +66,27 @@ pub fn transport_kind(e: &kube::Error) -> &'static str {
         _ => "ClientError",
     }
 }
+
+/// Secret write failures, summarised: admission webhooks may quote object content, so the
+/// apiserver's message is never passed on.
+#[derive(Debug, thiserror::Error)]
+#[error("{verb} Secret {name}: {reason} (HTTP {code})")]
+pub struct SecretWriteError {
+    pub verb: &'static str,
+    pub name: String,
+    pub reason: String,
+    pub code: u16,
+}
+
+pub fn summarise(verb: &'static str, name: &str, e: kube::Error) -> SecretWriteError {
+    match e {
+        kube::Error::Api(s) => SecretWriteError { verb, name: name.to_owned(), reason: s.reason.clone(), code: s.code },
+        other => SecretWriteError {
+            verb,
+            name: name.to_owned(),
+            reason: transport_kind(&other).to_owned(),
+            code: 0,
+        },
+    }
+}
+

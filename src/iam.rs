@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::error::Error;
-use crate::plan::IamKey;
+use crate::plan::snapshot::IamKey;
 use crate::secrets::AccessKey;
 
 /// What a verification attempt found.

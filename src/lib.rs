@@ -16,6 +16,7 @@ pub mod iam;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod ownership;
 pub mod plan;
 pub mod secrets;
 pub mod status;

@@ -15,7 +15,7 @@ use crate::api::{
 };
 use crate::error::Error;
 use crate::iam::Iam;
-use crate::plan::{IamState, Observed, Requests, SecretState};
+use crate::plan::snapshot::{IamState, Observed, Requests, SecretState};
 use crate::secrets;
 
 async fn get_secret(api: &Api<Secret>, name: &str) -> Result<Option<Secret>, Error> {

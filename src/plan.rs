@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+pub mod snapshot;
+
 use crate::api::{IamKeyRotationSpec, IamKeyRotationStatus, KeyState, Phase, Trigger};
+use crate::ownership::{Identity, claims, is_own_claim};
+pub use snapshot::{IamKey, IamState, Observed, Requests, SecretState, WorkloadState, WorkloadsState};
 use crate::validate::ValidSpec;
 
 /// How long verification of a new key may take (IAM propagation) before it is abandoned.
@@ -20,99 +24,6 @@ pub const BROKEN_AFTER: Duration = Duration::from_secs(30);
 pub const ORPHAN_CLOCK_SLACK: Duration = Duration::from_secs(300);
 /// How often an in-flight rollout or soak is looked at when no watch event arrives.
 pub const POLL: Duration = Duration::from_secs(5);
-
-/// What a target Secret holds in the keys rekey owns.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SecretState {
-    Missing,
-    Empty,
-    Holds(String),
-    /// Present but its content cannot be read as a key (e.g. half of a pair).
-    Unreadable(String),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IamKey {
-    pub id: String,
-    pub active: bool,
-    pub created: Timestamp,
-}
-
-/// What IAM says about the user, gathered only when the decision needs it.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct IamState {
-    pub user_exists: bool,
-    pub keys: Vec<IamKey>,
-    pub tags: BTreeMap<String, String>,
-    /// Last use of the retiring key, when requireOldKeyUnusedFor asks for it (None: never used).
-    pub retiring_last_used: Option<Option<Timestamp>>,
-    /// The IAM user the operator itself runs as, if it runs as one.
-    pub operator_user: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkloadState {
-    /// "Kind/name".
-    pub id: String,
-    /// Value of the rekey.dev/access-key-id annotation on its pod template.
-    pub stamped: Option<String>,
-    /// Rollout complete by `kubectl rollout status` rules and no unstamped pod left.
-    pub complete: bool,
-    /// Why rekey refuses to roll it (partitioned or OnDelete StatefulSet).
-    pub refused: Option<String>,
-    pub ready: i32,
-    /// A rollout of it is in progress (a newer template than the one running).
-    pub progressing: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct WorkloadsState {
-    pub items: Vec<WorkloadState>,
-    /// Pods outside supported workloads that hold the retiring key through env.
-    pub uncovered: Vec<String>,
-}
-
-/// The annotations that ask for something.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Requests {
-    pub rotate: Option<String>,
-    pub emergency: Option<String>,
-    pub retire: Option<String>,
-}
-
-/// The observed snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Observed {
-    pub now: Timestamp,
-    pub requests: Requests,
-    /// Same order as spec.secrets.
-    pub secrets: Vec<(String, SecretState)>,
-    /// The key id in the staging Secret, if any.
-    pub staging_key: Option<String>,
-    pub iam: Option<IamState>,
-    pub workloads: Option<WorkloadsState>,
-    /// Another, older resource of this cluster names the same user.
-    pub other_resource: Option<String>,
-    /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
-    pub gitops_managed: Vec<(String, &'static str)>,
-}
-
-/// Who this resource is: the owner string of rule 7, and the consent it needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub cluster: String,
-    pub namespace: String,
-    pub name: String,
-}
-
-impl Identity {
-    pub fn owner(&self) -> String {
-        format!("{}/{}/{}", self.cluster, self.namespace, self.name)
-    }
-    pub fn consent_tag(&self) -> String {
-        format!("rekey.dev/allow/{}", self.namespace)
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StallReason {
@@ -293,36 +204,6 @@ pub fn due_at(created: Timestamp, v: &ValidSpec) -> Timestamp {
 pub fn backoff(failed_attempts: u32) -> Duration {
     let exp = failed_attempts.saturating_sub(1).min(6);
     Duration::from_secs(10u64 << exp).min(Duration::from_secs(600))
-}
-
-/// Owner claims on the user's keys: access key id -> owner, from the description tags.
-pub fn claims(tags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    tags.iter().filter_map(|(k, v)| v.strip_prefix("rekey:").map(|owner| (k.clone(), owner.to_owned()))).collect()
-}
-
-/// The description-tag value for an owner, cut to IAM's 256 characters with a short hash.
-pub fn claim_value(owner: &str) -> String {
-    let full = format!("rekey:{owner}");
-    if full.len() <= 256 {
-        return full;
-    }
-    let hash = fnv1a(owner.as_bytes());
-    let mut cut = 256 - 9;
-    while !full.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}~{hash:08x}", &full[..cut])
-}
-
-/// Whether a claim value (as read back from IAM) is this owner's.
-pub fn is_own_claim(value_owner: &str, owner: &str) -> bool {
-    let ours = claim_value(owner);
-    ours.strip_prefix("rekey:") == Some(value_owner)
-}
-
-/// 32-bit FNV-1a: a stable short hash for names cut to fit a limit.
-pub fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 fn consent(iam: &IamState, id: &Identity) -> bool {

@@ -16,13 +16,16 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 
 use crate::api::{ACCESS_KEY_ANNOTATION, SecretFormat, SecretTarget};
-use crate::plan::SecretState;
+use crate::error::{SecretWriteError, summarise};
+use crate::ownership::fnv1a;
+use crate::plan::snapshot::SecretState;
 
 pub const DEFAULT_ID_KEY: &str = "AWS_ACCESS_KEY_ID";
 pub const DEFAULT_SECRET_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const CREDENTIALS_KEY: &str = "credentials";
 pub const SECRET_PLACEHOLDER: &str = "{{ .SecretAccessKey }}";
-/// Label on every Secret rekey writes; the controller watches only Secrets carrying it.
+/// Label on every Secret rekey writes, naming the resource that wrote it (for people and
+/// `kubectl get secrets -l`; rekey itself does not watch Secrets).
 pub const MANAGED_LABEL: &str = "rekey.dev/managed-by";
 
 /// An access key with its secret, which never leaves this type except into a Secret's data.
@@ -193,7 +196,7 @@ pub fn field_manager(resource: &str) -> String {
     if m.len() <= 128 {
         return m;
     }
-    format!("rekey/{}~{:08x}", &resource[..100], crate::plan::fnv1a(resource.as_bytes()))
+    format!("rekey/{}~{:08x}", &resource[..100], fnv1a(resource.as_bytes()))
 }
 
 /// Name of a resource's staging Secret.
@@ -202,7 +205,7 @@ pub fn staging_name(resource: &str) -> String {
     if n.len() <= 253 {
         return n;
     }
-    format!("{}-{:08x}-rekey-staging", &resource[..200], crate::plan::fnv1a(resource.as_bytes()))
+    format!("{}-{:08x}-rekey-staging", &resource[..200], fnv1a(resource.as_bytes()))
 }
 
 /// The staging Secret's layout: env format with the default key names.
@@ -223,29 +226,6 @@ fn apply_body(name: &str, resource: &str, key_id: Option<&str>, data: BTreeMap<S
         meta["annotations"] = json!({ACCESS_KEY_ANNOTATION: id});
     }
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": data})
-}
-
-/// Secret write failures, summarised: admission webhooks may quote object content, so the
-/// apiserver's message is never passed on.
-#[derive(Debug, thiserror::Error)]
-#[error("{verb} Secret {name}: {reason} (HTTP {code})")]
-pub struct SecretWriteError {
-    pub verb: &'static str,
-    pub name: String,
-    pub reason: String,
-    pub code: u16,
-}
-
-pub fn summarise(verb: &'static str, name: &str, e: kube::Error) -> SecretWriteError {
-    match e {
-        kube::Error::Api(s) => SecretWriteError { verb, name: name.to_owned(), reason: s.reason.clone(), code: s.code },
-        other => SecretWriteError {
-            verb,
-            name: name.to_owned(),
-            reason: crate::error::transport_kind(&other).to_owned(),
-            code: 0,
-        },
-    }
 }
 
 /// TOUCHES THE CLUSTER. Writes `key` into a target Secret's owned keys (creating the Secret if

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::api::{ACCESS_KEY_ANNOTATION, WorkloadKind, WorkloadRef};
 use crate::error::Error;
-use crate::plan::{WorkloadState, WorkloadsState};
+use crate::plan::snapshot::{WorkloadState, WorkloadsState};
 
 /// Whether a pod spec reads any of `secrets` (env valueFrom, envFrom, volume, projected volume).
 pub fn references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {

@@ -1,0 +1,75 @@
+//! Who owns what, in IAM's terms. PURE.
+//!
+//! A resource is `<cluster>/<namespace>/<name>`; the keys it created carry that owner in a tag on
+//! the IAM user (key: the access key id, value: `rekey:<owner>`), and the user consents to a
+//! namespace with the tag `rekey.dev/allow/<namespace>`. Names cut to fit a limit keep a short
+//! hash, so two long names stay distinct.
+
+use std::collections::BTreeMap;
+
+/// Who this resource is: the owner string of rule 7, and the consent it needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Identity {
+    pub fn owner(&self) -> String {
+        format!("{}/{}/{}", self.cluster, self.namespace, self.name)
+    }
+    pub fn consent_tag(&self) -> String {
+        format!("rekey.dev/allow/{}", self.namespace)
+    }
+}
+
+
+/// Owner claims on the user's keys: access key id -> owner, from the description tags.
+pub fn claims(tags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    tags.iter().filter_map(|(k, v)| v.strip_prefix("rekey:").map(|owner| (k.clone(), owner.to_owned()))).collect()
+}
+
+/// The description-tag value for an owner, cut to IAM's 256 characters with a short hash.
+pub fn claim_value(owner: &str) -> String {
+    let full = format!("rekey:{owner}");
+    if full.len() <= 256 {
+        return full;
+    }
+    let hash = fnv1a(owner.as_bytes());
+    let mut cut = 256 - 9;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:08x}", &full[..cut])
+}
+
+/// Whether a claim value (as read back from IAM) is this owner's.
+pub fn is_own_claim(value_owner: &str, owner: &str) -> bool {
+    let ours = claim_value(owner);
+    ours.strip_prefix("rekey:") == Some(value_owner)
+}
+
+/// 32-bit FNV-1a: a stable short hash for names cut to fit a limit.
+pub fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_owners_are_cut_to_iams_limit_and_stay_distinct() {
+        let a = format!("c/ns/{}", "x".repeat(300));
+        let b = format!("c/ns/{}y", "x".repeat(299));
+        assert!(claim_value(&a).len() <= 256);
+        assert_ne!(claim_value(&a), claim_value(&b));
+        let tags = BTreeMap::from([("AKIA1".to_owned(), claim_value(&a)), ("other".to_owned(), "x".to_owned())]);
+        let c = claims(&tags);
+        assert_eq!(c.len(), 1);
+        assert!(is_own_claim(&c["AKIA1"], &a));
+        assert!(!is_own_claim(&c["AKIA1"], &b));
+    }
+}
