@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -194,20 +195,19 @@ pub struct WorkloadRef {
     pub name: String,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, PartialOrd, Ord, Hash, strum::Display, strum::IntoStaticStr,
+)]
 pub enum WorkloadKind {
     Deployment,
     StatefulSet,
     DaemonSet,
 }
 
-impl std::fmt::Display for WorkloadKind {
+impl std::fmt::Display for WorkloadRef {
+    /// `Kind/name`, as `kubectl` names objects (and the keys of status.rotation.baseline).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WorkloadKind::Deployment => "Deployment",
-            WorkloadKind::StatefulSet => "StatefulSet",
-            WorkloadKind::DaemonSet => "DaemonSet",
-        })
+        write!(f, "{}/{}", self.kind, self.name)
     }
 }
 
@@ -236,7 +236,7 @@ impl Default for RetirementSpec {
     }
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default, strum::Display)]
 pub enum DeletionPolicy {
     #[default]
     Retain,
@@ -246,7 +246,8 @@ pub enum DeletionPolicy {
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AwsSpec {
-    /// AWS region for STS (IAM is global). Defaults to the operator's.
+    /// AWS region (IAM is global) where the new key is verified with STS, and the template's
+    /// {{ .Region }}. Defaults to the operator's (--region).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
     pub region: Option<String>,
@@ -257,7 +258,7 @@ pub struct AwsSpec {
 }
 
 /// Where a rotation stands.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default, strum::Display, strum::IntoStaticStr)]
 pub enum Phase {
     #[default]
     Idle,
@@ -270,11 +271,6 @@ pub enum Phase {
     Deleting,
 }
 
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self, f)
-    }
-}
 
 /// A key rekey tracks.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
@@ -285,7 +281,7 @@ pub struct KeyRef {
     pub created_at: Option<Time>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, strum::Display)]
 pub enum KeyState {
     Active,
     Inactive,
@@ -311,7 +307,7 @@ pub struct Pending {
 }
 
 /// Why a rotation started.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, strum::Display)]
 pub enum Trigger {
     Bootstrap,
     Scheduled,
@@ -327,9 +323,6 @@ pub struct RotationProgress {
     pub started_at: Time,
     /// When the current phase began (rollout timeout, deactivateAfter and the soak count from it).
     pub phase_since: Time,
-    /// When every target Secret held the new key: pods started before it hold the old one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub distributed_at: Option<Time>,
     /// Soak baseline: Ready pods per workload ("Kind/name") when the soak began.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub baseline: BTreeMap<String, i32>,
@@ -339,6 +332,20 @@ pub struct RotationProgress {
     /// Verification attempts made on the new key.
     #[serde(default)]
     pub verify_attempts: u32,
+}
+
+impl RotationProgress {
+    /// A rotation starting now.
+    pub fn start(trigger: Trigger, now: Timestamp) -> Self {
+        Self {
+            trigger,
+            started_at: Time(now),
+            phase_since: Time(now),
+            baseline: BTreeMap::new(),
+            below_since: BTreeMap::new(),
+            verify_attempts: 0,
+        }
+    }
 }
 
 /// One finished rotation.
@@ -351,8 +358,18 @@ pub struct HistoryEntry {
     pub new_key_id: Option<String>,
     pub started_at: Time,
     pub ended_at: Time,
-    /// Completed, Abandoned (the new key was deleted before anyone had it) or RolledBack.
-    pub outcome: String,
+    pub outcome: HistoryOutcome,
+}
+
+/// How a rotation ended.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, strum::Display)]
+pub enum HistoryOutcome {
+    /// The old key was deleted; the new one is in use.
+    Completed,
+    /// The first key was put in place (nothing was replaced).
+    Bootstrapped,
+    /// Given up before anyone had the new key, which was deleted; the old key stays in use.
+    Abandoned,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Default)]
@@ -402,4 +419,12 @@ pub struct IamKeyRotationStatus {
     pub history: Vec<HistoryEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+impl IamKeyRotationStatus {
+    /// Whether the rotation in flight is an emergency: the old key is leaked, so it goes as soon
+    /// as the Secrets hold the new one, without a soak.
+    pub fn emergency(&self) -> bool {
+        self.rotation.as_ref().is_some_and(|r| r.trigger == Trigger::Emergency)
+    }
 }

@@ -44,8 +44,8 @@ pub trait Iam: Send + Sync + Clone {
     fn untag_user(&self, user: &str, key: &str) -> impl Future<Output = Result<(), Error>> + Send;
     /// GetAccessKeyLastUsed: None when never used.
     fn last_used(&self, key_id: &str) -> impl Future<Output = Result<Option<Timestamp>, Error>> + Send;
-    /// sts:GetCallerIdentity signed with `key`.
-    fn verify(&self, key: &AccessKey) -> impl Future<Output = Result<Verification, Error>> + Send;
+    /// sts:GetCallerIdentity signed with `key`, sent to STS in `region`.
+    fn verify(&self, key: &AccessKey, region: &str) -> impl Future<Output = Result<Verification, Error>> + Send;
     /// The ARN the operator itself runs as.
     fn whoami(&self) -> impl Future<Output = Result<String, Error>> + Send;
 }
@@ -292,11 +292,14 @@ impl Iam for AwsIam {
         .await
     }
 
-    async fn verify(&self, key: &AccessKey) -> Result<Verification, Error> {
+    async fn verify(&self, key: &AccessKey, region: &str) -> Result<Verification, Error> {
         self.call("GetCallerIdentity", async {
             let creds =
                 Credentials::new(key.id.clone(), key.secret.expose_secret().to_owned(), None, None, "rekey-new-key");
-            let conf = aws_sdk_sts::config::Builder::from(&self.sdk).credentials_provider(creds).build();
+            let conf = aws_sdk_sts::config::Builder::from(&self.sdk)
+                .credentials_provider(creds)
+                .region(aws_config::Region::new(region.to_owned()))
+                .build();
             match aws_sdk_sts::Client::from_conf(conf).get_caller_identity().send().await {
                 Ok(out) => Ok(Verification::Authenticated(out.arn().unwrap_or_default().to_owned())),
                 Err(e) => match e.as_service_error() {

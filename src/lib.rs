@@ -1,13 +1,15 @@
 //! rekey: rotates AWS IAM user access keys stored in Kubernetes Secrets.
 //!
-//! The reconcile is a pipeline: `observe` (gather a snapshot; reads the cluster and IAM) →
-//! `validate` and `plan` (pure) → `act` (performs exactly one step; writes) → `status` (report).
+//! The reconcile (`reconciler`) is a pipeline: `observe` (gather a snapshot; reads the cluster and
+//! IAM) → `validate` and `plan` (pure: every decision) → `act` (performs exactly one step; writes)
+//! → `status` (report: conditions are pure, the write touches the cluster).
 #![forbid(unsafe_code)]
 
 pub mod act;
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod context;
 pub mod controller;
 pub mod duration;
 pub mod error;
@@ -18,6 +20,7 @@ pub mod metrics;
 pub mod observe;
 pub mod ownership;
 pub mod plan;
+pub mod reconciler;
 pub mod secrets;
 pub mod status;
 pub mod validate;

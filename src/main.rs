@@ -32,7 +32,8 @@ enum Command {
         /// and part of every key's owner claim.
         #[arg(long, env = "REKEY_CLUSTER_NAME")]
         cluster_name: String,
-        /// AWS region for STS (IAM is global).
+        /// Default AWS region (IAM is global): where new keys are verified with STS, and the
+        /// template's {{ .Region }}; a resource's spec.aws.region overrides it.
         #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
         region: String,
         #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
@@ -175,8 +176,14 @@ fn main() -> ExitCode {
                 };
                 let metrics = std::sync::Arc::new(rekey::metrics::Metrics::default());
                 let iam = rekey::iam::AwsIam::from_env(aws_calls_per_second).await.with_metrics(metrics.clone());
-                let mut ctx = rekey::controller::Context::new(client, iam, cluster_name, region);
-                ctx.metrics = metrics.clone();
+                let config = rekey::context::Config {
+                    cluster: cluster_name,
+                    region,
+                    namespaces,
+                    max_concurrent_rotations: max_concurrent_rotations.max(1),
+                    allowed_role_arns,
+                };
+                let ctx = rekey::context::Context::new(client, iam, config, metrics.clone());
                 let health = ctx.health.clone();
                 let server = rekey::http::serve(metrics_address, health.clone(), metrics);
                 let server = tokio::spawn(async move {
@@ -188,9 +195,6 @@ fn main() -> ExitCode {
                 let server_died = async move {
                     let _ = server.await;
                 };
-                ctx.namespaces = namespaces;
-                ctx.max_concurrent_rotations = max_concurrent_rotations.max(1);
-                ctx.allowed_role_arns = allowed_role_arns;
                 let ctx = Arc::new(ctx);
                 tracing::info!("rekey controller starting");
                 if !leader_election {

@@ -14,6 +14,11 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{IamKeyRotation, IamKeyRotationStatus};
+use crate::plan::Step;
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,6 +188,48 @@ impl Metrics {
     /// are gone (and alerts about them resolve).
     pub fn forget(&self, namespace: &str, name: &str) {
         self.resources.write().remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    pub fn reconcile_error(&self, category: &str) {
+        self.reconcile_errors.get_or_create(&CategoryLabels { category: category.to_owned() }).inc();
+    }
+
+    /// What one reconcile changed: the phase it left (its duration), the rotation it ended (its
+    /// result), and the resource's own figures.
+    pub fn record(
+        &self,
+        obj: &IamKeyRotation,
+        before: &IamKeyRotationStatus,
+        st: &IamKeyRotationStatus,
+        step: &Step,
+        now: Timestamp,
+    ) {
+        let secs = |t: Timestamp| t.as_millisecond() as f64 / 1000.0;
+        if before.phase != st.phase
+            && let Some(since) = before.rotation.as_ref().map(|r| r.phase_since.0)
+        {
+            let phase = PhaseLabels { phase: before.phase.to_string() };
+            self.phase_duration_seconds.get_or_create(&phase).observe((secs(now) - secs(since)).max(0.0));
+        }
+        let result = match step {
+            _ if st.rotations > before.rotations => Some("completed"),
+            Step::Abandon { .. } => Some("abandoned"),
+            Step::Reactivate { .. } => Some("rolled_back"),
+            _ => None,
+        };
+        let mut all = self.resources.write();
+        let key = (obj.metadata.namespace.clone().unwrap_or_default(), obj.metadata.name.clone().unwrap_or_default());
+        let f = all.entry(key).or_default();
+        f.user.clone_from(&obj.spec.user_name);
+        f.key_created = st.active_key.as_ref().and_then(|k| k.created_at.as_ref()).map(|t| secs(t.0));
+        f.next_rotation = st.next_rotation_time.as_ref().map(|t| secs(t.0));
+        f.max_key_age = crate::validate::validate(&obj.spec).ok().map(|v| v.max_key_age.as_secs_f64());
+        for (slot, name) in f.conditions.iter_mut().zip(CONDITIONS) {
+            *slot = st.conditions.iter().find(|c| c.type_ == name).map(|c| c.status == "True");
+        }
+        if let Some(i) = result.and_then(|r| RESULTS.iter().position(|x| *x == r)) {
+            f.rotations[i] += 1;
+        }
     }
 
     pub fn aws_call(&self, operation: &str, outcome: &str) {

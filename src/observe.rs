@@ -63,7 +63,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
 }
 
 /// The user's tags and keys (and the retiring key's last use when the spec asks for it), plus
-/// whether an older resource among `resources` (see `controller::owner_candidates`: a read at
+/// whether an older resource among `resources` (see `Context::owner_candidates`: a read at
 /// least as fresh as this resource) names the same user.
 pub async fn iam<I: Iam>(
     resources: &[std::sync::Arc<crate::cache::Cached>],

@@ -56,6 +56,21 @@ pub fn fnv1a(bytes: &[u8]) -> u32 {
 }
 
 
+/// Whether `role` matches one of the operator's allow-list patterns (`*` matches any run of
+/// characters): which AWS accounts and roles a namespace may make rekey act in.
+pub fn role_allowed(patterns: &[String], role: &str) -> bool {
+    patterns.iter().any(|p| glob(p.as_bytes(), role.as_bytes()))
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match (p.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
+        (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +86,14 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert!(is_own_claim(&c["AKIA1"], &a));
         assert!(!is_own_claim(&c["AKIA1"], &b));
+    }
+    #[test]
+    fn role_allow_list_patterns() {
+        let allow = vec!["arn:aws:iam::111122223333:role/rekey/*".to_owned()];
+        assert!(role_allowed(&allow, "arn:aws:iam::111122223333:role/rekey/payments"));
+        assert!(!role_allowed(&allow, "arn:aws:iam::111122223333:role/admin"));
+        assert!(!role_allowed(&allow, "arn:aws:iam::999999999999:role/rekey/payments"));
+        assert!(!role_allowed(&[], "arn:aws:iam::111122223333:role/rekey/payments"));
+        assert!(role_allowed(&["*".to_owned()], "anything"));
     }
 }

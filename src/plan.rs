@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+pub mod cleanup;
 pub mod snapshot;
 
-use crate::api::{IamKeyRotationSpec, IamKeyRotationStatus, KeyState, Phase, Trigger};
+use crate::api::{IamKeyRotationSpec, Pending, RotationProgress, WorkloadRef, IamKeyRotationStatus, KeyState, Phase, Trigger};
 use crate::ownership::{Identity, claims, is_own_claim};
 pub use snapshot::{IamKey, IamState, Observed, Requests, SecretState, WorkloadState, WorkloadsState};
 use crate::validate::ValidSpec;
@@ -22,10 +23,14 @@ pub const VERIFY_BOUND: Duration = Duration::from_secs(180);
 pub const BROKEN_AFTER: Duration = Duration::from_secs(30);
 /// IAM's CreateDate has whole seconds and another clock: orphans may look this much older.
 pub const ORPHAN_CLOCK_SLACK: Duration = Duration::from_secs(300);
+/// How often a resource is looked at without a reason: its Secrets are read (a hand-deleted or
+/// edited Secret is noticed), IAM is not called.
+pub const IDLE_RESYNC: Duration = Duration::from_secs(600);
 /// How often an in-flight rollout or soak is looked at when no watch event arrives.
 pub const POLL: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why rekey cannot go on without a human (the Stalled condition's reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::Display, strum::IntoStaticStr)]
 pub enum StallReason {
     InvalidSpec,
     Forbidden,
@@ -37,7 +42,8 @@ pub enum StallReason {
     UncoveredConsumers,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What is wrong while the Secrets still work (the Degraded condition's reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::Display, strum::IntoStaticStr)]
 pub enum DegradeReason {
     RolloutStalled,
     RolledBack,
@@ -47,41 +53,18 @@ pub enum DegradeReason {
     GitOpsManagedSecret,
 }
 
-macro_rules! reason_str {
-    ($t:ty { $($v:ident),* }) => {
-        impl $t {
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$v => stringify!($v)),* }
-            }
-        }
-        impl std::fmt::Display for $t {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
+/// Why a step that writes is held back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::Display, strum::IntoStaticStr)]
+pub enum Withheld {
+    /// `spec.suspend`: nothing is written until it is lifted.
+    Suspended,
+    /// `spec.dryRun`: the step is reported, never performed.
+    DryRun,
 }
-reason_str!(StallReason {
-    InvalidSpec,
-    Forbidden,
-    UserNotFound,
-    SecretConflict,
-    UnknownKey,
-    ParkedAfterRollback,
-    SelfRotation,
-    UncoveredConsumers
-});
-reason_str!(DegradeReason {
-    RolloutStalled,
-    RolledBack,
-    KeyQuotaExhausted,
-    VerificationFailed,
-    Conflict,
-    GitOpsManagedSecret
-});
 
-/// The one step to perform next.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The one step to perform next. Its name (`IntoStaticStr`) is used in Events, logs, metrics and
+/// the dry-run report.
+#[derive(Clone, Debug, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum Step {
     /// Nothing to write; look again after `requeue` (None: only on a watch event).
     Wait { requeue: Option<Duration>, why: String },
@@ -117,7 +100,7 @@ pub enum Step {
     /// Status-only move to the next phase.
     Advance { to: Phase },
     /// Restart these workloads onto the key.
-    Stamp { key_id: String, workloads: Vec<String> },
+    Stamp { key_id: String, workloads: Vec<WorkloadRef> },
     /// UpdateAccessKey Inactive on the retiring key.
     Deactivate { key_id: String },
     /// Rollback: UpdateAccessKey Active on the retiring key.
@@ -128,9 +111,15 @@ pub enum Step {
     Delete { key_id: String },
     /// The rotation is complete: back to Idle.
     Finish,
+    /// A step that writes, held back by spec.suspend or spec.dryRun: reported, not performed.
+    Withhold { why: Withheld, step: Box<Step> },
 }
 
 impl Step {
+    pub fn name(&self) -> &'static str {
+        self.into()
+    }
+
     /// Whether performing the step writes to IAM, Secrets or workloads (what dryRun and suspend
     /// withhold). Status writes are not counted.
     pub fn writes(&self) -> bool {
@@ -146,35 +135,8 @@ impl Step {
                 | Step::Advance { .. }
                 | Step::TrackSoak { .. }
                 | Step::RecordNewKey { .. }
+                | Step::Withhold { .. }
         )
-    }
-
-    /// A short name for Events, metrics and the dry-run report.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Step::Wait { .. } => "Wait",
-            Step::Retry { .. } => "Retry",
-            Step::NeedIam => "NeedIam",
-            Step::NeedWorkloads => "NeedWorkloads",
-            Step::Stall { .. } => "Stall",
-            Step::Degrade { .. } => "Degrade",
-            Step::Adopt { .. } => "Adopt",
-            Step::Fill { .. } => "Fill",
-            Step::Begin { .. } => "Begin",
-            Step::Create => "Create",
-            Step::DeleteOrphan { .. } => "DeleteOrphan",
-            Step::RecordNewKey { .. } => "RecordNewKey",
-            Step::Verify { .. } => "Verify",
-            Step::Abandon { .. } => "Abandon",
-            Step::Distribute { .. } => "Distribute",
-            Step::Advance { .. } => "Advance",
-            Step::Stamp { .. } => "Stamp",
-            Step::Deactivate { .. } => "Deactivate",
-            Step::Reactivate { .. } => "Reactivate",
-            Step::TrackSoak { .. } => "TrackSoak",
-            Step::Delete { .. } => "Delete",
-            Step::Finish => "Finish",
-        }
     }
 }
 
@@ -185,6 +147,32 @@ pub struct Input<'a> {
     pub status: &'a IamKeyRotationStatus,
     pub observed: &'a Observed,
     pub identity: &'a Identity,
+    pub gates: &'a Gates,
+}
+
+/// What the operator's own configuration and its other resources allow this resource right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gates {
+    /// `spec.aws.roleArn`, when the operator's allow-list (--allowed-role-arns) does not match it.
+    pub denied_role: Option<String>,
+    /// Fewer than --max-concurrent-rotations other resources are mid-rotation.
+    pub slot_free: bool,
+    /// --max-concurrent-rotations, for the message while waiting for a slot.
+    pub max_rotations: usize,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Self { denied_role: None, slot_free: true, max_rotations: 10 }
+    }
+}
+
+/// The decision: one step, and what to report beside it while it proceeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub step: Step,
+    /// Something wrong that does not stop the step (reported as Degraded with this reason).
+    pub caveat: Option<(DegradeReason, String)>,
 }
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {
@@ -200,10 +188,15 @@ pub fn due_at(created: Timestamp, v: &ValidSpec) -> Timestamp {
     add(created, v.max_key_age.saturating_sub(v.rotate_before))
 }
 
+/// The one backoff: `first` after the first attempt, doubling with each further one, at most `cap`.
+pub fn doubling(attempts: u32, first: Duration, cap: Duration) -> Duration {
+    let exp = attempts.saturating_sub(1).min(16);
+    first.saturating_mul(1u32 << exp).min(cap)
+}
+
 /// Failure backoff: 10 s doubling per failed attempt, at most 10 min.
 pub fn backoff(failed_attempts: u32) -> Duration {
-    let exp = failed_attempts.saturating_sub(1).min(6);
-    Duration::from_secs(10u64 << exp).min(Duration::from_secs(600))
+    doubling(failed_attempts, Duration::from_secs(10), Duration::from_secs(600))
 }
 
 fn consent(iam: &IamState, id: &Identity) -> bool {
@@ -218,9 +211,20 @@ fn stall(reason: StallReason, message: impl Into<String>) -> Step {
     Step::Stall { reason, message: message.into() }
 }
 
-/// Decides the next step.
-pub fn decide(i: &Input) -> Step {
+/// Decides the next step, and what to report beside it.
+pub fn decide(i: &Input) -> Decision {
+    let step = withhold(i, next_step(i));
+    Decision { caveat: caveat(i, &step), step }
+}
+
+fn next_step(i: &Input) -> Step {
     let st = i.status;
+    if let Some(role) = &i.gates.denied_role {
+        return stall(
+            StallReason::Forbidden,
+            format!("spec.aws.roleArn {role} is not allowed by this operator (--allowed-role-arns); no IAM call was made"),
+        );
+    }
     if let Some(s) = backing_off(i) {
         return s;
     }
@@ -240,12 +244,55 @@ pub fn decide(i: &Input) -> Step {
     }
 }
 
+/// spec.suspend and spec.dryRun hold back every step that writes to IAM, Secrets or workloads.
+fn withhold(i: &Input, step: Step) -> Step {
+    let why = match (i.spec.suspend, i.spec.dry_run) {
+        (true, _) => Withheld::Suspended,
+        (false, true) => Withheld::DryRun,
+        (false, false) => return step,
+    };
+    if !step.writes() {
+        return step;
+    }
+    Step::Withhold { why, step: Box::new(step) }
+}
+
+impl Withheld {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Withheld::Suspended => "suspended",
+            Withheld::DryRun => "dry run",
+        }
+    }
+}
+
+/// A target Secret applied by a GitOps tool is written all the same (its pods need the key), but
+/// the tool's next sync reverts it: reported as Degraded for as long as nothing worse is.
+fn caveat(i: &Input, step: &Step) -> Option<(DegradeReason, String)> {
+    let managed = &i.observed.gitops_managed;
+    let worse = matches!(
+        step,
+        Step::Stall { .. } | Step::Degrade { .. } | Step::Abandon { .. } | Step::Reactivate { .. } | Step::Retry { .. }
+    );
+    if managed.is_empty() || worse {
+        return None;
+    }
+    let which: Vec<String> = managed.iter().map(|(s, tool)| format!("{s} ({tool})")).collect();
+    Some((
+        DegradeReason::GitOpsManagedSecret,
+        format!(
+            "Secret {} is applied by a GitOps tool, whose next sync reverts the key rekey writes: keep the Secret out of Git, or make the tool ignore its data (Argo CD: ignoreDifferences on /data; Flux: remove it from the Kustomization)",
+            which.join(", ")
+        ),
+    ))
+}
+
 /// After a failure, whatever the phase, the next attempt waits for the backoff. Recording the
 /// failure in status is itself a change the watch reports, which would otherwise retry at once,
 /// and again (ten times a second, each with a status write and an Event). A new request annotation
 /// waits too: it is marked as acted on only when its step succeeds, so letting it through would
 /// bring that loop back for as long as the step fails. A spec edit clears the failure count before
-/// deciding (controller::apply), so it is tried at once.
+/// deciding (status::prepare), so it is tried at once.
 fn backing_off(i: &Input) -> Option<Step> {
     let (st, o) = (i.status, i.observed);
     let last = st.last_failure_time.as_ref().filter(|_| st.failed_attempts > 0)?;
@@ -462,6 +509,12 @@ fn begin(i: &Input, trigger: Trigger) -> Step {
             requeue: backoff(st.failed_attempts + 1),
         };
     }
+    if !i.gates.slot_free {
+        return wait(
+            Some(Duration::from_secs(15)),
+            format!("waiting for a rotation slot (at most {} rotations at once)", i.gates.max_rotations),
+        );
+    }
     Step::Begin { trigger }
 }
 
@@ -505,32 +558,16 @@ fn creating(i: &Input) -> Step {
             }
             Step::Create
         }
-        [k] => {
-            let in_secret = o.secrets.iter().any(|(_, s)| *s == SecretState::Holds(k.id.clone()));
-            let claimed_elsewhere = claims(&iam.tags).get(&k.id).is_some_and(|c| !is_own_claim(c, &i.identity.owner()));
-            let floor =
-                pending.started_at.0.checked_sub(SignedDuration::try_from(ORPHAN_CLOCK_SLACK).unwrap_or_default());
-            let recent = floor.map(|f| k.created >= f).unwrap_or(true);
-            if !in_secret && !claimed_elsewhere && recent {
-                Step::DeleteOrphan { key_id: k.id.clone() }
-            } else {
-                stall(
-                    StallReason::UnknownKey,
-                    format!(
-                        "key {} appeared on IAM user {} during key creation but is not provably rekey's ({}): a human must decide",
-                        k.id,
-                        i.spec.user_name,
-                        if in_secret {
-                            "a target Secret holds it"
-                        } else if claimed_elsewhere {
-                            "another owner claims it"
-                        } else {
-                            "it is older than the rotation"
-                        }
-                    ),
-                )
-            }
-        }
+        [k] => match not_an_orphan(k, pending, &held_ids_lenient(o), &iam.tags, &i.identity.owner()) {
+            None => Step::DeleteOrphan { key_id: k.id.clone() },
+            Some(why) => stall(
+                StallReason::UnknownKey,
+                format!(
+                    "key {} appeared on IAM user {} during key creation but is not provably rekey's ({why}): a human must decide",
+                    k.id, i.spec.user_name
+                ),
+            ),
+        },
         many => stall(
             StallReason::UnknownKey,
             format!(
@@ -540,6 +577,38 @@ fn creating(i: &Input) -> Step {
             ),
         ),
     }
+}
+
+/// Why `k`, a key that appeared while the write-ahead marker stood, is not provably the orphan of
+/// an interrupted CreateAccessKey (None: it is, and nobody else can have it).
+pub fn not_an_orphan(
+    k: &IamKey,
+    pending: &Pending,
+    held: &BTreeSet<String>,
+    tags: &BTreeMap<String, String>,
+    owner: &str,
+) -> Option<&'static str> {
+    let floor = pending.started_at.0.checked_sub(SignedDuration::try_from(ORPHAN_CLOCK_SLACK).unwrap_or_default());
+    if held.contains(&k.id) {
+        Some("a target Secret holds it")
+    } else if claims(tags).get(&k.id).is_some_and(|c| !is_own_claim(c, owner)) {
+        Some("another owner claims it")
+    } else if floor.is_ok_and(|f| k.created < f) {
+        Some("it is older than the rotation")
+    } else {
+        None
+    }
+}
+
+/// The key ids the target Secrets hold (unreadable ones aside).
+fn held_ids_lenient(o: &Observed) -> BTreeSet<String> {
+    o.secrets
+        .iter()
+        .filter_map(|(_, s)| match s {
+            SecretState::Holds(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn phase_since(i: &Input) -> Timestamp {
@@ -594,7 +663,16 @@ fn distributing(i: &Input) -> Step {
 }
 
 fn emergency(i: &Input) -> bool {
-    i.status.rotation.as_ref().is_some_and(|r| r.trigger == Trigger::Emergency)
+    i.status.emergency()
+}
+
+/// The workloads whose rollout onto the active key is not complete, each with where it stands.
+fn incomplete(w: &WorkloadsState) -> Vec<String> {
+    w.items
+        .iter()
+        .filter(|w| !w.complete)
+        .map(|w| if w.progress.is_empty() { w.id.to_string() } else { format!("{}: {}", w.id, w.progress) })
+        .collect()
 }
 
 fn rolling_out(i: &Input) -> Step {
@@ -604,7 +682,7 @@ fn rolling_out(i: &Input) -> Step {
     if let Some(r) = w.items.iter().find_map(|w| w.refused.as_ref().map(|why| format!("{}: {why}", w.id))) {
         return stall(StallReason::InvalidSpec, format!("{r}; it would keep the old key, so rekey will not retire it"));
     }
-    let unstamped: Vec<String> = w
+    let unstamped: Vec<WorkloadRef> = w
         .items
         .iter()
         .filter(|w| w.stamped.as_deref() != Some(active.access_key_id.as_str()))
@@ -619,7 +697,7 @@ fn rolling_out(i: &Input) -> Step {
     {
         return Step::Deactivate { key_id: r.access_key_id.clone() };
     }
-    let waiting: Vec<&str> = w.items.iter().filter(|w| !w.complete).map(|w| w.id.as_str()).collect();
+    let waiting = incomplete(w);
     if waiting.is_empty() {
         return match &st.retiring_key {
             Some(_) if emergency(i) => Step::Advance { to: Phase::Soaking },
@@ -633,14 +711,14 @@ fn rolling_out(i: &Input) -> Step {
             reason: DegradeReason::RolloutStalled,
             message: format!(
                 "{} not rolled out onto key {} after {}; both keys stay Active and rekey keeps waiting",
-                waiting.join(", "),
+                waiting.join("; "),
                 active.access_key_id,
                 i.spec.workloads.rollout_timeout
             ),
             requeue: POLL,
         };
     }
-    wait(Some(POLL), format!("waiting for {} to roll out", waiting.join(", ")))
+    wait(Some(POLL), format!("waiting for the rollout of {}", waiting.join("; ")))
 }
 
 fn retire_requested(i: &Input) -> bool {
@@ -717,35 +795,28 @@ fn soaking(i: &Input) -> Step {
     }
     let Some(w) = &o.workloads else { return Step::NeedWorkloads };
     if emergency(i) {
-        let waiting: Vec<&str> = w.items.iter().filter(|w| !w.complete).map(|w| w.id.as_str()).collect();
+        let waiting = incomplete(w);
         return if waiting.is_empty() {
             Step::Advance { to: Phase::Deleting }
         } else {
             wait(
                 Some(POLL),
-                format!("emergency: deleting key {} once {} rolled out", r.access_key_id, waiting.join(", ")),
+                format!("emergency: deleting key {} once {} rolled out", r.access_key_id, waiting.join("; ")),
             )
         };
     }
-    let rotation = st.rotation.clone().unwrap_or_else(|| crate::api::RotationProgress {
-        trigger: Trigger::Scheduled,
-        started_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(o.now),
-        phase_since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(o.now),
-        distributed_at: None,
-        baseline: BTreeMap::new(),
-        below_since: BTreeMap::new(),
-        verify_attempts: 0,
-    });
+    let rotation = st.rotation.clone().unwrap_or_else(|| RotationProgress::start(Trigger::Scheduled, o.now));
     let mut below: BTreeMap<String, Timestamp> = BTreeMap::new();
     let mut broken = Vec::new();
     for wl in &w.items {
-        let Some(base) = rotation.baseline.get(&wl.id) else { continue };
+        let id = wl.id.to_string();
+        let Some(base) = rotation.baseline.get(&id) else { continue };
         if wl.ready < *base && !wl.progressing {
-            let since = rotation.below_since.get(&wl.id).map(|t| t.0).unwrap_or(o.now);
+            let since = rotation.below_since.get(&id).map(|t| t.0).unwrap_or(o.now);
             if o.now >= add(since, BROKEN_AFTER) {
                 broken.push(format!("{} ({} of {} Ready)", wl.id, wl.ready, base));
             }
-            below.insert(wl.id.clone(), since);
+            below.insert(id, since);
         }
     }
     if !broken.is_empty() {

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::api::{KeyRef, Pending, RetiringKey, RotationProgress};
+use crate::ownership::claim_value;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 const OLD: &str = "AKIAOLD0000000000001";
@@ -25,6 +26,7 @@ struct Case {
     status: IamKeyRotationStatus,
     observed: Observed,
     identity: Identity,
+    gates: Gates,
 }
 
 impl Case {
@@ -57,10 +59,11 @@ impl Case {
                 gitops_managed: Vec::new(),
             },
             identity,
+            gates: Gates::default(),
         }
     }
 
-    fn decide(&self) -> Step {
+    fn decision(&self) -> Decision {
         let valid = crate::validate::validate(&self.spec).unwrap();
         decide(&Input {
             spec: &self.spec,
@@ -68,7 +71,12 @@ impl Case {
             status: &self.status,
             observed: &self.observed,
             identity: &self.identity,
+            gates: &self.gates,
         })
+    }
+
+    fn decide(&self) -> Step {
+        self.decision().step
     }
 
     fn iam(&mut self) -> &mut IamState {
@@ -98,7 +106,6 @@ impl Case {
             trigger,
             started_at: Time(since),
             phase_since: Time(since),
-            distributed_at: None,
             baseline: BTreeMap::new(),
             below_since: BTreeMap::new(),
             verify_attempts: 0,
@@ -114,15 +121,22 @@ impl Case {
 
     fn workload(mut self, id: &str, stamped: Option<&str>, complete: bool, ready: i32) -> Self {
         self.observed.workloads.as_mut().unwrap().items.push(WorkloadState {
-            id: id.into(),
+            id: wl(id),
             stamped: stamped.map(Into::into),
             complete,
             refused: None,
             ready,
             progressing: !complete,
+            progress: if complete { String::new() } else { "0 of 2 updated, 0 ready".into() },
         });
         self
     }
+}
+
+/// "Kind/name" as a workload reference.
+fn wl(id: &str) -> WorkloadRef {
+    let (kind, name) = id.split_once('/').unwrap();
+    serde_json::from_value(serde_json::json!({"kind": kind, "name": name})).unwrap()
 }
 
 fn stall_reason(s: &Step) -> Option<StallReason> {
@@ -402,7 +416,7 @@ fn rolling(since: Timestamp, trigger: Trigger) -> Case {
 #[test]
 fn rolling_out_stamps_waits_and_then_deactivates() {
     let c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(OLD), true, 2);
-    assert_eq!(c.decide(), Step::Stamp { key_id: NEW.into(), workloads: vec!["Deployment/web".into()] });
+    assert_eq!(c.decide(), Step::Stamp { key_id: NEW.into(), workloads: vec![wl("Deployment/web")] });
     let c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 1);
     assert!(matches!(c.decide(), Step::Wait { requeue: Some(POLL), .. }));
     let c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2);
@@ -623,5 +637,81 @@ fn malformed_consent_values_are_no_consent() {
         let tag = c.identity.consent_tag();
         c.iam().tags.insert(tag, bad.into());
         assert_eq!(stall_reason(&c.decide()), Some(StallReason::Forbidden), "{bad:?}");
+    }
+}
+
+// ---- Gates: the operator's configuration, other resources, suspend and dry run, GitOps ----
+
+#[test]
+fn a_role_outside_the_allow_list_stalls_before_anything_else() {
+    let mut c = Case::new();
+    c.observed.iam = None;
+    c.gates.denied_role = Some("arn:aws:iam::999999999999:role/x".into());
+    let s = c.decide();
+    assert_eq!(stall_reason(&s), Some(StallReason::Forbidden), "{s:?}");
+    // Not even the IAM facts are asked for: no call is made with a role the operator refuses.
+    c.gates.denied_role = None;
+    assert_eq!(c.decide(), Step::NeedIam);
+}
+
+#[test]
+fn a_rotation_waits_for_a_slot_and_says_so() {
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now() - secs(86 * 86_400)).key(
+        OLD,
+        true,
+        now() - secs(86 * 86_400),
+    );
+    c.gates = Gates { slot_free: false, max_rotations: 3, ..Gates::default() };
+    match c.decide() {
+        Step::Wait { why, .. } => assert!(why.contains("rotation slot (at most 3"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    c.gates.slot_free = true;
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Scheduled });
+}
+
+#[test]
+fn suspend_and_dry_run_withhold_every_write_and_nothing_else() {
+    for (suspend, dry_run, why) in [(true, false, Withheld::Suspended), (false, true, Withheld::DryRun), (true, true, Withheld::Suspended)] {
+        let mut c = Case::new();
+        c.spec.suspend = suspend;
+        c.spec.dry_run = dry_run;
+        assert_eq!(
+            c.decide(),
+            Step::Withhold { why, step: Box::new(Step::Begin { trigger: Trigger::Bootstrap }) },
+            "suspend={suspend} dryRun={dry_run}"
+        );
+        // Steps that only read or report are not withheld.
+        c.observed.iam = None;
+        assert_eq!(c.decide(), Step::NeedIam);
+        let mut idle = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now());
+        idle.spec.suspend = suspend;
+        idle.spec.dry_run = dry_run;
+        assert!(matches!(idle.decide(), Step::Wait { .. }));
+    }
+}
+
+#[test]
+fn a_gitops_managed_secret_is_a_caveat_while_nothing_worse_is_reported() {
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now());
+    c.observed.gitops_managed = vec![("a".into(), "Argo CD")];
+    let d = c.decision();
+    assert!(matches!(d.step, Step::Wait { .. }));
+    let (reason, message) = d.caveat.expect("a caveat");
+    assert_eq!(reason, DegradeReason::GitOpsManagedSecret);
+    assert!(message.contains("a (Argo CD)"), "{message}");
+    // A stall says more than the caveat: it is reported instead.
+    c.observed.secrets[1].1 = SecretState::Holds(FOREIGN.into());
+    let d = c.decision();
+    assert_eq!(stall_reason(&d.step), Some(StallReason::SecretConflict));
+    assert_eq!(d.caveat, None);
+}
+
+#[test]
+fn waiting_for_a_rollout_names_each_workload_and_where_it_stands() {
+    let c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 0);
+    match c.decide() {
+        Step::Wait { why, .. } => assert_eq!(why, "waiting for the rollout of Deployment/web: 0 of 2 updated, 0 ready"),
+        other => panic!("{other:?}"),
     }
 }

@@ -1,4 +1,5 @@
-//! Reporting: conditions (pure), the status write (TOUCHES THE CLUSTER: server-side apply with a
+//! Reporting: the status a reconcile starts from and the conditions it ends with (pure), the status
+//! write (TOUCHES THE CLUSTER: a replace of the status subresource, optionally with a
 //! resourceVersion precondition), and Events.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -9,7 +10,7 @@ use kube::{Resource as _, ResourceExt as _};
 
 use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
 use crate::error::Error;
-use crate::plan::{DegradeReason, StallReason, Step};
+use crate::plan::{Decision, DegradeReason, Requests, StallReason, Step};
 
 fn set(
     conds: &mut Vec<Condition>,
@@ -54,16 +55,26 @@ pub enum Verdict {
     Degraded(DegradeReason, String),
     /// A step that moved the rotation forward: stale Degraded conditions clear.
     Progressed,
-    /// Nothing new (waiting, dry run, suspended).
-    Unchanged,
+    /// Nothing new (waiting, dry run, suspended), and why.
+    Waiting(String),
     /// Waiting out the backoff after a failure: the conditions that failure set stand.
-    Retrying,
+    Retrying(String),
     /// The operator's own Kubernetes permissions are missing: not Ready until a human fixes them.
     Forbidden(String),
 }
 
 impl Verdict {
-    pub fn of(step: &Step) -> Self {
+    pub fn of(decision: &Decision) -> Self {
+        let v = Self::of_step(&decision.step);
+        match (&decision.caveat, v) {
+            (Some((reason, message)), Verdict::Progressed | Verdict::Waiting(_)) => {
+                Verdict::Degraded(*reason, message.clone())
+            }
+            (_, v) => v,
+        }
+    }
+
+    fn of_step(step: &Step) -> Self {
         match step {
             Step::Stall { reason, message } => Verdict::Stalled(*reason, message.clone()),
             Step::Degrade { reason, message, .. } | Step::Abandon { reason, message, .. } => {
@@ -73,11 +84,49 @@ impl Verdict {
                 DegradeReason::RolledBack,
                 format!("key {key_id} was reactivated: {} broke after it was deactivated", broken.join(", ")),
             ),
-            Step::Retry { .. } => Verdict::Retrying,
-            Step::Wait { .. } | Step::NeedIam | Step::NeedWorkloads | Step::TrackSoak { .. } => Verdict::Unchanged,
+            Step::Retry { why, .. } => Verdict::Retrying(why.clone()),
+            Step::Wait { why, .. } => Verdict::Waiting(why.clone()),
+            Step::Withhold { why, step } => {
+                Verdict::Waiting(format!("{}: the next step would be {}", why.describe(), step.name()))
+            }
+            Step::NeedIam | Step::NeedWorkloads | Step::TrackSoak { .. } => Verdict::Waiting(String::new()),
             _ => Verdict::Progressed,
         }
     }
+
+    /// A failed step: missing RBAC is for a human to fix, and says exactly which verb on which
+    /// resource; any other failure leaves the conditions as they were (its Event says what failed).
+    pub fn of_failure(step: &str, e: &Error) -> Option<Self> {
+        (e.category() == "KubeForbidden").then(|| Verdict::Forbidden(format!("{step} failed: {e}")))
+    }
+}
+
+/// The status a reconcile starts from: request annotations present when rekey first sees the
+/// resource count as already acted on, and a spec edit is a new attempt that does not wait out the
+/// failures of the spec before it.
+pub fn prepare(before: &IamKeyRotationStatus, generation: Option<i64>, requests: &Requests) -> IamKeyRotationStatus {
+    let mut st = before.clone();
+    if before.observed_generation.is_none() {
+        st.last_rotate_request.clone_from(&requests.rotate);
+        st.last_emergency_request.clone_from(&requests.emergency);
+        st.last_retire_request.clone_from(&requests.retire);
+    }
+    if before.observed_generation.is_some() && before.observed_generation != generation {
+        st.failed_attempts = 0;
+        st.last_failure_time = None;
+    }
+    st.observed_generation = generation;
+    st
+}
+
+/// A failed step recorded: the backoff (failedAttempts, lastFailureTime) lives in status, so it
+/// survives restarts.
+pub fn failed(before: &IamKeyRotationStatus, generation: Option<i64>, now: Timestamp) -> IamKeyRotationStatus {
+    let mut st = before.clone();
+    st.observed_generation = generation;
+    st.failed_attempts += 1;
+    st.last_failure_time = Some(Time(now));
+    st
 }
 
 /// The conditions after a reconcile (pure).
@@ -88,7 +137,8 @@ pub fn conditions(
     now: Timestamp,
 ) -> Vec<Condition> {
     let mut c = st.conditions.clone();
-    if *verdict == Verdict::Retrying {
+    if let Verdict::Retrying(why) = verdict {
+        rotating(&mut c, st, why, generation, now);
         return c;
     }
     let secret_broken = matches!(verdict, Verdict::Stalled(StallReason::SecretConflict, _));
@@ -120,19 +170,18 @@ pub fn conditions(
         ),
         (None, false) => set(&mut c, "Ready", false, "NoKey", "no key is in the Secrets yet", generation, now),
     }
-    if st.phase == Phase::Idle {
-        set(&mut c, "Rotating", false, "Idle", "no rotation in flight", generation, now);
-    } else {
-        let msg = format!("rotation in phase {}", st.phase);
-        set(&mut c, "Rotating", true, &st.phase.to_string(), &msg, generation, now);
-    }
+    let why = match verdict {
+        Verdict::Waiting(why) => why.as_str(),
+        _ => "",
+    };
+    rotating(&mut c, st, why, generation, now);
     match verdict {
-        Verdict::Stalled(reason, message) => set(&mut c, "Stalled", true, reason.as_str(), message, generation, now),
+        Verdict::Stalled(reason, message) => set(&mut c, "Stalled", true, (*reason).into(), message, generation, now),
         Verdict::Forbidden(message) => set(&mut c, "Stalled", true, "Forbidden", message, generation, now),
         _ => set(&mut c, "Stalled", false, "AsExpected", "rekey can proceed on its own", generation, now),
     }
     match verdict {
-        Verdict::Degraded(reason, message) => set(&mut c, "Degraded", true, reason.as_str(), message, generation, now),
+        Verdict::Degraded(reason, message) => set(&mut c, "Degraded", true, (*reason).into(), message, generation, now),
         Verdict::Progressed => set(&mut c, "Degraded", false, "AsExpected", HEALTHY, generation, now),
         _ if get(&c, "Degraded").is_none() => set(&mut c, "Degraded", false, "AsExpected", HEALTHY, generation, now),
         _ => {}
@@ -143,6 +192,16 @@ pub fn conditions(
         set(&mut c, "Reconciling", false, "KeyInPlace", "the first key is in place", generation, now);
     }
     c
+}
+
+/// The Rotating condition, whose message says what the rotation waits for, if anything.
+fn rotating(c: &mut Vec<Condition>, st: &IamKeyRotationStatus, why: &str, generation: Option<i64>, now: Timestamp) {
+    let (status, reason, what) = match st.phase {
+        Phase::Idle => (false, "Idle", "no rotation in flight".to_owned()),
+        p => (true, p.into(), format!("rotation in phase {p}")),
+    };
+    let message = if why.is_empty() { what } else { format!("{what}; {why}") };
+    set(c, "Rotating", status, reason, &message, generation, now);
 }
 
 /// TOUCHES THE CLUSTER. Writes the whole status. With `precondition`, the write only succeeds if
@@ -228,7 +287,7 @@ mod tests {
 
     #[test]
     fn ready_stays_true_during_a_rotation_and_rotating_names_the_phase() {
-        let c = conditions(&status(Phase::Soaking, true), &Verdict::Unchanged, Some(3), Timestamp::now());
+        let c = conditions(&status(Phase::Soaking, true), &Verdict::Waiting(String::new()), Some(3), Timestamp::now());
         assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
         assert_eq!(cond(&c, "Rotating"), ("True", "Soaking"));
         assert_eq!(cond(&c, "Reconciling").0, "False");
@@ -248,7 +307,7 @@ mod tests {
         let mut st = status(Phase::RollingOut, true);
         st.conditions = conditions(&st, &Verdict::Degraded(DegradeReason::RolloutStalled, "x".into()), None, now);
         assert_eq!(cond(&st.conditions, "Degraded"), ("True", "RolloutStalled"));
-        st.conditions = conditions(&st, &Verdict::Unchanged, None, now);
+        st.conditions = conditions(&st, &Verdict::Waiting(String::new()), None, now);
         assert_eq!(cond(&st.conditions, "Degraded"), ("True", "RolloutStalled"));
         st.conditions = conditions(&st, &Verdict::Progressed, None, now);
         assert_eq!(cond(&st.conditions, "Degraded").0, "False");
@@ -260,7 +319,7 @@ mod tests {
         let mut st = status(Phase::RollingOut, true);
         st.conditions = conditions(&st, &Verdict::Forbidden("cannot patch deployments".into()), None, now);
         assert_eq!(cond(&st.conditions, "Ready"), ("False", "Forbidden"));
-        let c = conditions(&st, &Verdict::Retrying, None, now);
+        let c = conditions(&st, &Verdict::Retrying(String::new()), None, now);
         assert_eq!(cond(&c, "Ready"), ("False", "Forbidden"));
         assert_eq!(cond(&c, "Stalled"), ("True", "Forbidden"));
         let c = conditions(&st, &Verdict::Progressed, None, now);

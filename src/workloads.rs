@@ -67,6 +67,12 @@ struct Seen {
     progressing: bool,
     ready: i32,
     refused: Option<String>,
+    /// "1 of 2 updated, 1 ready".
+    progress: String,
+}
+
+fn progress(updated: i32, want: i32, ready: i32) -> String {
+    format!("{updated} of {want} updated, {ready} ready")
 }
 
 fn deployment(d: Deployment) -> Seen {
@@ -94,6 +100,7 @@ fn deployment(d: Deployment) -> Seen {
         progressing,
         ready: st.ready_replicas.unwrap_or(0),
         refused: None,
+        progress: progress(updated, want, st.ready_replicas.unwrap_or(0)),
     }
 }
 
@@ -126,6 +133,7 @@ fn statefulset(s: StatefulSet) -> Seen {
         progressing,
         ready: st.ready_replicas.unwrap_or(0),
         refused,
+        progress: progress(st.updated_replicas.unwrap_or(0), want, st.ready_replicas.unwrap_or(0)),
     }
 }
 
@@ -147,6 +155,7 @@ fn daemonset(d: DaemonSet) -> Seen {
         progressing,
         ready: st.number_ready,
         refused,
+        progress: progress(st.updated_number_scheduled.unwrap_or(0), st.desired_number_scheduled, st.number_ready),
     }
 }
 
@@ -180,12 +189,13 @@ pub async fn observe(
     for target in targets {
         if !chosen.contains_key(target) {
             items.push(WorkloadState {
-                id: format!("{}/{}", target.kind, target.name),
+                id: target.clone(),
                 stamped: None,
                 complete: false,
                 refused: Some("not found in this namespace".into()),
                 ready: 0,
                 progressing: false,
+                progress: String::new(),
             });
         }
     }
@@ -203,13 +213,18 @@ pub async fn observe(
                 .count(),
             _ => 0,
         };
+        let progress = match unstamped {
+            0 => s.progress,
+            n => format!("{}, {n} pod(s) of the old template left", s.progress),
+        };
         items.push(WorkloadState {
-            id: format!("{}/{}", r.kind, r.name),
+            id: r,
             stamped,
             complete: s.rolled_out && unstamped == 0,
             refused: s.refused,
             ready: s.ready,
             progressing: s.progressing || unstamped > 0,
+            progress,
         });
     }
     let uncovered = pods
@@ -238,24 +253,18 @@ fn matches_labels(p: &Pod, selector: &str) -> bool {
 /// TOUCHES THE CLUSTER. Restarts a workload onto `key_id` by stamping its pod template, with
 /// server-side apply under the resource's own field manager (idempotent; a GitOps tool sees
 /// another manager's field, not drift).
-pub async fn stamp(client: &kube::Client, ns: &str, id: &str, key_id: &str, manager: &str) -> Result<(), Error> {
-    let (kind, name) = id.split_once('/').ok_or_else(|| Error::Internal(format!("bad workload id {id}")))?;
+pub async fn stamp(client: &kube::Client, ns: &str, id: &WorkloadRef, key_id: &str, manager: &str) -> Result<(), Error> {
+    let kind: &'static str = id.kind.into();
     let body = json!({
-        "apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name},
+        "apiVersion": "apps/v1", "kind": kind, "metadata": {"name": id.name},
         "spec": {"template": {"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: key_id}}}},
     });
     let pp = PatchParams::apply(manager).force();
-    match kind {
-        "Deployment" => {
-            Api::<Deployment>::namespaced(client.clone(), ns).patch(name, &pp, &Patch::Apply(&body)).await?;
-        }
-        "StatefulSet" => {
-            Api::<StatefulSet>::namespaced(client.clone(), ns).patch(name, &pp, &Patch::Apply(&body)).await?;
-        }
-        "DaemonSet" => {
-            Api::<DaemonSet>::namespaced(client.clone(), ns).patch(name, &pp, &Patch::Apply(&body)).await?;
-        }
-        other => return Err(Error::Internal(format!("unsupported workload kind {other}"))),
+    let patch = Patch::Apply(&body);
+    match id.kind {
+        WorkloadKind::Deployment => drop(Api::<Deployment>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?),
+        WorkloadKind::StatefulSet => drop(Api::<StatefulSet>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?),
+        WorkloadKind::DaemonSet => drop(Api::<DaemonSet>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?),
     }
     Ok(())
 }

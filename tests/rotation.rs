@@ -131,7 +131,7 @@ async fn bootstrap_then_on_demand_rotation_with_a_deployment() -> anyhow::Result
         assert_eq!(k.access_key_id, second.access_key_id, "{secret}");
     }
     assert_eq!(st.last_rotate_request.as_deref(), Some("1"));
-    assert_eq!(st.history.last().map(|h| h.outcome.as_str()), Some("Completed"));
+    assert_eq!(st.history.last().map(|h| h.outcome), Some(rekey::api::HistoryOutcome::Completed));
     // The Deployment runs on the new key, all pods Ready (the kubelet checks the key).
     eventually("deployment on the new key", WAIT, || async {
         let d = deploys.get("app").await?;

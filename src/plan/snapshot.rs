@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::Timestamp;
 
+use crate::api::WorkloadRef;
+
 /// What a target Secret holds in the keys rekey owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretState {
@@ -37,8 +39,7 @@ pub struct IamState {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadState {
-    /// "Kind/name".
-    pub id: String,
+    pub id: WorkloadRef,
     /// Value of the rekey.dev/access-key-id annotation on its pod template.
     pub stamped: Option<String>,
     /// Rollout complete by `kubectl rollout status` rules and no unstamped pod left.
@@ -48,6 +49,8 @@ pub struct WorkloadState {
     pub ready: i32,
     /// A rollout of it is in progress (a newer template than the one running).
     pub progressing: bool,
+    /// Where its rollout stands, for people ("1 of 2 updated, 1 ready").
+    pub progress: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

@@ -1,0 +1,176 @@
+//! The steps from the new key's handover to the old key's deletion: advance, stamp, deactivate,
+//! reactivate, soak, delete, finish; and the report of a withheld step. TOUCHES THE CLUSTER AND IAM.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::{DRY_RUN_RECHECK, Env, Note, Outcome, active_id, enter, history, next_rotation, park, require_active, reset_to_idle};
+use crate::api::{HistoryOutcome, IamKeyRotationStatus, KeyState, Phase, RetiringKey, WorkloadRef};
+use crate::error::Error;
+use crate::iam::Iam;
+use crate::plan::{self, Step, Withheld};
+use crate::secrets;
+use crate::workloads;
+
+/// A step spec.suspend or spec.dryRun holds back: reported once (status.plannedStep, an Event).
+pub fn withhold(st: &mut IamKeyRotationStatus, why: Withheld, step: &Step) -> Outcome {
+    // A suspended resource is looked at again when its spec changes (the watch) or at the idle
+    // resync, not polled: thousands of suspended resources must cost no AWS calls.
+    let requeue = match why {
+        Withheld::Suspended => None,
+        Withheld::DryRun => Some(DRY_RUN_RECHECK),
+    };
+    let mut out = Outcome { requeue, ..Default::default() };
+    if st.planned_step.as_deref() != Some(step.name()) {
+        let reason: &'static str = why.into();
+        out = out.event(false, reason, format!("{}: next step would be {} ({step:?})", why.describe(), step.name()));
+    }
+    st.planned_step = Some(step.name().to_owned());
+    out
+}
+
+/// A status-only move to the next phase; the handover (Distributing → RollingOut) makes the new
+/// key the active one and the old one the retiring one.
+pub fn advance<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, to: Phase) -> Outcome {
+    let from = st.phase;
+    if from == Phase::Distributing
+        && to == Phase::RollingOut
+        && let Some(new) = st.new_key.take()
+    {
+        if let Some(old) = st.active_key.take() {
+            st.retiring_key =
+                Some(RetiringKey { access_key_id: old.access_key_id, state: KeyState::Active, deactivated_at: None });
+        }
+        st.active_key = Some(new);
+        next_rotation(st, env.valid);
+    }
+    if to == Phase::Deactivating {
+        st.last_retire_request.clone_from(&env.observed.requests.retire);
+    }
+    enter(st, to, env.now());
+    Outcome::next().committed().event(false, to.into(), format!("{from} -> {to}"))
+}
+
+/// Restarts workloads onto the key by stamping their pod templates.
+pub async fn stamp<I: Iam>(env: &Env<'_, I>, key_id: &str, ids: &[WorkloadRef]) -> Result<Outcome, Error> {
+    for id in ids {
+        workloads::stamp(env.client, &env.identity.namespace, id, key_id, &env.manager()).await?;
+    }
+    let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    Ok(Outcome::requeue(plan::POLL).event(
+        false,
+        "Restarted",
+        format!("restarting {} onto key {key_id}", names.join(", ")),
+    ))
+}
+
+/// UpdateAccessKey Inactive on the retiring key, after the fresh-list checks.
+pub async fn deactivate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key_id: &str) -> Result<Outcome, Error> {
+    let now = env.now();
+    let keys = env.fresh_keys().await?;
+    // Never leave the user without an Active key, and never deactivate the key in the Secrets.
+    require_active(&keys, active_id(st), "deactivate", key_id)?;
+    if keys.iter().any(|k| k.id == key_id && k.active) {
+        crate::failpoint!("before-deactivate");
+        env.iam.set_key_active(env.user(), key_id, false).await?;
+    }
+    if let Some(r) = st.retiring_key.as_mut() {
+        r.state = KeyState::Inactive;
+        r.deactivated_at = Some(Time(now));
+    }
+    if !st.emergency() {
+        // The soak baseline: Ready pods per workload as the old key goes away.
+        let baseline: BTreeMap<String, i32> = env
+            .observed
+            .workloads
+            .iter()
+            .flat_map(|w| w.items.iter())
+            .map(|w| (w.id.to_string(), w.ready))
+            .collect();
+        if let Some(r) = st.rotation.as_mut() {
+            r.baseline = baseline;
+            r.below_since.clear();
+        }
+        enter(st, Phase::Soaking, now);
+    }
+    Ok(Outcome::next().committed().event(false, "Deactivated", format!("key {key_id} is Inactive")))
+}
+
+/// Rollback: UpdateAccessKey Active on the retiring key, which stays parked.
+pub async fn reactivate<I: Iam>(
+    env: &Env<'_, I>,
+    st: &mut IamKeyRotationStatus,
+    key_id: &str,
+    broken: &[String],
+) -> Result<Outcome, Error> {
+    let keys = env.fresh_keys().await?;
+    if keys.iter().any(|k| k.id == key_id) {
+        env.iam.set_key_active(env.user(), key_id, true).await?;
+    }
+    park(st, env.observed.requests.retire.clone());
+    Ok(Outcome::next().committed().event(
+        true,
+        "RolledBack",
+        format!("reactivated key {key_id}: {} broke after it was deactivated", broken.join(", ")),
+    ))
+}
+
+/// Records which workloads are below their soak baseline, and since when.
+pub fn track_soak(st: &mut IamKeyRotationStatus, below_since: &BTreeMap<String, Timestamp>) -> Outcome {
+    if let Some(r) = st.rotation.as_mut() {
+        r.below_since = below_since.iter().map(|(k, v)| (k.clone(), Time(*v))).collect();
+    }
+    Outcome::requeue(Duration::from_secs(1))
+}
+
+/// DeleteAccessKey on the retiring key, after the fresh-list checks; then the rotation is done.
+pub async fn delete<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key_id: &str) -> Result<Outcome, Error> {
+    let keys = env.fresh_keys().await?;
+    match keys.iter().find(|k| k.id == key_id) {
+        Some(k) if k.active => {
+            // A human reactivated it to rescue a consumer: park, never delete an Active key.
+            park(st, env.observed.requests.retire.clone());
+            enter(st, Phase::Soaking, env.now());
+            return Ok(Outcome::next().committed().event(
+                true,
+                "ParkedAfterRollback",
+                format!("key {key_id} was reactivated outside rekey; it is not deleted"),
+            ));
+        }
+        Some(_) => {
+            require_active(&keys, active_id(st), "delete", key_id)?;
+            crate::failpoint!("before-delete");
+            env.delete_key(key_id).await?;
+        }
+        None => env.delete_claim(key_id).await,
+    }
+    let mut out = finish(env, st).await?;
+    out.events.insert(0, Note { warning: false, reason: "Deleted".into(), message: format!("deleted key {key_id}") });
+    Ok(out)
+}
+
+/// The rotation is complete: history, counters, back to Idle.
+pub async fn finish<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Result<Outcome, Error> {
+    let now = env.now();
+    secrets::delete_staging(&env.secrets(), env.name()).await?;
+    let old = st.retiring_key.take().map(|r| r.access_key_id);
+    let new = active_id(st).map(str::to_owned);
+    if st.rotation.is_some() {
+        // A first key replaces nothing: it is recorded, not counted as a rotation.
+        if old.is_some() {
+            history(st, old, new.clone(), HistoryOutcome::Completed, now);
+            st.rotations += 1;
+            st.last_rotation_time = Some(Time(now));
+        } else {
+            history(st, None, new.clone(), HistoryOutcome::Bootstrapped, now);
+        }
+    }
+    reset_to_idle(st);
+    st.failed_attempts = 0;
+    st.last_failure_time = None;
+    next_rotation(st, env.valid);
+    Ok(Outcome::next().committed().event(false, "Idle", format!("rotation complete; key {} in use", new.unwrap_or_default())))
+}

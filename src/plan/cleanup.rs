@@ -1,0 +1,157 @@
+//! PURE: what deleting an IamKeyRotation does, by its `deletionPolicy`, decided from fresh reads.
+//!
+//! Deletion never waits for IAM: whatever could not be read is reported and left behind, and the
+//! finalizer lets go (a namespace being deleted must not hang on an unreachable AWS).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::api::{DeletionPolicy, IamKeyRotationStatus};
+use crate::ownership::{claims, is_own_claim};
+use crate::plan::not_an_orphan;
+use crate::plan::snapshot::IamKey;
+
+/// What the cleanup read.
+pub struct CleanupInput<'a> {
+    pub policy: DeletionPolicy,
+    pub status: &'a IamKeyRotationStatus,
+    /// This resource's owner string (cluster/namespace/name).
+    pub owner: &'a str,
+    /// The key ids the target Secrets hold; None when they could not be read.
+    pub held: Option<BTreeSet<String>>,
+    /// The user's keys and tags; None when IAM could not be read.
+    pub iam: Option<(Vec<IamKey>, BTreeMap<String, String>)>,
+}
+
+/// What the cleanup does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanupPlan {
+    /// Keys to delete (each with its claim tag).
+    pub delete_keys: Vec<String>,
+    /// Remove the data rekey wrote from the target Secrets.
+    pub clear_targets: bool,
+    /// What is left behind and why, for the Event.
+    pub kept: Vec<String>,
+}
+
+/// Retain keeps every key a Secret may hold; the keys of an unfinished rotation that no target
+/// Secret holds (the new key, or the orphan of an interrupted create) are deleted under any policy,
+/// since nobody can have them. Delete also deletes every key this resource claims, and its data.
+pub fn cleanup(c: &CleanupInput) -> CleanupPlan {
+    let mut plan = CleanupPlan { clear_targets: c.policy == DeletionPolicy::Delete, ..Default::default() };
+    let Some((keys, tags)) = &c.iam else {
+        plan.kept.push("IAM could not be read, so no key was deleted".into());
+        return plan;
+    };
+    let exists = |id: &str| keys.iter().any(|k| k.id == id);
+    let mut delete: BTreeSet<String> = BTreeSet::new();
+    match &c.held {
+        None => plan.kept.push("the target Secrets could not be read, so a new key was kept".into()),
+        Some(held) => delete.extend(unhanded(c, keys, tags, held)),
+    }
+    if c.policy == DeletionPolicy::Delete {
+        delete.extend(claims(tags).into_iter().filter(|(_, o)| is_own_claim(o, c.owner)).map(|(k, _)| k));
+    }
+    plan.delete_keys = delete.into_iter().filter(|k| exists(k)).collect();
+    plan
+}
+
+/// The keys of the rotation in flight that nobody has: status.newKey when no target Secret holds
+/// it, and, while the write-ahead marker stands, a key that appeared since and is provably rekey's.
+fn unhanded(
+    c: &CleanupInput,
+    keys: &[IamKey],
+    tags: &BTreeMap<String, String>,
+    held: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut out: Vec<String> =
+        c.status.new_key.iter().map(|k| k.access_key_id.clone()).filter(|k| !held.contains(k)).collect();
+    if let Some(pending) = &c.status.pending {
+        let known: BTreeSet<&str> = pending.known_key_ids.iter().map(String::as_str).collect();
+        out.extend(
+            keys.iter()
+                .filter(|k| !known.contains(k.id.as_str()))
+                .filter(|k| not_an_orphan(k, pending, held, tags, c.owner).is_none())
+                .map(|k| k.id.clone()),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::api::{KeyRef, Pending};
+    use crate::ownership::claim_value;
+
+    const OWNER: &str = "prod/payments/billing";
+
+    fn now() -> Timestamp {
+        "2026-06-01T12:00:00Z".parse().unwrap()
+    }
+
+    fn key(id: &str) -> IamKey {
+        IamKey { id: id.into(), active: true, created: now() }
+    }
+
+    fn input<'a>(policy: DeletionPolicy, st: &'a IamKeyRotationStatus, held: &[&str], keys: &[&str]) -> CleanupInput<'a> {
+        let tags: BTreeMap<String, String> = keys.iter().map(|k| (k.to_string(), claim_value(OWNER))).collect();
+        CleanupInput {
+            policy,
+            status: st,
+            owner: OWNER,
+            held: Some(held.iter().map(|s| s.to_string()).collect()),
+            iam: Some((keys.iter().map(|k| key(k)).collect(), tags)),
+        }
+    }
+
+    #[test]
+    fn retain_keeps_keys_in_use_and_deletes_an_unhanded_new_key() {
+        let st = IamKeyRotationStatus {
+            active_key: Some(KeyRef { access_key_id: "OLD".into(), created_at: None }),
+            new_key: Some(KeyRef { access_key_id: "NEW".into(), created_at: None }),
+            ..Default::default()
+        };
+        let p = cleanup(&input(DeletionPolicy::Retain, &st, &["OLD"], &["OLD", "NEW"]));
+        assert_eq!(p.delete_keys, vec!["NEW"]);
+        assert!(!p.clear_targets);
+        // Once a Secret holds it, somebody may use it: kept.
+        let p = cleanup(&input(DeletionPolicy::Retain, &st, &["NEW"], &["OLD", "NEW"]));
+        assert!(p.delete_keys.is_empty());
+    }
+
+    #[test]
+    fn delete_deletes_every_claimed_key_and_clears_the_data() {
+        let st = IamKeyRotationStatus::default();
+        let p = cleanup(&input(DeletionPolicy::Delete, &st, &["A"], &["A", "B"]));
+        assert_eq!(p.delete_keys, vec!["A", "B"]);
+        assert!(p.clear_targets);
+    }
+
+    #[test]
+    fn deleted_mid_create_the_orphan_of_the_interrupted_create_is_deleted() {
+        let st = IamKeyRotationStatus {
+            pending: Some(Pending { started_at: Time(now()), known_key_ids: vec!["OLD".into()] }),
+            ..Default::default()
+        };
+        let p = cleanup(&input(DeletionPolicy::Retain, &st, &["OLD"], &["OLD", "ORPHAN"]));
+        assert_eq!(p.delete_keys, vec!["ORPHAN"]);
+    }
+
+    #[test]
+    fn unreadable_secrets_or_iam_keep_every_key() {
+        let st = IamKeyRotationStatus {
+            new_key: Some(KeyRef { access_key_id: "NEW".into(), created_at: None }),
+            ..Default::default()
+        };
+        let mut i = input(DeletionPolicy::Retain, &st, &[], &["NEW"]);
+        i.held = None;
+        let p = cleanup(&i);
+        assert!(p.delete_keys.is_empty());
+        assert_eq!(p.kept.len(), 1);
+        i.iam = None;
+        assert!(cleanup(&i).delete_keys.is_empty());
+    }
+}
