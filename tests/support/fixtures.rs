@@ -164,6 +164,7 @@ impl KeyBreakWatch {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let out = seen.clone();
         let task = tokio::spawn(async move {
+            // Samples until stop(), for as long as the test watches; not a wait, so not `eventually`.
             loop {
                 if let Ok(list) = pods.list(&Default::default()).await {
                     for p in list.items {
