@@ -169,6 +169,7 @@ impl Checker {
         let (env, secrets, targets, flag) = (w.env.clone(), w.secrets.clone(), w.targets.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let mut tally = Tally::default();
+            // Samples for the test's whole duration, until finish(): not a wait, so not `eventually`.
             while !flag.load(Ordering::SeqCst) {
                 tally.samples += 1;
                 for t in &targets {
@@ -250,6 +251,7 @@ impl Supervised {
         let (ns, extra, flag) = (ns.to_owned(), extra.to_vec(), stop.clone());
         let task = tokio::spawn(async move {
             let mut restarts = 0;
+            // Supervises for the test's whole duration, until finish(): not a wait, so not `eventually`.
             loop {
                 let mut op = Operator::start(&ns, &extra).await?;
                 loop {
@@ -262,6 +264,7 @@ impl Supervised {
                     }
                 }
                 restarts += 1;
+                // A pause before the restart, as the kubelet's back-off makes; not a wait on anything.
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
@@ -298,6 +301,7 @@ async fn sigkill_at_random_instants_loses_no_access_and_leaks_no_key() -> anyhow
     let checker = Checker::start(&w);
     let mut requested: BTreeMap<String, u32> = w.targets.iter().map(|t| (t.name.clone(), 0)).collect();
     let (mut kills, mut mid_rotation) = (0, 0);
+    // Injects faults for the test's whole fault phase, at random instants: not a wait, so not `eventually`.
     while kills < wanted {
         // Keep every resource rotating: a new request as soon as the previous one is done.
         for t in &w.targets {
