@@ -11,6 +11,8 @@ pub mod cli;
 pub mod controller;
 pub mod duration;
 pub mod error;
+#[cfg(test)]
+pub mod fake;
 pub mod http;
 pub mod iam;
 pub mod leader;
