@@ -24,6 +24,18 @@ pub const KEY_QUOTA: usize = 2;
 pub const TAG_QUOTA: usize = 50;
 /// What STS answers for a key it refuses; `AwsIam::verify` turns exactly these into `Rejected`.
 const REJECTIONS: [&str; 4] = ["InvalidClientTokenId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken"];
+/// The operations a failure can be injected into (as AwsIam names them in its metrics).
+pub const OPERATIONS: [&str; 9] = [
+    "ListUserTags",
+    "ListAccessKeys",
+    "CreateAccessKey",
+    "UpdateAccessKey",
+    "DeleteAccessKey",
+    "TagUser",
+    "UntagUser",
+    "GetAccessKeyLastUsed",
+    "GetCallerIdentity",
+];
 const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
 const SECRET_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -280,6 +292,8 @@ impl FakeIam {
     }
 
     fn inject(&self, operation: &str, code: &str, remaining: Option<u32>, after_effect: bool) {
+        // A misspelt operation would never fire, and the test would pass for the wrong reason.
+        assert!(OPERATIONS.contains(&operation), "no IAM operation {operation:?}; one of {OPERATIONS:?}");
         let f = Injected { operation: operation.to_owned(), code: code.to_owned(), remaining, after_effect };
         self.lock().failures.push(f);
     }

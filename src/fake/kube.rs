@@ -349,15 +349,17 @@ impl Store {
     fn answer(&mut self, req: &Req, fault: Option<Fault>) -> Answer {
         match fault {
             Some(Fault::Status(403, reason)) => {
+                let t = &req.target;
+                let group = t.prefix.strip_prefix("apis/").and_then(|g| g.split('/').next()).unwrap_or_default();
+                let qualified = if group.is_empty() { t.plural.clone() } else { format!("{}.{group}", t.plural) };
                 let message = format!(
-                    "{} \"{}\" is forbidden: User \"system:serviceaccount:rekey:rekey\" cannot {} resource \"{}\" in the namespace \"{}\"",
-                    req.target.plural,
+                    "{qualified} \"{}\" is forbidden: User \"system:serviceaccount:rekey:rekey\" cannot {} resource \"{}\" in API group \"{group}\" in the namespace \"{}\"",
                     req.name(),
                     req.verb,
-                    req.target.resource(),
-                    req.target.namespace.clone().unwrap_or_default()
+                    t.resource(),
+                    t.namespace.clone().unwrap_or_default()
                 );
-                Answer::Reply(status(403, &reason, message, &req.target))
+                Answer::Reply(status(403, &reason, message, t))
             }
             Some(Fault::Status(code, reason)) => {
                 Answer::Reply(status(code, &reason, "injected by the test".into(), &req.target))
@@ -817,6 +819,9 @@ impl FakeKube {
     }
 
     fn inject(&self, verb: &str, resource: &str, fault: Fault, once: bool) {
+        // A misspelt verb would never fire, and the test would pass for the wrong reason.
+        const VERBS: [&str; 6] = ["get", "list", "create", "update", "patch", "delete"];
+        assert!(VERBS.contains(&verb), "no verb {verb:?}; one of {VERBS:?}");
         let f = Injected { verb: verb.to_owned(), resource: resource.to_owned(), fault, once };
         self.lock().faults.push(f);
     }
