@@ -13,6 +13,8 @@ pub mod context;
 pub mod controller;
 pub mod duration;
 pub mod error;
+#[cfg(test)]
+pub mod fake;
 pub mod http;
 pub mod iam;
 pub mod leader;
