@@ -465,8 +465,9 @@ impl Iam for FakeIam {
         })
     }
 
-    async fn verify(&self, key: &AccessKey) -> Result<Verification, Error> {
-        match self.run("GetCallerIdentity", None, Some(&key.id), None, |st| Ok(st.verify(key))) {
+    /// The region goes into the call log's detail, so a test sees where verification was sent.
+    async fn verify(&self, key: &AccessKey, region: &str) -> Result<Verification, Error> {
+        match self.run("GetCallerIdentity", None, Some(&key.id), Some(region.to_owned()), |st| Ok(st.verify(key))) {
             Err(Error::Iam { code, .. }) if REJECTIONS.contains(&code.as_str()) => Ok(Verification::Rejected(code)),
             other => other,
         }
@@ -540,18 +541,18 @@ mod tests {
         let id = iam.add_key("app", true);
         let key = iam.secret_of(&id).unwrap();
         let arn = format!("arn:aws:iam::{ACCOUNT}:user/app");
-        assert_eq!(iam.verify(&key).await.unwrap(), Verification::Authenticated(arn));
+        assert_eq!(iam.verify(&key, "us-east-1").await.unwrap(), Verification::Authenticated(arn));
         let wrong = AccessKey { id: id.clone(), secret: SecretString::from("x".repeat(40)) };
-        assert_eq!(iam.verify(&wrong).await.unwrap(), Verification::Rejected("SignatureDoesNotMatch".into()));
+        assert_eq!(iam.verify(&wrong, "us-east-1").await.unwrap(), Verification::Rejected("SignatureDoesNotMatch".into()));
         iam.set_active("app", &id, false);
         let listed = iam.list_keys("app").await.unwrap();
         assert!(listed.len() == 1 && !listed[0].active, "an Inactive key is still listed");
         let refused = Verification::Rejected("InvalidClientTokenId".into());
-        assert_eq!(iam.verify(&key).await.unwrap(), refused);
+        assert_eq!(iam.verify(&key, "us-east-1").await.unwrap(), refused);
         iam.delete_key("app", &id).await.unwrap();
-        assert_eq!(iam.verify(&key).await.unwrap(), refused);
+        assert_eq!(iam.verify(&key, "us-east-1").await.unwrap(), refused);
         let unknown = AccessKey { id: "AKIAUNKNOWN000000000".into(), secret: SecretString::from("s".to_owned()) };
-        assert_eq!(iam.verify(&unknown).await.unwrap(), refused);
+        assert_eq!(iam.verify(&unknown, "us-east-1").await.unwrap(), refused);
     }
 
     #[tokio::test]
@@ -560,9 +561,9 @@ mod tests {
         iam.set_propagation(2);
         let (key, _) = iam.create_key("app").await.unwrap();
         for _ in 0..2 {
-            assert_eq!(iam.verify(&key).await.unwrap(), Verification::Rejected("InvalidClientTokenId".into()));
+            assert_eq!(iam.verify(&key, "us-east-1").await.unwrap(), Verification::Rejected("InvalidClientTokenId".into()));
         }
-        assert!(matches!(iam.verify(&key).await.unwrap(), Verification::Authenticated(_)));
+        assert!(matches!(iam.verify(&key, "us-east-1").await.unwrap(), Verification::Authenticated(_)));
     }
 
     #[tokio::test]
@@ -583,7 +584,7 @@ mod tests {
         // Mapped as AwsIam maps them: a rejection code from STS is an answer, not an error.
         iam.fail_next("GetCallerIdentity", "ExpiredToken");
         let key = iam.secret_of(&iam.keys("app")[0].id).unwrap();
-        assert_eq!(iam.verify(&key).await.unwrap(), Verification::Rejected("ExpiredToken".into()));
+        assert_eq!(iam.verify(&key, "us-east-1").await.unwrap(), Verification::Rejected("ExpiredToken".into()));
         iam.fail_next("DeleteAccessKey", "NoSuchEntity");
         iam.delete_key("app", &key.id).await.unwrap();
     }
@@ -618,7 +619,7 @@ mod tests {
         let (key, _) = iam.create_key("app").await.unwrap();
         iam.list_keys("app").await.unwrap();
         iam.set_key_active("app", &key.id, false).await.unwrap();
-        iam.verify(&key).await.unwrap();
+        iam.verify(&key, "us-east-1").await.unwrap();
         assert_eq!(iam.operations(), ["CreateAccessKey", "ListAccessKeys", "UpdateAccessKey", "GetCallerIdentity"]);
         let calls = iam.calls();
         assert_eq!(calls[2].key_id.as_deref(), Some(key.id.as_str()));
