@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::api::{IamKeyRotationSpec, SecretFormat};
+use crate::api::IamKeyRotationSpec;
+use crate::secrets;
+pub use crate::secrets::format::valid_secret_key;
 
 /// The spec with its durations parsed and its cross-field rules checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,38 +62,7 @@ pub fn validate(spec: &IamKeyRotationSpec) -> Result<ValidSpec, InvalidSpec> {
         if !names.insert(s.name.as_str()) {
             return Err(InvalidSpec(format!("spec.secrets[{i}]: Secret {:?} is listed twice", s.name)));
         }
-        match s.format {
-            SecretFormat::Env => {
-                let id = s.access_key_id_key.as_deref().unwrap_or(crate::secrets::DEFAULT_ID_KEY);
-                let secret = s.secret_access_key_key.as_deref().unwrap_or(crate::secrets::DEFAULT_SECRET_KEY);
-                if id == secret {
-                    return Err(InvalidSpec(format!(
-                        "spec.secrets[{i}]: accessKeyIdKey and secretAccessKeyKey are both {id:?}"
-                    )));
-                }
-            }
-            SecretFormat::CredentialsFile => {}
-            SecretFormat::Template => {
-                let Some(t) = s.template.as_ref().filter(|t| !t.is_empty()) else {
-                    return Err(InvalidSpec(format!(
-                        "spec.secrets[{i}]: format template needs a non-empty template map"
-                    )));
-                };
-                if !t.values().any(|text| text.contains(crate::secrets::SECRET_PLACEHOLDER)) {
-                    return Err(InvalidSpec(format!(
-                        "spec.secrets[{i}]: the template never uses {} so no key would be delivered",
-                        crate::secrets::SECRET_PLACEHOLDER
-                    )));
-                }
-                for key in t.keys() {
-                    if !valid_secret_key(key) {
-                        return Err(InvalidSpec(format!(
-                            "spec.secrets[{i}].template: {key:?} is not a valid Secret key"
-                        )));
-                    }
-                }
-            }
-        }
+        secrets::format::of(s.format).validate(i, s).map_err(InvalidSpec)?;
     }
     Ok(v)
 }
@@ -101,15 +72,12 @@ pub fn valid_user_name(name: &str) -> bool {
     (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
 }
 
-/// Kubernetes' Secret data key rule: `[-._a-zA-Z0-9]+`, at most 253 characters.
-pub fn valid_secret_key(key: &str) -> bool {
-    (1..=253).contains(&key.len()) && key.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::api::SecretTarget;
+    use crate::api::{SecretFormat, SecretTarget};
     use crate::duration::SpecDuration;
 
     fn spec() -> IamKeyRotationSpec {
@@ -144,6 +112,18 @@ mod tests {
                 Box::new(|s| s.secrets[0] = SecretTarget { format: SecretFormat::Template, ..s.secrets[0].clone() }),
                 "needs a non-empty template map",
             ),
+            (
+                Box::new(|s| s.secrets[0].secret_access_key_key = Some("AWS_ACCESS_KEY_ID".into())),
+                "spec.secrets[0]: accessKeyIdKey and secretAccessKeyKey are both \"AWS_ACCESS_KEY_ID\"",
+            ),
+            (
+                Box::new(|s| s.secrets[0] = template(&[("k", "{{ .AccessKeyId }}")])),
+                "spec.secrets[0]: the template never uses {{ .SecretAccessKey }} so no key would be delivered",
+            ),
+            (
+                Box::new(|s| s.secrets[0] = template(&[("a b", "{{ .SecretAccessKey }}")])),
+                "spec.secrets[0].template: \"a b\" is not a valid Secret key",
+            ),
         ];
         for (mutate, want) in cases {
             let mut s = spec();
@@ -151,6 +131,22 @@ mod tests {
             let err = validate(&s).expect_err(want);
             assert!(err.0.contains(want), "{err} does not contain {want}");
         }
+    }
+
+    fn template(entries: &[(&str, &str)]) -> SecretTarget {
+        serde_json::from_value(serde_json::json!({
+            "name": "billing-aws",
+            "format": "template",
+            "template": entries.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_valid_template_passes() {
+        let mut s = spec();
+        s.secrets[0] = template(&[("config.json", "{\"secret\":\"{{ .SecretAccessKey }}\"}")]);
+        assert!(validate(&s).is_ok());
     }
 
     impl IamKeyRotationSpec {

@@ -1,6 +1,6 @@
-//! The Secrets rekey writes: rendering a key in each format, reading back which key a Secret holds,
-//! and the staging Secret. Rendering and reading are pure; the functions taking a client touch the
-//! cluster and say so.
+//! The Secrets rekey writes: rendering a key and reading back which key a Secret holds (each format
+//! in its own module under `format`; the functions here pick it from the target), and the staging
+//! Secret. Rendering and reading are pure; the functions taking a client touch the cluster and say so.
 //!
 //! A target Secret is written with server-side apply under the resource's own field manager, with
 //! only the keys rekey owns: other keys of the Secret are never touched, and two resources never
@@ -20,10 +20,12 @@ use crate::error::{SecretWriteError, summarise};
 use crate::ownership::fnv1a;
 use crate::plan::snapshot::SecretState;
 
-pub const DEFAULT_ID_KEY: &str = "AWS_ACCESS_KEY_ID";
-pub const DEFAULT_SECRET_KEY: &str = "AWS_SECRET_ACCESS_KEY";
-pub const CREDENTIALS_KEY: &str = "credentials";
-pub const SECRET_PLACEHOLDER: &str = "{{ .SecretAccessKey }}";
+pub mod format;
+
+pub use format::credentials_file::CREDENTIALS_KEY;
+pub use format::env::{DEFAULT_ID_KEY, DEFAULT_SECRET_KEY};
+pub use format::template::SECRET_PLACEHOLDER;
+
 /// Label on every Secret rekey writes, naming the resource that wrote it (for people and
 /// `kubectl get secrets -l`; rekey itself does not watch Secrets).
 pub const MANAGED_LABEL: &str = "rekey.dev/managed-by";
@@ -48,132 +50,33 @@ pub struct RenderContext {
     pub region: String,
 }
 
-fn id_key(t: &SecretTarget) -> &str {
-    t.access_key_id_key.as_deref().unwrap_or(DEFAULT_ID_KEY)
-}
-
-fn secret_key(t: &SecretTarget) -> &str {
-    t.secret_access_key_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY)
-}
-
-fn profile(t: &SecretTarget) -> &str {
-    t.profile.as_deref().unwrap_or("default")
-}
-
 /// The Secret keys rekey owns in a target, with their content for `key`.
 pub fn render(t: &SecretTarget, key: &AccessKey, ctx: &RenderContext) -> BTreeMap<String, SecretString> {
-    let secret = key.secret.expose_secret();
-    let mut out = BTreeMap::new();
-    match t.format {
-        SecretFormat::Env => {
-            out.insert(id_key(t).to_owned(), SecretString::from(key.id.clone()));
-            out.insert(secret_key(t).to_owned(), SecretString::from(secret.to_owned()));
-        }
-        SecretFormat::CredentialsFile => {
-            let text = format!("[{}]\naws_access_key_id = {}\naws_secret_access_key = {secret}\n", profile(t), key.id);
-            out.insert(CREDENTIALS_KEY.to_owned(), SecretString::from(text));
-        }
-        SecretFormat::Template => {
-            for (k, tmpl) in t.template.iter().flatten() {
-                let text = tmpl
-                    .replace("{{ .AccessKeyId }}", &key.id)
-                    .replace(SECRET_PLACEHOLDER, secret)
-                    .replace("{{ .UserName }}", &ctx.user_name)
-                    .replace("{{ .Region }}", &ctx.region);
-                out.insert(k.clone(), SecretString::from(text));
-            }
-        }
-    }
-    out
+    format::of(t.format).render(t, key, ctx)
 }
 
 /// The Secret keys rekey owns in a target (for removal and for "is it empty").
 pub fn owned_keys(t: &SecretTarget) -> Vec<String> {
-    match t.format {
-        SecretFormat::Env => vec![id_key(t).to_owned(), secret_key(t).to_owned()],
-        SecretFormat::CredentialsFile => vec![CREDENTIALS_KEY.to_owned()],
-        SecretFormat::Template => t.template.iter().flatten().map(|(k, _)| k.clone()).collect(),
-    }
-}
-
-fn value(s: &Secret, key: &str) -> Option<String> {
-    s.data.as_ref().and_then(|d| d.get(key)).and_then(|v| String::from_utf8(v.0.clone()).ok())
-}
-
-/// An INI credentials file's pair for `profile`.
-fn ini_pair(text: &str, profile: &str) -> (Option<String>, Option<String>) {
-    let mut in_section = false;
-    let (mut id, mut secret) = (None, None);
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            let name = name.trim();
-            in_section = name == profile || name == format!("profile {profile}");
-            continue;
-        }
-        if !in_section {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            match k.trim() {
-                "aws_access_key_id" => id = Some(v.trim().to_owned()),
-                "aws_secret_access_key" => secret = Some(v.trim().to_owned()),
-                _ => {}
-            }
-        }
-    }
-    (id, secret)
+    format::of(t.format).owned_keys(t)
 }
 
 /// Which key a target Secret holds, read from the keys rekey owns.
 pub fn held(t: &SecretTarget, s: Option<&Secret>) -> SecretState {
-    let Some(s) = s else { return SecretState::Missing };
-    match t.format {
-        SecretFormat::Env => match (value(s, id_key(t)), value(s, secret_key(t))) {
-            (None, None) => SecretState::Empty,
-            (Some(id), Some(sec)) if !id.trim().is_empty() && !sec.trim().is_empty() => {
-                SecretState::Holds(id.trim().to_owned())
-            }
-            (Some(id), Some(_)) if id.trim().is_empty() => SecretState::Empty,
-            _ => SecretState::Unreadable(format!("holds only one of {} and {}", id_key(t), secret_key(t))),
-        },
-        SecretFormat::CredentialsFile => match value(s, CREDENTIALS_KEY) {
-            None => SecretState::Empty,
-            Some(text) => match ini_pair(&text, profile(t)) {
-                (Some(id), Some(_)) => SecretState::Holds(id),
-                (None, None) => SecretState::Empty,
-                _ => SecretState::Unreadable(format!("profile {} of key {CREDENTIALS_KEY} is incomplete", profile(t))),
-            },
-        },
-        SecretFormat::Template => {
-            let keys = owned_keys(t);
-            let present = keys.iter().any(|k| value(s, k).is_some());
-            let stamped = s.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).cloned();
-            match (present, stamped) {
-                (false, _) => SecretState::Empty,
-                (true, Some(id)) => SecretState::Holds(id),
-                (true, None) => SecretState::Unreadable(format!(
-                    "holds template keys rekey did not write (no {ACCESS_KEY_ANNOTATION} annotation)"
-                )),
-            }
-        }
+    match s {
+        None => SecretState::Missing,
+        Some(s) => format::of(t.format).held(t, s),
     }
 }
 
 /// The secret access key a target Secret holds (to copy it into a Secret added later).
 pub fn read_key(t: &SecretTarget, s: &Secret) -> Option<AccessKey> {
-    match t.format {
-        SecretFormat::Env => Some(AccessKey {
-            id: value(s, id_key(t))?.trim().to_owned(),
-            secret: SecretString::from(value(s, secret_key(t))?.trim().to_owned()),
-        }),
-        SecretFormat::CredentialsFile => match ini_pair(&value(s, CREDENTIALS_KEY)?, profile(t)) {
-            (Some(id), Some(secret)) => Some(AccessKey { id, secret: SecretString::from(secret) }),
-            _ => None,
-        },
-        // A template's text cannot be parsed back reliably.
-        SecretFormat::Template => None,
-    }
+    format::of(t.format).read_key(t, s)
+}
+
+/// Whether a key can be copied back out of this target's Secret (to fill another Secret from it):
+/// a template's cannot.
+pub fn readable(t: &SecretTarget) -> bool {
+    format::of(t.format).readable()
 }
 
 /// The GitOps tool that applies this Secret, from the tracking labels and annotations Argo CD and
@@ -330,14 +233,7 @@ mod tests {
     use super::*;
 
     fn target(format: SecretFormat) -> SecretTarget {
-        SecretTarget {
-            name: "s".into(),
-            format,
-            access_key_id_key: None,
-            secret_access_key_key: None,
-            profile: None,
-            template: None,
-        }
+        SecretTarget { format, ..staging_target("r") }
     }
 
     fn key() -> AccessKey {
@@ -352,48 +248,30 @@ mod tests {
     }
 
     #[test]
-    fn each_format_renders_and_reads_back_the_same_key() {
-        let ctx = RenderContext { user_name: "u".into(), region: "eu-west-1".into() };
-        for format in [SecretFormat::Env, SecretFormat::CredentialsFile] {
-            let t = target(format);
-            let s = secret_of(render(&t, &key(), &ctx));
-            assert_eq!(held(&t, Some(&s)), SecretState::Holds("AKIAEXAMPLE".into()));
-            assert_eq!(read_key(&t, &s).unwrap().secret.expose_secret(), "s3cr3t/+=");
-        }
-        let mut t = target(SecretFormat::Template);
-        t.template = Some(BTreeMap::from([(
-            "config.json".to_owned(),
-            r#"{"id":"{{ .AccessKeyId }}","secret":"{{ .SecretAccessKey }}","user":"{{ .UserName }}","region":"{{ .Region }}"}"#
-                .to_owned(),
-        )]));
-        let rendered = render(&t, &key(), &ctx);
-        assert_eq!(
-            rendered["config.json"].expose_secret(),
-            r#"{"id":"AKIAEXAMPLE","secret":"s3cr3t/+=","user":"u","region":"eu-west-1"}"#
-        );
+    fn the_free_functions_answer_for_the_targets_format() {
+        let t = target(SecretFormat::CredentialsFile);
+        let rendered = render(&t, &key(), &RenderContext::default());
+        assert_eq!(rendered.keys().collect::<Vec<_>>(), owned_keys(&t).iter().collect::<Vec<_>>());
+        assert_eq!(owned_keys(&t), [CREDENTIALS_KEY]);
+        let s = secret_of(rendered);
+        assert_eq!(held(&t, Some(&s)), SecretState::Holds("AKIAEXAMPLE".into()));
+        assert_eq!(read_key(&t, &s).unwrap().secret.expose_secret(), "s3cr3t/+=");
+        assert!(readable(&t));
+        assert!(!readable(&target(SecretFormat::Template)));
     }
 
     #[test]
-    fn a_credentials_file_profile_is_read_by_name() {
-        let mut t = target(SecretFormat::CredentialsFile);
-        t.profile = Some("billing".into());
-        let text = "[default]\naws_access_key_id = AKIAOTHER\naws_secret_access_key = x\n[billing]\naws_access_key_id = AKIAB\naws_secret_access_key = y\n";
-        let s = secret_of(BTreeMap::from([("credentials".to_owned(), SecretString::from(text.to_owned()))]));
-        assert_eq!(held(&t, Some(&s)), SecretState::Holds("AKIAB".into()));
-    }
-
-    #[test]
-    fn empty_missing_and_half_written_secrets_are_told_apart() {
+    fn a_missing_secret_is_told_from_an_empty_one() {
         let t = target(SecretFormat::Env);
         assert_eq!(held(&t, None), SecretState::Missing);
         assert_eq!(held(&t, Some(&Secret::default())), SecretState::Empty);
-        let half = secret_of(BTreeMap::from([("AWS_ACCESS_KEY_ID".to_owned(), SecretString::from("AKIA".to_owned()))]));
-        assert!(matches!(held(&t, Some(&half)), SecretState::Unreadable(_)));
-        // Template content rekey did not write cannot be accounted for.
-        let mut t = target(SecretFormat::Template);
-        t.template = Some(BTreeMap::from([("k".to_owned(), "{{ .SecretAccessKey }}".to_owned())]));
-        let foreign = secret_of(BTreeMap::from([("k".to_owned(), SecretString::from("x".to_owned()))]));
-        assert!(matches!(held(&t, Some(&foreign)), SecretState::Unreadable(_)));
+    }
+
+    #[test]
+    fn the_staging_secret_reads_back_what_was_written_to_it() {
+        let t = staging_target("r");
+        let s = secret_of(render(&t, &key(), &RenderContext::default()));
+        assert_eq!(read_key(&t, &s).unwrap().id, "AKIAEXAMPLE");
     }
 
     #[test]
