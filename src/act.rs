@@ -189,9 +189,21 @@ fn next_rotation(st: &mut IamKeyRotationStatus, v: &ValidSpec) {
         st.active_key.as_ref().and_then(|k| k.created_at.as_ref()).map(|c| Time(plan::due_at(c.0, v)));
 }
 
-fn history(st: &mut IamKeyRotationStatus, old: Option<String>, new: Option<String>, outcome: HistoryOutcome, now: Timestamp) {
+fn history(
+    st: &mut IamKeyRotationStatus,
+    old: Option<String>,
+    new: Option<String>,
+    outcome: HistoryOutcome,
+    now: Timestamp,
+) {
     let started = st.rotation.as_ref().map(|r| r.started_at.clone()).unwrap_or(Time(now));
-    st.history.push(HistoryEntry { old_key_id: old, new_key_id: new, started_at: started, ended_at: Time(now), outcome });
+    st.history.push(HistoryEntry {
+        old_key_id: old,
+        new_key_id: new,
+        started_at: started,
+        ended_at: Time(now),
+        outcome,
+    });
     let excess = st.history.len().saturating_sub(10);
     st.history.drain(..excess);
 }

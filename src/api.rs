@@ -196,7 +196,19 @@ pub struct WorkloadRef {
 }
 
 #[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, PartialOrd, Ord, Hash, strum::Display, strum::IntoStaticStr,
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    JsonSchema,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    strum::Display,
+    strum::IntoStaticStr,
 )]
 pub enum WorkloadKind {
     Deployment,
@@ -258,7 +270,9 @@ pub struct AwsSpec {
 }
 
 /// Where a rotation stands.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default, strum::Display, strum::IntoStaticStr)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default, strum::Display, strum::IntoStaticStr,
+)]
 pub enum Phase {
     #[default]
     Idle,
@@ -270,7 +284,6 @@ pub enum Phase {
     Soaking,
     Deleting,
 }
-
 
 /// A key rekey tracks.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]

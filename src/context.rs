@@ -150,7 +150,8 @@ impl<I: Iam> Context<I> {
                 true => out.extend(s.state()),
                 false => {
                     return Err(Error::Internal(
-                        "the IamKeyRotation cache has not synced, so one owner per IAM user cannot be checked yet".into(),
+                        "the IamKeyRotation cache has not synced, so one owner per IAM user cannot be checked yet"
+                            .into(),
                     ));
                 }
             }
@@ -188,4 +189,3 @@ pub async fn synced(store: &Store<Cached>, limit: Option<Duration>) -> bool {
         }
     }
 }
-

@@ -125,4 +125,3 @@ async fn reconcile<I: Iam>(obj: Arc<Cached>, ctx: Arc<Context<I>>) -> Result<Act
     metrics.last_reconcile_timestamp_seconds.set(Timestamp::now().as_millisecond() as f64 / 1000.0);
     result
 }
-

@@ -81,12 +81,6 @@ pub struct SecretWriteError {
 pub fn summarise(verb: &'static str, name: &str, e: kube::Error) -> SecretWriteError {
     match e {
         kube::Error::Api(s) => SecretWriteError { verb, name: name.to_owned(), reason: s.reason.clone(), code: s.code },
-        other => SecretWriteError {
-            verb,
-            name: name.to_owned(),
-            reason: transport_kind(&other).to_owned(),
-            code: 0,
-        },
+        other => SecretWriteError { verb, name: name.to_owned(), reason: transport_kind(&other).to_owned(), code: 0 },
     }
 }
-

@@ -24,7 +24,6 @@ impl Identity {
     }
 }
 
-
 /// Owner claims on the user's keys: access key id -> owner, from the description tags.
 pub fn claims(tags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     tags.iter().filter_map(|(k, v)| v.strip_prefix("rekey:").map(|owner| (k.clone(), owner.to_owned()))).collect()
@@ -54,7 +53,6 @@ pub fn is_own_claim(value_owner: &str, owner: &str) -> bool {
 pub fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
-
 
 /// Whether `role` matches one of the operator's allow-list patterns (`*` matches any run of
 /// characters): which AWS accounts and roles a namespace may make rekey act in.

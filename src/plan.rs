@@ -12,10 +12,12 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 pub mod cleanup;
 pub mod snapshot;
 
-use crate::api::{IamKeyRotationSpec, Pending, RotationProgress, WorkloadRef, IamKeyRotationStatus, KeyState, Phase, Trigger};
+use crate::api::{
+    IamKeyRotationSpec, IamKeyRotationStatus, KeyState, Pending, Phase, RotationProgress, Trigger, WorkloadRef,
+};
 use crate::ownership::{Identity, claims, is_own_claim};
-pub use snapshot::{IamKey, IamState, Observed, Requests, SecretState, WorkloadState, WorkloadsState};
 use crate::validate::ValidSpec;
+pub use snapshot::{IamKey, IamState, Observed, Requests, SecretState, WorkloadState, WorkloadsState};
 
 /// How long verification of a new key may take (IAM propagation) before it is abandoned.
 pub const VERIFY_BOUND: Duration = Duration::from_secs(180);
@@ -222,7 +224,9 @@ fn next_step(i: &Input) -> Step {
     if let Some(role) = &i.gates.denied_role {
         return stall(
             StallReason::Forbidden,
-            format!("spec.aws.roleArn {role} is not allowed by this operator (--allowed-role-arns); no IAM call was made"),
+            format!(
+                "spec.aws.roleArn {role} is not allowed by this operator (--allowed-role-arns); no IAM call was made"
+            ),
         );
     }
     if let Some(s) = backing_off(i) {

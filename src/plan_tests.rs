@@ -672,7 +672,9 @@ fn a_rotation_waits_for_a_slot_and_says_so() {
 
 #[test]
 fn suspend_and_dry_run_withhold_every_write_and_nothing_else() {
-    for (suspend, dry_run, why) in [(true, false, Withheld::Suspended), (false, true, Withheld::DryRun), (true, true, Withheld::Suspended)] {
+    for (suspend, dry_run, why) in
+        [(true, false, Withheld::Suspended), (false, true, Withheld::DryRun), (true, true, Withheld::Suspended)]
+    {
         let mut c = Case::new();
         c.spec.suspend = suspend;
         c.spec.dry_run = dry_run;

@@ -61,7 +61,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         let valid = match validate(&self.obj.spec) {
             Ok(v) => v,
             Err(e) => {
-                let stall = Decision { step: Step::Stall { reason: StallReason::InvalidSpec, message: e.0 }, caveat: None };
+                let stall =
+                    Decision { step: Step::Stall { reason: StallReason::InvalidSpec, message: e.0 }, caveat: None };
                 return self.commit(st, &stall, Outcome::default()).await;
             }
         };
@@ -245,7 +246,13 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             },
         };
         let owner = self.identity.owner();
-        let input = CleanupInput { policy: self.obj.spec.deletion_policy, status: &self.before, owner: &owner, held, iam: facts };
+        let input = CleanupInput {
+            policy: self.obj.spec.deletion_policy,
+            status: &self.before,
+            owner: &owner,
+            held,
+            iam: facts,
+        };
         let decided = cleanup(&input);
         if let Some(iam) = &iam {
             problems.extend(act::cleanup(&self.ctx.client, iam, &self.obj, &decided).await);
@@ -256,7 +263,11 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             "deleted ({}): keys deleted: [{}]{}",
             self.obj.spec.deletion_policy,
             decided.delete_keys.join(", "),
-            if problems.is_empty() { String::new() } else { format!("; left behind after errors: {}", problems.join("; ")) }
+            if problems.is_empty() {
+                String::new()
+            } else {
+                format!("; left behind after errors: {}", problems.join("; "))
+            }
         );
         self.ctx.events.publish(&self.obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
         self.ctx.metrics.forget(&self.identity.namespace, &self.identity.name);

@@ -253,7 +253,13 @@ fn matches_labels(p: &Pod, selector: &str) -> bool {
 /// TOUCHES THE CLUSTER. Restarts a workload onto `key_id` by stamping its pod template, with
 /// server-side apply under the resource's own field manager (idempotent; a GitOps tool sees
 /// another manager's field, not drift).
-pub async fn stamp(client: &kube::Client, ns: &str, id: &WorkloadRef, key_id: &str, manager: &str) -> Result<(), Error> {
+pub async fn stamp(
+    client: &kube::Client,
+    ns: &str,
+    id: &WorkloadRef,
+    key_id: &str,
+    manager: &str,
+) -> Result<(), Error> {
     let kind: &'static str = id.kind.into();
     let body = json!({
         "apiVersion": "apps/v1", "kind": kind, "metadata": {"name": id.name},
@@ -262,9 +268,15 @@ pub async fn stamp(client: &kube::Client, ns: &str, id: &WorkloadRef, key_id: &s
     let pp = PatchParams::apply(manager).force();
     let patch = Patch::Apply(&body);
     match id.kind {
-        WorkloadKind::Deployment => drop(Api::<Deployment>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?),
-        WorkloadKind::StatefulSet => drop(Api::<StatefulSet>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?),
-        WorkloadKind::DaemonSet => drop(Api::<DaemonSet>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?),
+        WorkloadKind::Deployment => {
+            drop(Api::<Deployment>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?)
+        }
+        WorkloadKind::StatefulSet => {
+            drop(Api::<StatefulSet>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?)
+        }
+        WorkloadKind::DaemonSet => {
+            drop(Api::<DaemonSet>::namespaced(client.clone(), ns).patch(&id.name, &pp, &patch).await?)
+        }
     }
     Ok(())
 }

@@ -107,8 +107,13 @@ fn no_file_of_src_imports_a_file_that_imports_it_back() {
             .collect();
         graph.insert(m, deps);
     }
-    let cycles: Vec<String> =
-        graph.keys().filter_map(|m| cycle_from(&graph, m)).map(|c| c.join(" -> ")).collect::<BTreeSet<_>>().into_iter().collect();
+    let cycles: Vec<String> = graph
+        .keys()
+        .filter_map(|m| cycle_from(&graph, m))
+        .map(|c| c.join(" -> "))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     assert!(cycles.is_empty(), "import circles in src/:\n{}", cycles.join("\n"));
 }
 
@@ -127,8 +132,13 @@ fn function_lengths(text: &str) -> Vec<(String, usize, usize)> {
             i += 1;
             continue;
         }
-        let name: String =
-            l.split("fn ").nth(1).unwrap_or_default().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let name: String = l
+            .split("fn ")
+            .nth(1)
+            .unwrap_or_default()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
         let (mut depth, mut opened, start) = (0i32, false, i);
         let mut j = i;
         while j < lines.len() {
@@ -172,7 +182,10 @@ fn no_function_in_src_is_longer_than_a_screen() {
 #[test]
 fn the_checks_themselves_find_what_they_look_for() {
     let known: BTreeSet<String> = ["a".to_owned(), "b".to_owned(), "b::c".to_owned()].into();
-    assert_eq!(imports("use crate::b::c::X;\nuse crate::{a, b::c};", &known), ["a", "b", "b::c"].map(String::from).into());
+    assert_eq!(
+        imports("use crate::b::c::X;\nuse crate::{a, b::c};", &known),
+        ["a", "b", "b::c"].map(String::from).into()
+    );
     let graph: BTreeMap<String, BTreeSet<String>> =
         [("a".to_owned(), ["b".to_owned()].into()), ("b".to_owned(), ["a".to_owned()].into())].into();
     assert!(cycle_from(&graph, "a").is_some());

@@ -7,7 +7,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use super::{DRY_RUN_RECHECK, Env, Note, Outcome, active_id, enter, history, next_rotation, park, require_active, reset_to_idle};
+use super::{
+    DRY_RUN_RECHECK, Env, Note, Outcome, active_id, enter, history, next_rotation, park, require_active, reset_to_idle,
+};
 use crate::api::{HistoryOutcome, IamKeyRotationStatus, KeyState, Phase, RetiringKey, WorkloadRef};
 use crate::error::Error;
 use crate::iam::Iam;
@@ -68,7 +70,11 @@ pub async fn stamp<I: Iam>(env: &Env<'_, I>, key_id: &str, ids: &[WorkloadRef]) 
 }
 
 /// UpdateAccessKey Inactive on the retiring key, after the fresh-list checks.
-pub async fn deactivate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key_id: &str) -> Result<Outcome, Error> {
+pub async fn deactivate<I: Iam>(
+    env: &Env<'_, I>,
+    st: &mut IamKeyRotationStatus,
+    key_id: &str,
+) -> Result<Outcome, Error> {
     let now = env.now();
     let keys = env.fresh_keys().await?;
     // Never leave the user without an Active key, and never deactivate the key in the Secrets.
@@ -83,13 +89,8 @@ pub async fn deactivate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus,
     }
     if !st.emergency() {
         // The soak baseline: Ready pods per workload as the old key goes away.
-        let baseline: BTreeMap<String, i32> = env
-            .observed
-            .workloads
-            .iter()
-            .flat_map(|w| w.items.iter())
-            .map(|w| (w.id.to_string(), w.ready))
-            .collect();
+        let baseline: BTreeMap<String, i32> =
+            env.observed.workloads.iter().flat_map(|w| w.items.iter()).map(|w| (w.id.to_string(), w.ready)).collect();
         if let Some(r) = st.rotation.as_mut() {
             r.baseline = baseline;
             r.below_since.clear();
@@ -172,5 +173,9 @@ pub async fn finish<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> 
     st.failed_attempts = 0;
     st.last_failure_time = None;
     next_rotation(st, env.valid);
-    Ok(Outcome::next().committed().event(false, "Idle", format!("rotation complete; key {} in use", new.unwrap_or_default())))
+    Ok(Outcome::next().committed().event(
+        false,
+        "Idle",
+        format!("rotation complete; key {} in use", new.unwrap_or_default()),
+    ))
 }

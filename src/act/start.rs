@@ -9,7 +9,9 @@ use kube::Resource as _;
 use secrecy::SecretString;
 
 use super::{Env, Outcome, active_id, enter, history, next_rotation, reset_to_idle};
-use crate::api::{HistoryOutcome, IamKeyRotationStatus, KeyRef, KeyState, Pending, Phase, RetiringKey, RotationProgress, Trigger};
+use crate::api::{
+    HistoryOutcome, IamKeyRotationStatus, KeyRef, KeyState, Pending, Phase, RetiringKey, RotationProgress, Trigger,
+};
 use crate::error::Error;
 use crate::iam::{Iam, Verification, user_of_arn};
 use crate::ownership::claim_value;
@@ -42,7 +44,12 @@ pub fn adopt<I: Iam>(
 }
 
 /// Copies the active key from one target Secret into those that lack it.
-pub async fn fill<I: Iam>(env: &Env<'_, I>, st: &IamKeyRotationStatus, from: &str, to: &[String]) -> Result<Outcome, Error> {
+pub async fn fill<I: Iam>(
+    env: &Env<'_, I>,
+    st: &IamKeyRotationStatus,
+    from: &str,
+    to: &[String],
+) -> Result<Outcome, Error> {
     let src_target = env.obj.spec.secrets.iter().find(|t| t.name == from);
     let src = env.secrets().get_opt(from).await?;
     let key = match (src_target, src.as_ref()) {
@@ -68,7 +75,11 @@ pub async fn fill<I: Iam>(env: &Env<'_, I>, st: &IamKeyRotationStatus, from: &st
 }
 
 /// Preflight, then the write-ahead marker (phase Creating, committed with a precondition).
-pub async fn begin<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, trigger: Trigger) -> Result<Outcome, Error> {
+pub async fn begin<I: Iam>(
+    env: &Env<'_, I>,
+    st: &mut IamKeyRotationStatus,
+    trigger: Trigger,
+) -> Result<Outcome, Error> {
     let now = env.now();
     preflight(env).await?;
     let keys = env.observed.iam.as_ref().map(|i| i.keys.clone()).unwrap_or_default();
@@ -124,7 +135,12 @@ pub async fn create<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> 
 }
 
 /// The new key is in the staging Secret: record it, drop the marker, verify next.
-pub fn record_new_key<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key_id: &str, created: Timestamp) -> Outcome {
+pub fn record_new_key<I: Iam>(
+    env: &Env<'_, I>,
+    st: &mut IamKeyRotationStatus,
+    key_id: &str,
+    created: Timestamp,
+) -> Outcome {
     set_new_key(st, key_id, created, env.now());
     Outcome::next().committed()
 }
@@ -136,7 +152,11 @@ fn set_new_key(st: &mut IamKeyRotationStatus, key_id: &str, created: Timestamp, 
 }
 
 /// Recovery: deletes the key an interrupted attempt created (nobody has it), and renews the marker.
-pub async fn delete_orphan<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key_id: &str) -> Result<Outcome, Error> {
+pub async fn delete_orphan<I: Iam>(
+    env: &Env<'_, I>,
+    st: &mut IamKeyRotationStatus,
+    key_id: &str,
+) -> Result<Outcome, Error> {
     let keys = env.fresh_keys().await?;
     if keys.iter().any(|k| k.id == key_id) {
         env.delete_key(key_id).await?;

@@ -543,7 +543,10 @@ mod tests {
         let arn = format!("arn:aws:iam::{ACCOUNT}:user/app");
         assert_eq!(iam.verify(&key, "us-east-1").await.unwrap(), Verification::Authenticated(arn));
         let wrong = AccessKey { id: id.clone(), secret: SecretString::from("x".repeat(40)) };
-        assert_eq!(iam.verify(&wrong, "us-east-1").await.unwrap(), Verification::Rejected("SignatureDoesNotMatch".into()));
+        assert_eq!(
+            iam.verify(&wrong, "us-east-1").await.unwrap(),
+            Verification::Rejected("SignatureDoesNotMatch".into())
+        );
         iam.set_active("app", &id, false);
         let listed = iam.list_keys("app").await.unwrap();
         assert!(listed.len() == 1 && !listed[0].active, "an Inactive key is still listed");
@@ -561,7 +564,10 @@ mod tests {
         iam.set_propagation(2);
         let (key, _) = iam.create_key("app").await.unwrap();
         for _ in 0..2 {
-            assert_eq!(iam.verify(&key, "us-east-1").await.unwrap(), Verification::Rejected("InvalidClientTokenId".into()));
+            assert_eq!(
+                iam.verify(&key, "us-east-1").await.unwrap(),
+                Verification::Rejected("InvalidClientTokenId".into())
+            );
         }
         assert!(matches!(iam.verify(&key, "us-east-1").await.unwrap(), Verification::Authenticated(_)));
     }

@@ -96,7 +96,12 @@ mod tests {
         IamKey { id: id.into(), active: true, created: now() }
     }
 
-    fn input<'a>(policy: DeletionPolicy, st: &'a IamKeyRotationStatus, held: &[&str], keys: &[&str]) -> CleanupInput<'a> {
+    fn input<'a>(
+        policy: DeletionPolicy,
+        st: &'a IamKeyRotationStatus,
+        held: &[&str],
+        keys: &[&str],
+    ) -> CleanupInput<'a> {
         let tags: BTreeMap<String, String> = keys.iter().map(|k| (k.to_string(), claim_value(OWNER))).collect();
         CleanupInput {
             policy,

@@ -84,4 +84,3 @@ pub struct Observed {
     /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
     pub gitops_managed: Vec<(String, &'static str)>,
 }
-
