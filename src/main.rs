@@ -24,49 +24,53 @@ enum LogFormat {
     Json,
 }
 
+/// `rekey run`: the operator's flags.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Name of this cluster: the value the consent tag rekey.dev/allow/<namespace> must carry,
+    /// and part of every key's owner claim.
+    #[arg(long, env = "REKEY_CLUSTER_NAME")]
+    cluster_name: String,
+    /// Default AWS region (IAM is global): where new keys are verified with STS, and the
+    /// template's {{ .Region }}; a resource's spec.aws.region overrides it.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    region: String,
+    #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Cap on AWS API calls per second, for the whole operator.
+    #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND", default_value = "10")]
+    aws_calls_per_second: std::num::NonZeroU32,
+    /// At most this many rotations in flight at once.
+    #[arg(long, env = "REKEY_MAX_CONCURRENT_ROTATIONS", default_value_t = 10)]
+    max_concurrent_rotations: usize,
+    /// Role ARN patterns (comma-separated, `*` wildcard) that spec.aws.roleArn may name; none by default.
+    #[arg(long, env = "REKEY_ALLOWED_ROLE_ARNS", value_delimiter = ',')]
+    allowed_role_arns: Vec<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "REKEY_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    metrics_address: std::net::SocketAddr,
+    /// Elect a leader on a Lease so that only one replica acts (default on).
+    #[arg(long, env = "REKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease (default: the pod's namespace, else rekey-system).
+    #[arg(long, env = "REKEY_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, env = "REKEY_LEASE_NAME", default_value = "rekey")]
+    lease_name: String,
+    /// Seconds a leader's lock stays valid after its last renewal.
+    #[arg(long, env = "REKEY_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Watch only these namespaces (comma-separated; default: every namespace). With a list,
+    /// the RBAC can be a Role per namespace (deploy/namespaced/).
+    #[arg(long = "namespace", env = "REKEY_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run {
-        /// Name of this cluster: the value the consent tag rekey.dev/allow/<namespace> must carry,
-        /// and part of every key's owner claim.
-        #[arg(long, env = "REKEY_CLUSTER_NAME")]
-        cluster_name: String,
-        /// Default AWS region (IAM is global): where new keys are verified with STS, and the
-        /// template's {{ .Region }}; a resource's spec.aws.region overrides it.
-        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
-        region: String,
-        #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
-        log_format: LogFormat,
-        /// Cap on AWS API calls per second, for the whole operator.
-        #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND", default_value = "10")]
-        aws_calls_per_second: std::num::NonZeroU32,
-        /// At most this many rotations in flight at once.
-        #[arg(long, env = "REKEY_MAX_CONCURRENT_ROTATIONS", default_value_t = 10)]
-        max_concurrent_rotations: usize,
-        /// Role ARN patterns (comma-separated, `*` wildcard) that spec.aws.roleArn may name; none by default.
-        #[arg(long, env = "REKEY_ALLOWED_ROLE_ARNS", value_delimiter = ',')]
-        allowed_role_arns: Vec<String>,
-        /// Address of /metrics, /healthz and /readyz.
-        #[arg(long, env = "REKEY_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
-        metrics_address: std::net::SocketAddr,
-        /// Elect a leader on a Lease so that only one replica acts (default on).
-        #[arg(long, env = "REKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
-        leader_election: bool,
-        /// Namespace of the Lease (default: the pod's namespace, else rekey-system).
-        #[arg(long, env = "REKEY_LEASE_NAMESPACE")]
-        lease_namespace: Option<String>,
-        /// Name of the Lease.
-        #[arg(long, env = "REKEY_LEASE_NAME", default_value = "rekey")]
-        lease_name: String,
-        /// Seconds a leader's lock stays valid after its last renewal.
-        #[arg(long, env = "REKEY_LEASE_DURATION_SECONDS", default_value_t = 15)]
-        lease_duration_seconds: u64,
-        /// Watch only these namespaces (comma-separated; default: every namespace). With a list,
-        /// the RBAC can be a Role per namespace (deploy/namespaced/).
-        #[arg(long = "namespace", env = "REKEY_NAMESPACES", value_delimiter = ',')]
-        namespaces: Vec<String>,
-    },
+    Run(RunArgs),
     /// Show IamKeyRotations: user, active key and age, phase, next rotation, last failure.
     Status {
         /// Namespace (default: all namespaces).
@@ -127,106 +131,101 @@ fn main() -> ExitCode {
             println!("rekey {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run {
-            cluster_name,
-            region,
-            log_format,
-            namespaces,
-            aws_calls_per_second,
-            max_concurrent_rotations,
-            allowed_role_arns,
-            metrics_address,
-            leader_election,
-            lease_namespace,
-            lease_name,
-            lease_duration_seconds,
-        } => {
-            // Rule 5: the AWS SDK would log request and response bodies, new secrets included.
-            if std::env::var_os("LOG_SENSITIVE_BODIES").is_some() {
-                eprintln!(
-                    "rekey: refusing to start: LOG_SENSITIVE_BODIES is set, which makes the AWS SDK log secret access keys"
-                );
-                return ExitCode::FAILURE;
-            }
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let builder =
-                tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-            match log_format {
-                LogFormat::Json => builder.json().init(),
-                LogFormat::Text => builder.init(),
-            }
-            #[cfg(feature = "failpoints")]
-            let _failpoints = fail::FailScenario::setup();
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("rekey: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            rt.block_on(async move {
-                let client = match kube::Client::try_default().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build a Kubernetes client");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let metrics = std::sync::Arc::new(rekey::metrics::Metrics::default());
-                let iam = rekey::iam::AwsIam::from_env(aws_calls_per_second).await.with_metrics(metrics.clone());
-                let config = rekey::context::Config {
-                    cluster: cluster_name,
-                    region,
-                    namespaces,
-                    max_concurrent_rotations: max_concurrent_rotations.max(1),
-                    allowed_role_arns,
-                };
-                let ctx = rekey::context::Context::new(client, iam, config, metrics.clone());
-                let health = ctx.health.clone();
-                let server = rekey::http::serve(metrics_address, health.clone(), metrics);
-                let server = tokio::spawn(async move {
-                    if let Err(e) = server.await {
-                        tracing::error!(error = %e, "the metrics and health server stopped");
-                    }
-                });
-                // A dead metrics server means a blind operator: treat it as fatal, like the controller.
-                let server_died = async move {
-                    let _ = server.await;
-                };
-                let ctx = Arc::new(ctx);
-                tracing::info!("rekey controller starting");
-                if !leader_election {
-                    return tokio::select! {
-                        _ = rekey::controller::run(ctx) => ExitCode::SUCCESS,
-                        _ = server_died => ExitCode::FAILURE,
-                    };
-                }
-                health.set(rekey::http::Lifecycle::Standby);
-                let cfg = rekey::leader::LeaderConfig {
-                    namespace: lease_namespace
-                        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                        .unwrap_or_else(|| "rekey-system".to_owned()),
-                    name: lease_name,
-                    identity: std::env::var("POD_NAME").unwrap_or_else(|_| format!("rekey-{}", std::process::id())),
-                    duration: lease_duration_seconds,
-                    grace: (lease_duration_seconds / 3).max(1),
-                };
-                let client = ctx.client.clone();
-                let led = rekey::leader::run_as_leader(client, cfg, rekey::controller::run(ctx));
-                tokio::select! {
-                    r = led => match r {
-                        Ok(()) => ExitCode::SUCCESS,
-                        Err(e) => {
-                            tracing::error!(error = %e, "stopping");
-                            ExitCode::FAILURE
-                        }
-                    },
-                    _ = server_died => ExitCode::FAILURE,
-                }
-            })
+        Command::Run(args) => run(args),
+    }
+}
+
+/// `rekey run`: refuses an unsafe environment, sets up logging, then runs the operator.
+fn run(args: RunArgs) -> ExitCode {
+    // The AWS SDK would log request and response bodies, new secrets included.
+    if std::env::var_os("LOG_SENSITIVE_BODIES").is_some() {
+        eprintln!(
+            "rekey: refusing to start: LOG_SENSITIVE_BODIES is set, which makes the AWS SDK log secret access keys"
+        );
+        return ExitCode::FAILURE;
+    }
+    init_logging(args.log_format);
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(operate(args)),
+        Err(e) => {
+            eprintln!("rekey: cannot start the runtime: {e}");
+            ExitCode::FAILURE
         }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// The controller and the metrics/health server; either one ending ends the process.
+async fn operate(args: RunArgs) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build a Kubernetes client");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = Arc::new(rekey::metrics::Metrics::default());
+    let iam = rekey::iam::AwsIam::from_env(args.aws_calls_per_second).await.with_metrics(metrics.clone());
+    let config = rekey::context::Config {
+        cluster: args.cluster_name.clone(),
+        region: args.region.clone(),
+        namespaces: args.namespaces.clone(),
+        max_concurrent_rotations: args.max_concurrent_rotations.max(1),
+        allowed_role_arns: args.allowed_role_arns.clone(),
+    };
+    let ctx = Arc::new(rekey::context::Context::new(client, iam, config, metrics.clone()));
+    let health = ctx.health.clone();
+    let server = rekey::http::serve(args.metrics_address, health.clone(), metrics);
+    let server = tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "the metrics and health server stopped");
+        }
+    });
+    // A dead metrics server means a blind operator: treat it as fatal, like the controller.
+    let server_died = async move {
+        let _ = server.await;
+    };
+    tracing::info!("rekey controller starting");
+    if !args.leader_election {
+        return tokio::select! {
+            _ = rekey::controller::run(ctx) => ExitCode::SUCCESS,
+            _ = server_died => ExitCode::FAILURE,
+        };
+    }
+    health.set(rekey::http::Lifecycle::Standby);
+    let cfg = rekey::leader::LeaderConfig {
+        namespace: args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "rekey-system".to_owned()),
+        name: args.lease_name.clone(),
+        identity: std::env::var("POD_NAME").unwrap_or_else(|_| format!("rekey-{}", std::process::id())),
+        duration: args.lease_duration_seconds,
+        grace: (args.lease_duration_seconds / 3).max(1),
+    };
+    let led = rekey::leader::run_as_leader(ctx.client.clone(), cfg, rekey::controller::run(ctx.clone()));
+    tokio::select! {
+        r = led => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "stopping");
+                ExitCode::FAILURE
+            }
+        },
+        _ = server_died => ExitCode::FAILURE,
     }
 }
 

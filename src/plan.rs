@@ -316,14 +316,23 @@ fn refill(i: &Input) -> Option<Step> {
     if lacking.is_empty() {
         return None;
     }
-    let holder = o.secrets.iter().find(|(_, s)| *s == SecretState::Holds(active.clone())).map(|(n, _)| n.clone());
-    match holder {
+    match readable_holder(i, active) {
         Some(from) => Some(Step::Fill { from, to: lacking }),
         None if o.staging_key.as_ref() == Some(active) => {
             Some(Step::Distribute { key_id: active.clone(), secrets: lacking })
         }
         None => None,
     }
+}
+
+/// A target Secret that holds `key` in a format it can be copied back out of.
+fn readable_holder(i: &Input, key: &str) -> Option<String> {
+    let readable = |name: &str| i.spec.secrets.iter().any(|t| t.name == name && crate::secrets::readable(t));
+    i.observed
+        .secrets
+        .iter()
+        .find(|(n, s)| matches!(s, SecretState::Holds(id) if id == key) && readable(n))
+        .map(|(n, _)| n.clone())
 }
 
 /// The checks every IAM write for this user is preceded by; None when all pass.
@@ -421,11 +430,11 @@ fn idle(i: &Input) -> Step {
         );
     }
     let lacking = lacking(o);
-    let holder = o.secrets.iter().find(|(_, s)| matches!(s, SecretState::Holds(_))).map(|(n, _)| n.clone());
     if !lacking.is_empty() {
-        match holder {
+        match readable_holder(i, &active.access_key_id) {
             Some(from) => return Step::Fill { from, to: lacking },
-            // Every copy of the secret is gone: only a new key can put working credentials back.
+            // Every readable copy of the secret is gone (a template cannot be read back): only a
+            // new key can put working credentials back.
             None => return begin(i, Trigger::Bootstrap),
         }
     }

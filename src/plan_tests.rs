@@ -717,3 +717,24 @@ fn waiting_for_a_rollout_names_each_workload_and_where_it_stands() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_template_secret_is_never_the_source_of_a_copy() {
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now());
+    c.spec.secrets[0] = serde_json::from_value(serde_json::json!({
+        "name": "a", "format": "template", "template": {"k": "{{ .SecretAccessKey }}"},
+    }))
+    .unwrap();
+    c.observed.secrets[1].1 = SecretState::Missing;
+    // Only the template holds the key: a new key, rather than a copy that can never succeed.
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Bootstrap });
+    // With the staging Secret holding the active key mid-rotation, the copy comes from there.
+    let mut c = rolling(now(), Trigger::Scheduled);
+    c.spec.secrets[0] = serde_json::from_value(serde_json::json!({
+        "name": "a", "format": "template", "template": {"k": "{{ .SecretAccessKey }}"},
+    }))
+    .unwrap();
+    c.observed.secrets[1].1 = SecretState::Missing;
+    c.observed.staging_key = Some(NEW.into());
+    assert_eq!(c.decide(), Step::Distribute { key_id: NEW.into(), secrets: vec!["b".into()] });
+}

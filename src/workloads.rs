@@ -227,8 +227,14 @@ pub async fn observe(
             progress,
         });
     }
-    let uncovered = pods
-        .iter()
+    let uncovered = uncovered(&pods, secrets, key_id);
+    Ok(WorkloadsState { items, uncovered })
+}
+
+/// Running pods outside any Deployment, StatefulSet or DaemonSet that read a target Secret through
+/// env (fixed at container start) and are not stamped with the active key.
+fn uncovered(pods: &[Pod], secrets: &BTreeSet<String>, key_id: Option<&str>) -> Vec<String> {
+    pods.iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed")))
         .filter(|p| {
@@ -241,8 +247,7 @@ pub async fn observe(
             p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str) != key_id
         })
         .filter_map(|p| p.metadata.name.as_ref().map(|n| format!("Pod/{n}")))
-        .collect();
-    Ok(WorkloadsState { items, uncovered })
+        .collect()
 }
 
 fn matches_labels(p: &Pod, selector: &str) -> bool {
