@@ -129,6 +129,25 @@ impl<I: Iam> Env<'_, I> {
         Ok(())
     }
 
+    /// The key a target Secret holds, read again at act time and checked to be `key_id`: only the
+    /// key rekey accounts for is ever copied, never one a human put there since the decision.
+    async fn target_key(&self, name: &str, key_id: &str) -> Result<AccessKey, Error> {
+        let target = self.obj.spec.secrets.iter().find(|t| t.name == name);
+        let s = self.secrets().get_opt(name).await?;
+        let key = match (target, s.as_ref()) {
+            (Some(t), Some(s)) => secrets::read_key(t, s),
+            _ => None,
+        }
+        .ok_or_else(|| Error::Unsafe(format!("Secret {name} cannot be read back to copy its key")))?;
+        if key.id != key_id {
+            return Err(Error::Unsafe(format!(
+                "Secret {name} now holds {}, not the active key {key_id}; nothing copied",
+                key.id
+            )));
+        }
+        Ok(key)
+    }
+
     /// The new key, from the staging Secret, checked to be `key_id`.
     async fn staged_key(&self, key_id: &str) -> Result<AccessKey, Error> {
         let name = secrets::staging_name(self.name());
@@ -230,6 +249,9 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
             start::abandon(env, st, delete_key.as_deref(), reason.into(), message).await
         }
         Step::Distribute { key_id, secrets } => start::distribute(env, key_id, secrets).await,
+        Step::Revert { key_id, from, secrets, workloads, message } => {
+            retire::revert(env, st, key_id, from.as_deref(), secrets, workloads, message).await
+        }
         Step::Advance { to } => Ok(retire::advance(env, st, *to)),
         Step::Stamp { key_id, workloads } => retire::stamp(env, key_id, workloads).await,
         Step::Deactivate { key_id } => retire::deactivate(env, st, key_id).await,

@@ -23,6 +23,9 @@ pub const ROTATE_EMERGENCY_ANNOTATION: &str = "rekey.dev/rotate-emergency";
 pub const RETIRE_ANNOTATION: &str = "rekey.dev/retire";
 /// Pod-template annotation that restarts a workload onto a key.
 pub const ACCESS_KEY_ANNOTATION: &str = "rekey.dev/access-key-id";
+/// Pod-template annotation that restarts a workload whose pods may have started from a Secret
+/// another writer reverted (the stamp alone would not change).
+pub const RESTART_ANNOTATION: &str = "rekey.dev/restarted-at";
 /// Finalizer that runs the deletion policy.
 pub const FINALIZER: &str = "rekey.dev/cleanup";
 
@@ -345,6 +348,14 @@ pub struct RotationProgress {
     /// Verification attempts made on the new key.
     #[serde(default)]
     pub verify_attempts: u32,
+    /// How often another writer put a different key into a target Secret during this rotation
+    /// (rekey writes the active key back once; a second time it stops and asks a human).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reverts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl RotationProgress {
@@ -357,6 +368,7 @@ impl RotationProgress {
             baseline: BTreeMap::new(),
             below_since: BTreeMap::new(),
             verify_attempts: 0,
+            reverts: 0,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! The cheap part (the Secrets) is read on every reconcile; IAM and the workloads only when the
 //! plan asks for them, so an Idle resource costs no AWS call.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
@@ -37,10 +37,15 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut states = Vec::new();
     let mut gitops_managed = Vec::new();
+    let mut writers = BTreeMap::new();
+    let own = secrets::field_manager(&obj.name_any());
     for t in &obj.spec.secrets {
         let s = get_secret(&api, &t.name).await?;
         if let Some(tool) = s.as_ref().and_then(secrets::gitops_tool) {
             gitops_managed.push((t.name.clone(), tool));
+        }
+        if let Some(s) = &s {
+            writers.insert(t.name.clone(), secrets::writers(t, s, &own));
         }
         states.push((t.name.clone(), secrets::held(t, s.as_ref())));
     }
@@ -59,6 +64,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
         workloads: None,
         other_resource: None,
         gitops_managed,
+        writers,
     })
 }
 

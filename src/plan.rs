@@ -41,7 +41,6 @@ pub enum StallReason {
     UnknownKey,
     ParkedAfterRollback,
     SelfRotation,
-    UncoveredConsumers,
 }
 
 /// What is wrong while the Secrets still work (the Degraded condition's reason).
@@ -53,6 +52,8 @@ pub enum DegradeReason {
     VerificationFailed,
     Conflict,
     GitOpsManagedSecret,
+    UncoveredConsumers,
+    SecretReverted,
 }
 
 /// Why a step that writes is held back.
@@ -101,6 +102,10 @@ pub enum Step {
     Distribute { key_id: String, secrets: Vec<String> },
     /// Status-only move to the next phase.
     Advance { to: Phase },
+    /// Another writer put a different key into target Secrets after the handover: write the
+    /// active key back (from the staging Secret, or from the readable target `from`), restart every
+    /// workload (pods may have started from the reverted content), and roll out again.
+    Revert { key_id: String, from: Option<String>, secrets: Vec<String>, workloads: Vec<WorkloadRef>, message: String },
     /// Restart these workloads onto the key.
     Stamp { key_id: String, workloads: Vec<WorkloadRef> },
     /// UpdateAccessKey Inactive on the retiring key.
@@ -237,14 +242,15 @@ fn next_step(i: &Input) -> Step {
         Phase::Creating => creating(i),
         Phase::Verifying => verifying(i),
         Phase::Distributing => distributing(i),
-        Phase::RollingOut | Phase::Deactivating | Phase::Soaking | Phase::Deleting if let Some(s) = refill(i) => s,
+        Phase::RollingOut | Phase::Deactivating | Phase::Soaking | Phase::Deleting
+            if let Some(s) = refill(i).or_else(|| reverted(i)) =>
+        {
+            s
+        }
         Phase::RollingOut => rolling_out(i),
         Phase::Deactivating => deactivating(i),
         Phase::Soaking => soaking(i),
-        Phase::Deleting => match &st.retiring_key {
-            Some(r) => Step::Delete { key_id: r.access_key_id.clone() },
-            None => Step::Finish,
-        },
+        Phase::Deleting => deleting(i),
     }
 }
 
@@ -322,6 +328,77 @@ fn refill(i: &Input) -> Option<Step> {
             Some(Step::Distribute { key_id: active.clone(), secrets: lacking })
         }
         None => None,
+    }
+}
+
+/// After the handover every target Secret must keep the active key until the old one is gone:
+/// Helm, External Secrets or a GitOps sync may write the old key back, and pods started from that
+/// content would lose access when it is retired. Written back once; a second time, a human decides.
+fn reverted(i: &Input) -> Option<Step> {
+    let (st, o) = (i.status, i.observed);
+    let active = &st.active_key.as_ref()?.access_key_id;
+    let bad: Vec<String> = o
+        .secrets
+        .iter()
+        .filter(|(_, s)| match s {
+            SecretState::Holds(id) => id != active,
+            SecretState::Unreadable(_) => true,
+            SecretState::Missing | SecretState::Empty => false,
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    let what = bad.iter().map(|n| written_by(o, n)).collect::<Vec<_>>().join(", ");
+    if st.rotation.as_ref().map_or(0, |r| r.reverts) == 0 {
+        return Some(revert(i, active, bad, &what));
+    }
+    if let Some(r) = st.retiring_key.as_ref().filter(|r| r.state == KeyState::Inactive) {
+        // Pods started from the reverted content hold the old key: it must work again.
+        let broken = vec![format!("Secret {what} was reverted to another key again")];
+        return Some(Step::Reactivate { key_id: r.access_key_id.clone(), broken });
+    }
+    Some(stall(
+        StallReason::SecretConflict,
+        format!(
+            "Secret {what} was reverted again after rekey wrote the active key {active} back: the old key stays Active and rekey writes nothing until the writer stops (docs/gitops.md); then clear the Secret's key fields (rekey refills them) or set annotation rekey.dev/retire to a new value"
+        ),
+    ))
+}
+
+fn written_by(o: &Observed, secret: &str) -> String {
+    match o.writers.get(secret).filter(|w| !w.is_empty()) {
+        Some(w) => format!("{secret} (written by {})", w.join(", ")),
+        None => format!("{secret} (writer unknown)"),
+    }
+}
+
+fn revert(i: &Input, active: &str, secrets: Vec<String>, what: &str) -> Step {
+    let o = i.observed;
+    let Some(w) = &o.workloads else { return Step::NeedWorkloads };
+    let from = match o.staging_key.as_deref() == Some(active) {
+        true => None,
+        false => match readable_holder(i, active) {
+            Some(h) => Some(h),
+            None => {
+                return stall(
+                    StallReason::SecretConflict,
+                    format!(
+                        "Secret {what} no longer holds the active key {active}, and no readable copy of it is left to write back"
+                    ),
+                );
+            }
+        },
+    };
+    Step::Revert {
+        key_id: active.to_owned(),
+        from,
+        secrets,
+        workloads: w.items.iter().filter(|w| w.refused.is_none()).map(|w| w.id.clone()).collect(),
+        message: format!(
+            "Secret {what} no longer held the active key {active}: rekey wrote it back and restarts the workloads; the old key is not retired until the Secrets keep the new one (make the writer leave the key alone: docs/gitops.md)"
+        ),
     }
 }
 
@@ -750,26 +827,8 @@ fn deactivating(i: &Input) -> Step {
         return wait(Some(until(o.now, ready_at)), format!("deactivateAfter: waiting until {ready_at}"));
     }
     let Some(w) = &o.workloads else { return Step::NeedWorkloads };
-    if !w.uncovered.is_empty() && !retire_requested(i) {
-        let deadline = add(since, i.valid.rollout_timeout);
-        if o.now < deadline {
-            return wait(
-                Some(POLL),
-                format!(
-                    "waiting for {} (outside any workload) to stop using key {}",
-                    w.uncovered.join(", "),
-                    r.access_key_id
-                ),
-            );
-        }
-        return stall(
-            StallReason::UncoveredConsumers,
-            format!(
-                "{} still hold key {} through env and belong to no Deployment, StatefulSet or DaemonSet; end them, then set annotation rekey.dev/retire to a new value",
-                w.uncovered.join(", "),
-                r.access_key_id
-            ),
-        );
+    if let Some(s) = census(i, w, &r.access_key_id, "deactivated") {
+        return s;
     }
     if !i.valid.require_unused_for.is_zero() {
         let Some(iam) = &o.iam else { return Step::NeedIam };
@@ -788,6 +847,51 @@ fn deactivating(i: &Input) -> Step {
         }
     }
     Step::Deactivate { key_id: r.access_key_id.clone() }
+}
+
+/// The consumer census, taken on fresh reads before the old key is deactivated and again before
+/// it is deleted: a pod rekey does not restart may still hold it. Job pods end by themselves and are
+/// waited for (at most rolloutTimeout); any other is reported until it is gone or a human accepts
+/// the risk (rekey.dev/retire).
+fn census(i: &Input, w: &WorkloadsState, key: &str, verb: &str) -> Option<Step> {
+    if retire_requested(i) || (w.uncovered.is_empty() && w.jobs.is_empty()) {
+        return None;
+    }
+    let deadline = add(phase_since(i), i.valid.rollout_timeout);
+    if w.uncovered.is_empty() && i.observed.now < deadline {
+        return Some(wait(
+            Some(POLL),
+            format!("waiting for {} (Job pods) to finish before key {key} is {verb}", few(&w.jobs)),
+        ));
+    }
+    let all: Vec<String> = w.uncovered.iter().chain(&w.jobs).cloned().collect();
+    Some(Step::Degrade {
+        reason: DegradeReason::UncoveredConsumers,
+        message: format!(
+            "{} read the Secrets but no Deployment, StatefulSet or DaemonSet rekey restarts controls them, so key {key} is not {verb}: restart or delete them (they start on the new key), or accept the risk by setting annotation rekey.dev/retire to a new value",
+            few(&all)
+        ),
+        requeue: POLL,
+    })
+}
+
+/// The first few of a list, and how many more.
+fn few(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let head = items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    match items.len().saturating_sub(SHOWN) {
+        0 => head,
+        more => format!("{head} and {more} more"),
+    }
+}
+
+fn deleting(i: &Input) -> Step {
+    let Some(r) = &i.status.retiring_key else { return Step::Finish };
+    let Some(w) = &i.observed.workloads else { return Step::NeedWorkloads };
+    if let Some(s) = census(i, w, &r.access_key_id, "deleted") {
+        return s;
+    }
+    Step::Delete { key_id: r.access_key_id.clone() }
 }
 
 fn soaking(i: &Input) -> Step {

@@ -57,6 +57,7 @@ impl Case {
                 workloads: Some(WorkloadsState::default()),
                 other_resource: None,
                 gitops_managed: Vec::new(),
+                writers: BTreeMap::new(),
             },
             identity,
             gates: Gates::default(),
@@ -109,6 +110,7 @@ impl Case {
             baseline: BTreeMap::new(),
             below_since: BTreeMap::new(),
             verify_attempts: 0,
+            reverts: 0,
         });
         self
     }
@@ -524,15 +526,35 @@ fn deactivating_honours_deactivate_after() {
 }
 
 #[test]
-fn uncovered_consumers_are_waited_for_then_stall_until_retire() {
+fn an_uncovered_consumer_keeps_the_old_key_active_until_it_is_gone_or_retire_is_requested() {
     let mut c = deactivating(now() - secs(10));
-    c.observed.workloads.as_mut().unwrap().uncovered = vec!["Pod/adhoc".into()];
-    assert!(matches!(c.decide(), Step::Wait { .. }));
-    let mut c = deactivating(now() - secs(601));
-    c.observed.workloads.as_mut().unwrap().uncovered = vec!["Pod/adhoc".into()];
-    assert_eq!(stall_reason(&c.decide()), Some(StallReason::UncoveredConsumers));
-    c.observed.requests.retire = Some("fixed".into());
+    let pods: Vec<String> = (0..7).map(|n| format!("Pod/adhoc-{n} (no controller)")).collect();
+    c.observed.workloads.as_mut().unwrap().uncovered = pods;
+    match c.decide() {
+        Step::Degrade { reason: DegradeReason::UncoveredConsumers, message, .. } => {
+            assert!(message.contains("Pod/adhoc-0 (no controller)") && message.contains("and 2 more"), "{message}");
+            assert!(message.contains("rekey.dev/retire"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    c.observed.requests.retire = Some("accepted".into());
     assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+    c.observed.requests.retire = None;
+    c.observed.workloads.as_mut().unwrap().uncovered.clear();
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+}
+
+#[test]
+fn job_pods_are_waited_for_until_the_rollout_timeout_then_reported() {
+    let mut c = deactivating(now() - secs(10));
+    c.observed.workloads.as_mut().unwrap().jobs = vec!["Pod/migrate-x1".into()];
+    match c.decide() {
+        Step::Wait { why, .. } => assert!(why.contains("Pod/migrate-x1 (Job pods) to finish"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let mut c = deactivating(now() - secs(601));
+    c.observed.workloads.as_mut().unwrap().jobs = vec!["Pod/migrate-x1".into()];
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::UncoveredConsumers));
 }
 
 #[test]
@@ -605,8 +627,14 @@ fn emergency_deletes_as_soon_as_rollouts_complete() {
 // ---- Deleting ----
 
 #[test]
-fn deleting_deletes_the_retiring_key() {
-    let c = soaking(now()).with_phase(Phase::Deleting);
+fn deleting_deletes_the_retiring_key_after_a_fresh_census() {
+    let mut c = soaking(now()).with_phase(Phase::Deleting);
+    c.observed.workloads = None;
+    assert_eq!(c.decide(), Step::NeedWorkloads);
+    c.observed.workloads =
+        Some(WorkloadsState { uncovered: vec!["Pod/late (no controller)".into()], ..Default::default() });
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::UncoveredConsumers));
+    c.observed.workloads = Some(WorkloadsState::default());
     assert_eq!(c.decide(), Step::Delete { key_id: OLD.into() });
 }
 
@@ -737,4 +765,62 @@ fn a_template_secret_is_never_the_source_of_a_copy() {
     c.observed.secrets[1].1 = SecretState::Missing;
     c.observed.staging_key = Some(NEW.into());
     assert_eq!(c.decide(), Step::Distribute { key_id: NEW.into(), secrets: vec!["b".into()] });
+}
+
+// ---- Secrets stay verified until the old key is gone ----
+
+fn reverted_by_helm(c: Case) -> Case {
+    let mut c = c;
+    c.observed.secrets[1].1 = SecretState::Holds(OLD.into());
+    c.observed.writers.insert("b".into(), vec!["helm".into()]);
+    c.observed.staging_key = Some(NEW.into());
+    c
+}
+
+#[test]
+fn a_secret_reverted_after_the_handover_is_written_back_and_the_workloads_restart() {
+    for phase in [Phase::RollingOut, Phase::Deactivating, Phase::Soaking, Phase::Deleting] {
+        let c = reverted_by_helm(
+            rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2).with_phase(phase),
+        );
+        let d = c.decision();
+        match &d.step {
+            Step::Revert { key_id, from, secrets, workloads, message } => {
+                assert_eq!((key_id.as_str(), from, secrets.as_slice()), (NEW, &None, &["b".to_owned()][..]), "{phase}");
+                assert_eq!(workloads, &vec![wl("Deployment/web")]);
+                assert!(message.contains("b (written by helm)"), "{message}");
+            }
+            other => panic!("{phase}: {other:?}"),
+        }
+    }
+    // Without the staging Secret, the copy comes from a target that still holds the active key.
+    let mut c = reverted_by_helm(rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2));
+    c.observed.staging_key = None;
+    assert!(matches!(c.decide(), Step::Revert { from: Some(ref a), .. } if a == "a"));
+    // The workloads to restart are known first.
+    let mut c = reverted_by_helm(rolling(now(), Trigger::Scheduled));
+    c.observed.workloads = None;
+    assert_eq!(c.decide(), Step::NeedWorkloads);
+}
+
+#[test]
+fn reverted_again_the_old_key_is_kept_active_and_a_human_decides() {
+    let mut c = reverted_by_helm(rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2));
+    c.status.rotation.as_mut().unwrap().reverts = 1;
+    let s = c.decide();
+    assert_eq!(stall_reason(&s), Some(StallReason::SecretConflict), "{s:?}");
+    // Already Inactive (soaking): pods started from the reverted content need it back first.
+    let mut c = reverted_by_helm(soaking(now() - secs(60)).workload("Deployment/web", Some(NEW), true, 2));
+    c.status.rotation.as_mut().unwrap().reverts = 1;
+    assert!(matches!(c.decide(), Step::Reactivate { ref key_id, .. } if key_id == OLD));
+}
+
+#[test]
+fn nothing_is_deactivated_or_deleted_while_a_secret_holds_another_key() {
+    for c in [deactivating(now() - secs(10)), soaking(now() - secs(7_200)), soaking(now()).with_phase(Phase::Deleting)]
+    {
+        let c = reverted_by_helm(c);
+        let s = c.decide();
+        assert!(!matches!(s, Step::Deactivate { .. } | Step::Delete { .. } | Step::Advance { .. }), "{s:?}");
+    }
 }

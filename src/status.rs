@@ -84,6 +84,7 @@ impl Verdict {
                 DegradeReason::RolledBack,
                 format!("key {key_id} was reactivated: {} broke after it was deactivated", broken.join(", ")),
             ),
+            Step::Revert { message, .. } => Verdict::Degraded(DegradeReason::SecretReverted, message.clone()),
             Step::Retry { why, .. } => Verdict::Retrying(why.clone()),
             Step::Wait { why, .. } => Verdict::Waiting(why.clone()),
             Step::Withhold { why, step } => {

@@ -1,37 +1,31 @@
-//! The workloads that consume a key: discovery, the restart stamp, and rollout completion.
+//! The workloads that consume a key: discovery, the restart stamp, rollout completion, and the
+//! census of pods no rolled workload covers (`census`).
 //!
 //! Completion follows `kubectl rollout status` (observedGeneration, updated/ready/available
 //! replicas, ProgressDeadlineExceeded) **and** requires that no pod of the workload without the
-//! stamp remains, terminating pods included: a terminating pod still runs on the old key.
+//! stamp remains, terminating pods included: a terminating pod still runs on the old key. A pod
+//! belongs to a workload by its controller chain (owner references with uids), not by labels.
+
+pub mod census;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::api::{ACCESS_KEY_ANNOTATION, WorkloadKind, WorkloadRef};
+use crate::api::{ACCESS_KEY_ANNOTATION, RESTART_ANNOTATION, WorkloadKind, WorkloadRef};
 use crate::error::Error;
 use crate::plan::snapshot::{WorkloadState, WorkloadsState};
+use census::Census;
 
 /// Whether a pod spec reads any of `secrets` (env valueFrom, envFrom, volume, projected volume).
 pub fn references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
-    env_references(spec, secrets) || volume_references(spec, secrets)
+    census::pod_references(spec, secrets)
 }
 
-/// Whether a pod spec reads any of `secrets` through its environment (fixed at container start).
-pub fn env_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
-    spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| {
-        c.env_from.iter().flatten().any(|f| f.secret_ref.as_ref().is_some_and(|r| secrets.contains(&r.name)))
-            || c.env.iter().flatten().any(|e| {
-                e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).is_some_and(|r| secrets.contains(&r.name))
-            })
-    })
-}
-
-fn volume_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
+pub(crate) fn volume_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
     spec.volumes.iter().flatten().any(|v| {
         v.secret.as_ref().and_then(|s| s.secret_name.as_ref()).is_some_and(|n| secrets.contains(n))
             || v.projected.as_ref().is_some_and(|p| {
@@ -47,20 +41,11 @@ fn stamp_of(t: Option<&PodTemplateSpec>) -> Option<String> {
         .cloned()
 }
 
-fn selector_string(sel: &LabelSelector) -> Option<String> {
-    // matchExpressions are rare for workloads; without them the selector is exact.
-    let labels = sel.match_labels.as_ref()?;
-    if labels.is_empty() || sel.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) {
-        return None;
-    }
-    Some(labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
-}
-
 /// A workload in a uniform shape.
 struct Seen {
     reference: WorkloadRef,
+    uid: String,
     template: Option<PodTemplateSpec>,
-    selector: Option<LabelSelector>,
     /// Rollout complete by `kubectl rollout status` rules.
     rolled_out: bool,
     /// A newer template is still being rolled out (unlike a rolled-out workload whose pods broke).
@@ -94,8 +79,8 @@ fn deployment(d: Deployment) -> Seen {
         st.observed_generation < d.metadata.generation || updated < want || st.replicas.unwrap_or(0) > updated;
     Seen {
         reference: WorkloadRef { kind: WorkloadKind::Deployment, name: d.metadata.name.clone().unwrap_or_default() },
+        uid: d.metadata.uid.clone().unwrap_or_default(),
         template: Some(spec.template),
-        selector: Some(spec.selector),
         rolled_out,
         progressing,
         ready: st.ready_replicas.unwrap_or(0),
@@ -127,8 +112,8 @@ fn statefulset(s: StatefulSet) -> Seen {
         || st.current_revision != st.update_revision;
     Seen {
         reference: WorkloadRef { kind: WorkloadKind::StatefulSet, name: s.metadata.name.clone().unwrap_or_default() },
+        uid: s.metadata.uid.clone().unwrap_or_default(),
         template: Some(spec.template),
-        selector: Some(spec.selector),
         rolled_out,
         progressing,
         ready: st.ready_replicas.unwrap_or(0),
@@ -149,8 +134,8 @@ fn daemonset(d: DaemonSet) -> Seen {
         || st.updated_number_scheduled.unwrap_or(0) < st.desired_number_scheduled;
     Seen {
         reference: WorkloadRef { kind: WorkloadKind::DaemonSet, name: d.metadata.name.clone().unwrap_or_default() },
+        uid: d.metadata.uid.clone().unwrap_or_default(),
         template: Some(spec.template),
-        selector: Some(spec.selector),
         rolled_out,
         progressing,
         ready: st.number_ready,
@@ -161,7 +146,7 @@ fn daemonset(d: DaemonSet) -> Seen {
 
 /// TOUCHES THE CLUSTER (reads). The workloads to roll for a resource: its explicit targets plus,
 /// with discovery, every workload of the namespace whose pod template references a target Secret;
-/// and the pods outside any supported workload that read a target Secret through env.
+/// and the census of pods reading a target Secret that none of them controls.
 pub async fn observe(
     client: &kube::Client,
     ns: &str,
@@ -170,89 +155,76 @@ pub async fn observe(
     secrets: &BTreeSet<String>,
     key_id: Option<&str>,
 ) -> Result<WorkloadsState, Error> {
-    let mut seen: Vec<Seen> = Vec::new();
     let lp = ListParams::default();
+    let mut seen: Vec<Seen> = Vec::new();
     seen.extend(Api::<Deployment>::namespaced(client.clone(), ns).list(&lp).await?.items.into_iter().map(deployment));
     seen.extend(Api::<StatefulSet>::namespaced(client.clone(), ns).list(&lp).await?.items.into_iter().map(statefulset));
     seen.extend(Api::<DaemonSet>::namespaced(client.clone(), ns).list(&lp).await?.items.into_iter().map(daemonset));
-
-    let wanted: BTreeSet<&WorkloadRef> = targets.iter().collect();
-    let mut chosen: BTreeMap<WorkloadRef, Seen> = BTreeMap::new();
-    for s in seen {
-        let refs = s.template.as_ref().and_then(|t| t.spec.as_ref()).is_some_and(|p| references(p, secrets));
-        if wanted.contains(&s.reference) || (discover && refs) {
-            chosen.insert(s.reference.clone(), s);
-        }
-    }
+    let replicasets: Vec<ReplicaSet> = Api::<ReplicaSet>::namespaced(client.clone(), ns).list(&lp).await?.items;
     let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), ns).list(&lp).await?.items;
-    let mut items = Vec::new();
-    for target in targets {
-        if !chosen.contains_key(target) {
-            items.push(WorkloadState {
-                id: target.clone(),
-                stamped: None,
-                complete: false,
-                refused: Some("not found in this namespace".into()),
-                ready: 0,
-                progressing: false,
-                progress: String::new(),
-            });
-        }
-    }
+    let chosen = choose(seen, targets, discover, secrets);
+    let census = Census::new(chosen.values().map(|s| (s.uid.clone(), s.reference.clone())), &replicasets);
+    let mut items: Vec<WorkloadState> = targets.iter().filter(|t| !chosen.contains_key(*t)).map(missing).collect();
     for (r, s) in chosen {
-        let stamped = stamp_of(s.template.as_ref());
-        let selector = s.selector.as_ref().and_then(selector_string);
-        let unstamped = match (&selector, key_id) {
-            (Some(sel), Some(key)) => pods
-                .iter()
-                .filter(|p| matches_labels(p, sel))
-                .filter(|p| {
-                    p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str)
-                        != Some(key)
-                })
-                .count(),
-            _ => 0,
-        };
-        let progress = match unstamped {
-            0 => s.progress,
-            n => format!("{}, {n} pod(s) of the old template left", s.progress),
-        };
-        items.push(WorkloadState {
-            id: r,
-            stamped,
-            complete: s.rolled_out && unstamped == 0,
-            refused: s.refused,
-            ready: s.ready,
-            progressing: s.progressing || unstamped > 0,
-            progress,
-        });
+        // Every pod of the workload, old templates and terminating ones included, by controller chain.
+        let unstamped = pods
+            .iter()
+            .filter(|p| census.owner_of(p) == Some(&r))
+            .filter(|p| key_id.is_none_or(|k| stamp_of_pod(p) != Some(k)))
+            .count();
+        items.push(state(r, s, if key_id.is_some() { unstamped } else { 0 }));
     }
-    let uncovered = uncovered(&pods, secrets, key_id);
-    Ok(WorkloadsState { items, uncovered })
+    let outsiders = census.outsiders(&pods, secrets, key_id);
+    Ok(WorkloadsState { items, uncovered: outsiders.uncovered, jobs: outsiders.jobs })
 }
 
-/// Running pods outside any Deployment, StatefulSet or DaemonSet that read a target Secret through
-/// env (fixed at container start) and are not stamped with the active key.
-fn uncovered(pods: &[Pod], secrets: &BTreeSet<String>, key_id: Option<&str>) -> Vec<String> {
-    pods.iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed")))
-        .filter(|p| {
-            !p.metadata.owner_references.iter().flatten().any(|o| {
-                o.controller == Some(true) && matches!(o.kind.as_str(), "ReplicaSet" | "StatefulSet" | "DaemonSet")
-            })
+/// The explicit targets plus, with discovery, the workloads whose template reads a target Secret.
+fn choose(
+    seen: Vec<Seen>,
+    targets: &[WorkloadRef],
+    discover: bool,
+    secrets: &BTreeSet<String>,
+) -> BTreeMap<WorkloadRef, Seen> {
+    let wanted: BTreeSet<&WorkloadRef> = targets.iter().collect();
+    seen.into_iter()
+        .filter(|s| {
+            let refs = s.template.as_ref().and_then(|t| t.spec.as_ref()).is_some_and(|p| references(p, secrets));
+            wanted.contains(&s.reference) || (discover && refs)
         })
-        .filter(|p| p.spec.as_ref().is_some_and(|s| env_references(s, secrets)))
-        .filter(|p| {
-            p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str) != key_id
-        })
-        .filter_map(|p| p.metadata.name.as_ref().map(|n| format!("Pod/{n}")))
+        .map(|s| (s.reference.clone(), s))
         .collect()
 }
 
-fn matches_labels(p: &Pod, selector: &str) -> bool {
-    let labels = p.metadata.labels.clone().unwrap_or_default();
-    selector.split(',').all(|kv| kv.split_once('=').is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v)))
+fn missing(target: &WorkloadRef) -> WorkloadState {
+    WorkloadState {
+        id: target.clone(),
+        stamped: None,
+        complete: false,
+        refused: Some("not found in this namespace".into()),
+        ready: 0,
+        progressing: false,
+        progress: String::new(),
+    }
+}
+
+fn state(id: WorkloadRef, s: Seen, unstamped: usize) -> WorkloadState {
+    let progress = match unstamped {
+        0 => s.progress,
+        n => format!("{}, {n} pod(s) of the old template left", s.progress),
+    };
+    WorkloadState {
+        id,
+        stamped: stamp_of(s.template.as_ref()),
+        complete: s.rolled_out && unstamped == 0,
+        refused: s.refused,
+        ready: s.ready,
+        progressing: s.progressing || unstamped > 0,
+        progress,
+    }
+}
+
+fn stamp_of_pod(p: &Pod) -> Option<&str> {
+    p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str)
 }
 
 /// TOUCHES THE CLUSTER. Restarts a workload onto `key_id` by stamping its pod template, with
@@ -265,10 +237,34 @@ pub async fn stamp(
     key_id: &str,
     manager: &str,
 ) -> Result<(), Error> {
+    annotate_template(client, ns, id, json!({ACCESS_KEY_ANNOTATION: key_id}), manager).await
+}
+
+/// TOUCHES THE CLUSTER. Restarts a workload already stamped with `key_id` (its pods may have
+/// started from a Secret another writer reverted): the stamp plus the time of this restart.
+pub async fn restart(
+    client: &kube::Client,
+    ns: &str,
+    id: &WorkloadRef,
+    key_id: &str,
+    at: &str,
+    manager: &str,
+) -> Result<(), Error> {
+    let annotations = json!({ACCESS_KEY_ANNOTATION: key_id, RESTART_ANNOTATION: at});
+    annotate_template(client, ns, id, annotations, manager).await
+}
+
+async fn annotate_template(
+    client: &kube::Client,
+    ns: &str,
+    id: &WorkloadRef,
+    annotations: serde_json::Value,
+    manager: &str,
+) -> Result<(), Error> {
     let kind: &'static str = id.kind.into();
     let body = json!({
         "apiVersion": "apps/v1", "kind": kind, "metadata": {"name": id.name},
-        "spec": {"template": {"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: key_id}}}},
+        "spec": {"template": {"metadata": {"annotations": annotations}}},
     });
     let pp = PatchParams::apply(manager).force();
     let patch = Patch::Apply(&body);
@@ -308,13 +304,13 @@ mod tests {
             }
             spec(base)
         };
-        assert!(env_references(&c(json!({"envFrom": [{"secretRef": {"name": "creds"}}]})), &s));
-        assert!(env_references(
+        assert!(references(&c(json!({"envFrom": [{"secretRef": {"name": "creds"}}]})), &s));
+        assert!(references(
             &c(json!({"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "k"}}}]})),
             &s
         ));
         let vol = c(json!({"volumes": [{"name": "v", "secret": {"secretName": "creds"}}]}));
-        assert!(references(&vol, &s) && !env_references(&vol, &s));
+        assert!(references(&vol, &s));
         let proj = c(json!({"volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "creds"}}]}}]}));
         assert!(references(&proj, &s));
         assert!(!references(&c(json!({"envFrom": [{"secretRef": {"name": "other"}}]})), &s));

@@ -69,6 +69,33 @@ pub async fn stamp<I: Iam>(env: &Env<'_, I>, key_id: &str, ids: &[WorkloadRef]) 
     ))
 }
 
+/// Writes the active key back into target Secrets another writer changed, restarts the workloads
+/// (pods may have started from the reverted content) and rolls out again.
+pub async fn revert<I: Iam>(
+    env: &Env<'_, I>,
+    st: &mut IamKeyRotationStatus,
+    key_id: &str,
+    from: Option<&str>,
+    names: &[String],
+    ids: &[WorkloadRef],
+    message: &str,
+) -> Result<Outcome, Error> {
+    let key = match from {
+        None => env.staged_key(key_id).await?,
+        Some(src) => env.target_key(src, key_id).await?,
+    };
+    env.write_targets(names, &key, false).await?;
+    let at = env.now().to_string();
+    for id in ids {
+        workloads::restart(env.client, &env.identity.namespace, id, key_id, &at, &env.manager()).await?;
+    }
+    if let Some(r) = st.rotation.as_mut() {
+        r.reverts += 1;
+    }
+    enter(st, Phase::RollingOut, env.now());
+    Ok(Outcome::requeue(plan::POLL).committed().event(true, "SecretReverted", message.to_owned()))
+}
+
 /// UpdateAccessKey Inactive on the retiring key, after the fresh-list checks.
 pub async fn deactivate<I: Iam>(
     env: &Env<'_, I>,

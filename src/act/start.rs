@@ -50,22 +50,8 @@ pub async fn fill<I: Iam>(
     from: &str,
     to: &[String],
 ) -> Result<Outcome, Error> {
-    let src_target = env.obj.spec.secrets.iter().find(|t| t.name == from);
-    let src = env.secrets().get_opt(from).await?;
-    let key = match (src_target, src.as_ref()) {
-        (Some(t), Some(s)) => secrets::read_key(t, s),
-        _ => None,
-    }
-    .ok_or_else(|| Error::Unsafe(format!("Secret {from} cannot be read back to copy its key")))?;
-    // Read again at act time: only the key rekey accounts for is ever copied, never one a human
-    // put into the source Secret since the decision.
-    if active_id(st) != Some(key.id.as_str()) {
-        return Err(Error::Unsafe(format!(
-            "Secret {from} now holds {}, not the active key {}; nothing copied",
-            key.id,
-            active_id(st).unwrap_or("(none)")
-        )));
-    }
+    let active = active_id(st).ok_or_else(|| Error::Unsafe("no active key to copy".into()))?;
+    let key = env.target_key(from, active).await?;
     env.write_targets(to, &key, false).await?;
     Ok(Outcome::requeue(Duration::from_secs(1)).event(
         false,

@@ -56,8 +56,11 @@ pub struct WorkloadState {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct WorkloadsState {
     pub items: Vec<WorkloadState>,
-    /// Pods outside supported workloads that hold the retiring key through env.
+    /// Pods reading a target Secret that no workload of this rotation controls, not on the active
+    /// key: "Pod/name (why)".
     pub uncovered: Vec<String>,
+    /// Pods of Jobs reading a target Secret: they end by themselves, so they are waited for.
+    pub jobs: Vec<String>,
 }
 
 /// The annotations that ask for something.
@@ -83,4 +86,6 @@ pub struct Observed {
     pub other_resource: Option<String>,
     /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
     pub gitops_managed: Vec<(String, &'static str)>,
+    /// Per target Secret, the field managers other than this resource that wrote the keys it owns.
+    pub writers: BTreeMap<String, Vec<String>>,
 }

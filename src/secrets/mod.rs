@@ -21,6 +21,9 @@ use crate::ownership::fnv1a;
 use crate::plan::snapshot::SecretState;
 
 pub mod format;
+mod managers;
+
+pub use managers::{gitops_tool, writers};
 
 pub use format::credentials_file::CREDENTIALS_KEY;
 pub use format::env::{DEFAULT_ID_KEY, DEFAULT_SECRET_KEY};
@@ -77,20 +80,6 @@ pub fn read_key(t: &SecretTarget, s: &Secret) -> Option<AccessKey> {
 /// a template's cannot.
 pub fn readable(t: &SecretTarget) -> bool {
     format::of(t.format).readable()
-}
-
-/// The GitOps tool that applies this Secret, from the tracking labels and annotations Argo CD and
-/// Flux put on what they manage: its next sync would revert the key rekey writes.
-pub fn gitops_tool(s: &Secret) -> Option<&'static str> {
-    let has_label = |k: &str| s.metadata.labels.as_ref().is_some_and(|l| l.contains_key(k));
-    let has_annotation = |k: &str| s.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(k));
-    if has_annotation("argocd.argoproj.io/tracking-id") || has_label("argocd.argoproj.io/instance") {
-        return Some("Argo CD");
-    }
-    if has_label("kustomize.toolkit.fluxcd.io/name") || has_label("helm.toolkit.fluxcd.io/name") {
-        return Some("Flux");
-    }
-    None
 }
 
 /// Field manager of a resource: `rekey/<name>`, hashed when it would pass the apiserver's 128.
@@ -272,24 +261,6 @@ mod tests {
         let t = staging_target("r");
         let s = secret_of(render(&t, &key(), &RenderContext::default()));
         assert_eq!(read_key(&t, &s).unwrap().id, "AKIAEXAMPLE");
-    }
-
-    #[test]
-    fn argo_cd_and_flux_tracking_is_recognised() {
-        let with = |meta: serde_json::Value| -> Secret {
-            serde_json::from_value(serde_json::json!({"metadata": meta})).unwrap()
-        };
-        assert_eq!(
-            gitops_tool(&with(
-                serde_json::json!({"annotations": {"argocd.argoproj.io/tracking-id": "app:/Secret:ns/s"}})
-            )),
-            Some("Argo CD")
-        );
-        assert_eq!(
-            gitops_tool(&with(serde_json::json!({"labels": {"kustomize.toolkit.fluxcd.io/name": "apps"}}))),
-            Some("Flux")
-        );
-        assert_eq!(gitops_tool(&with(serde_json::json!({"labels": {"app": "x"}}))), None);
     }
 
     #[test]
