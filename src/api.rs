@@ -404,6 +404,10 @@ pub struct IamKeyRotationStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub phase: Phase,
+    /// The IAM user whose keys this status tracks: spec.userName as it was when they were created
+    /// or adopted. An edit of spec.userName is refused while keys of this user are tracked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_name: Option<String>,
     /// The key the Secrets hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_key: Option<KeyRef>,

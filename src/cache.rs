@@ -2,8 +2,8 @@
 //!
 //! Every decision reads the resource afresh from the apiserver (DESIGN rule 4), so the watch cache
 //! only has to answer three questions: which resources exist and whom they name (the one-owner
-//! check), which are mid-rotation (--max-concurrent-rotations) and how often each failed (the retry
-//! backoff). The controller therefore watches IamKeyRotations as [`Cached`], which deserializes
+//! check, which counts only resources whose spec is valid), which are mid-rotation
+//! (--max-concurrent-rotations) and how often each failed (the retry backoff). The controller therefore watches IamKeyRotations as [`Cached`], which deserializes
 //! only that: managedFields, conditions, history and annotations were most of the operator's
 //! memory at 10,000 resources and answer none of the three.
 
@@ -40,6 +40,23 @@ pub struct CachedStatus {
     pub phase: Phase,
     #[serde(default)]
     pub failed_attempts: u32,
+    /// Stalled with reason InvalidSpec: such a resource rotates nothing, so it owns no user.
+    #[serde(rename = "conditions", default, deserialize_with = "invalid_spec", skip_serializing)]
+    pub invalid_spec: bool,
+}
+
+/// Reads only whether the conditions say Stalled/InvalidSpec; the conditions themselves are not kept.
+fn invalid_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    struct Cond {
+        #[serde(rename = "type")]
+        type_: String,
+        status: String,
+        #[serde(default)]
+        reason: String,
+    }
+    let conds = Vec::<Cond>::deserialize(d)?;
+    Ok(conds.iter().any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == "InvalidSpec"))
 }
 
 /// The same API resource as [`IamKeyRotation`] (group, version, kind, plural, namespaced).
@@ -139,7 +156,12 @@ mod tests {
         assert_eq!(o.finalizers(), ["rekey.dev/cleanup".to_owned()]);
         assert_eq!(o.spec.user_name, "billing");
         let st = o.status.as_ref().unwrap();
-        assert_eq!((st.phase, st.failed_attempts), (Phase::RollingOut, 2));
+        assert_eq!((st.phase, st.failed_attempts, st.invalid_spec), (Phase::RollingOut, 2, false));
+        let mut invalid = full();
+        invalid["status"]["conditions"] = serde_json::json!([{"type": "Stalled", "status": "True", "reason": "InvalidSpec",
+            "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+        let o: Cached = serde_json::from_value(invalid).unwrap();
+        assert!(o.status.unwrap().invalid_spec);
     }
 
     #[test]

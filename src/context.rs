@@ -120,6 +120,12 @@ impl<I: Iam> Context<I> {
         }
     }
 
+    /// "namespace/name" of every resource in the watch caches.
+    pub fn resource_names(&self) -> std::collections::BTreeSet<String> {
+        let Ok(stores) = self.stores.lock() else { return Default::default() };
+        stores.iter().flat_map(|s| s.state()).map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())).collect()
+    }
+
     /// How many resources this replica watches.
     pub fn managed(&self) -> usize {
         self.stores.lock().map(|s| s.iter().map(|s| s.state().len()).sum::<usize>()).unwrap_or(0)

@@ -63,6 +63,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
         iam: None,
         workloads: None,
         other_resource: None,
+        resources: None,
         gitops_managed,
         writers,
     })
@@ -73,6 +74,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
 /// least as fresh as this resource) names the same user.
 pub async fn iam<I: Iam>(
     resources: &[std::sync::Arc<crate::cache::Cached>],
+    cluster: &str,
     iam: &I,
     operator_user: Option<String>,
     obj: &IamKeyRotation,
@@ -92,9 +94,16 @@ pub async fn iam<I: Iam>(
         }
     };
     let me = (obj.creation_timestamp().map(|t| t.0), obj.namespace().unwrap_or_default(), obj.name_any());
+    // Only a resource that can rotate the user holds it: one the user consents to, with a valid
+    // spec. Otherwise a tenant could hold another namespace's rotations in Conflict.
+    let consents = |ns: &str| {
+        state.tags.get(&format!("rekey.dev/allow/{ns}")).is_some_and(|v| v == cluster || v == "*")
+    };
     let older = resources
         .iter()
-        .filter(|o| o.spec.user_name == *user && o.meta().deletion_timestamp.is_none())
+        .filter(|o| o.spec.user_name.eq_ignore_ascii_case(user) && o.meta().deletion_timestamp.is_none())
+        .filter(|o| !o.status.as_ref().is_some_and(|s| s.invalid_spec))
+        .filter(|o| consents(&o.namespace().unwrap_or_default()))
         .map(|o| (o.creation_timestamp().map(|t| t.0), o.namespace().unwrap_or_default(), o.name_any()))
         .filter(|other| *other < me)
         .min()

@@ -82,7 +82,8 @@ pub enum Step {
     Stall { reason: StallReason, message: String },
     /// Something is wrong but the Secrets still work; retry after `requeue`.
     Degrade { reason: DegradeReason, message: String, requeue: Duration },
-    /// The Secrets already hold an Active key of the user: track it (and its retiring partner).
+    /// The Secrets already hold an Active key of the user: track it and claim it (and retire its
+    /// partner, after the workloads are rolled onto it).
     Adopt { key_id: String, created: Timestamp, partner: Option<(String, bool)> },
     /// Copy the active key from `from` into Secrets that lack it.
     Fill { from: String, to: Vec<String> },
@@ -138,7 +139,6 @@ impl Step {
                 | Step::NeedWorkloads
                 | Step::Stall { .. }
                 | Step::Degrade { .. }
-                | Step::Adopt { .. }
                 | Step::Advance { .. }
                 | Step::TrackSoak { .. }
                 | Step::RecordNewKey { .. }
@@ -166,11 +166,14 @@ pub struct Gates {
     pub slot_free: bool,
     /// --max-concurrent-rotations, for the message while waiting for a slot.
     pub max_rotations: usize,
+    /// The namespaces this operator watches (empty: all). A claim of a resource elsewhere may be
+    /// another operator's, so it is never taken for stale.
+    pub watched: Vec<String>,
 }
 
 impl Default for Gates {
     fn default() -> Self {
-        Self { denied_role: None, slot_free: true, max_rotations: 10 }
+        Self { denied_role: None, slot_free: true, max_rotations: 10, watched: Vec::new() }
     }
 }
 
@@ -234,6 +237,9 @@ fn next_step(i: &Input) -> Step {
             ),
         );
     }
+    if let Some(s) = user_changed(i) {
+        return s;
+    }
     if let Some(s) = backing_off(i) {
         return s;
     }
@@ -252,6 +258,25 @@ fn next_step(i: &Input) -> Step {
         Phase::Soaking => soaking(i),
         Phase::Deleting => deleting(i),
     }
+}
+
+/// An edit of spec.userName while keys of the previous user are tracked would leave them Active and
+/// untracked (every later IAM call would name the new user): refused. IAM compares user names
+/// case-insensitively, and so does this.
+fn user_changed(i: &Input) -> Option<Step> {
+    let st = i.status;
+    let tracked = st.user_name.as_deref()?;
+    let new = &i.spec.user_name;
+    let holds = st.active_key.is_some() || st.retiring_key.is_some() || st.phase != Phase::Idle;
+    if tracked.eq_ignore_ascii_case(new) || !holds {
+        return None;
+    }
+    Some(stall(
+        StallReason::InvalidSpec,
+        format!(
+            "spec.userName changed from {tracked} to {new} while rekey tracks keys of {tracked}: set it back to {tracked}, or delete this IamKeyRotation (its deletionPolicy decides what happens to the keys of {tracked}) and create one for {new}"
+        ),
+    ))
 }
 
 /// spec.suspend and spec.dryRun hold back every step that writes to IAM, Secrets or workloads.
@@ -415,7 +440,7 @@ fn readable_holder(i: &Input, key: &str) -> Option<String> {
 /// The checks every IAM write for this user is preceded by; None when all pass.
 fn iam_gate(i: &Input, iam: &IamState) -> Option<Step> {
     let user = &i.spec.user_name;
-    if iam.operator_user.as_deref() == Some(user.as_str()) {
+    if iam.operator_user.as_deref().is_some_and(|me| me.eq_ignore_ascii_case(user)) {
         return Some(stall(
             StallReason::SelfRotation,
             format!("IAM user {user} is the identity rekey runs as; rekey never rotates its own keys"),
@@ -445,7 +470,7 @@ fn iam_gate(i: &Input, iam: &IamState) -> Option<Step> {
     let owner = i.identity.owner();
     for (key, claimed_by) in claims(&iam.tags) {
         let exists = iam.keys.iter().any(|k| k.id == key);
-        if exists && !is_own_claim(&claimed_by, &owner) {
+        if exists && !is_own_claim(&claimed_by, &owner) && !stale_claim(i, &claimed_by) {
             return Some(Step::Degrade {
                 reason: DegradeReason::Conflict,
                 message: format!(
@@ -456,6 +481,17 @@ fn iam_gate(i: &Input, iam: &IamState) -> Option<Step> {
         }
     }
     None
+}
+
+/// A claim naming a resource of this cluster that no longer exists (deleted with deletionPolicy
+/// Retain before claims were released, or renamed in Git) blocks nobody: the resource that adopts
+/// the key takes it over. Claims of other clusters, and cut (hashed) ones, always count.
+fn stale_claim(i: &Input, claimed_by: &str) -> bool {
+    let Some(existing) = &i.observed.resources else { return false };
+    let Some(rest) = claimed_by.strip_prefix(&format!("{}/", i.identity.cluster)) else { return false };
+    let ns = rest.split('/').next().unwrap_or_default();
+    let watched = i.gates.watched.is_empty() || i.gates.watched.iter().any(|w| w == ns);
+    watched && !claimed_by.contains('~') && !existing.contains(rest)
 }
 
 /// The target Secrets that hold no key at all (deleted, or emptied).

@@ -56,6 +56,7 @@ impl Case {
                 }),
                 workloads: Some(WorkloadsState::default()),
                 other_resource: None,
+                resources: None,
                 gitops_managed: Vec::new(),
                 writers: BTreeMap::new(),
             },

@@ -57,7 +57,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     /// The pipeline for a live resource.
     pub async fn apply(self) -> Result<Action, Error> {
         let requests = crate::observe::requests(&self.obj);
-        let mut st = status::prepare(&self.before, self.obj.metadata.generation, &requests);
+        let mut st = status::prepare(&self.before, self.obj.metadata.generation, &requests, &self.obj.spec.user_name);
         let valid = match validate(&self.obj.spec) {
             Ok(v) => v,
             Err(e) => {
@@ -103,6 +103,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             denied_role: role.filter(|r| !crate::ownership::role_allowed(&self.ctx.config.allowed_role_arns, r)),
             slot_free: self.ctx.rotation_slot_free(&self.obj),
             max_rotations: self.ctx.config.max_concurrent_rotations,
+            watched: self.ctx.config.namespaces.clone(),
         }
     }
 
@@ -129,6 +130,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                     let (facts, other) = self.gather_iam(iam, st, valid).await.map_err(|e| ("ObserveIam", e))?;
                     observed.iam = Some(facts);
                     observed.other_resource = other;
+                    observed.resources = Some(self.ctx.resource_names());
                 }
                 (Step::NeedWorkloads, _) if observed.workloads.is_none() => {
                     observed.workloads = Some(self.gather_workloads(st).await.map_err(|e| ("ObserveWorkloads", e))?);
@@ -147,7 +149,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     ) -> Result<(plan::IamState, Option<String>), Error> {
         let me = self.ctx.whoami().await?;
         let candidates = self.ctx.owner_candidates().await?;
-        crate::observe::iam(&candidates, iam, me, &self.obj, st, !valid.require_unused_for.is_zero()).await
+        crate::observe::iam(&candidates, &self.ctx.config.cluster, iam, me, &self.obj, st, !valid.require_unused_for.is_zero())
+            .await
     }
 
     /// TOUCHES THE CLUSTER (reads).
@@ -220,7 +223,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     /// invalid spec, a missing user or withdrawn consent, and never blocks namespace deletion for
     /// longer than one reconcile.
     pub async fn cleanup(self) -> Result<Action, Error> {
-        let user = self.obj.spec.user_name.clone();
+        // The keys belong to the user status tracks, even if spec.userName was edited since.
+        let user = self.before.user_name.clone().unwrap_or_else(|| self.obj.spec.user_name.clone());
         let held = crate::observe::basic(&self.ctx.client, &self.obj, self.now).await.ok().map(|o| {
             o.secrets
                 .into_iter()
@@ -255,7 +259,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         };
         let decided = cleanup(&input);
         if let Some(iam) = &iam {
-            problems.extend(act::cleanup(&self.ctx.client, iam, &self.obj, &decided).await);
+            problems.extend(act::cleanup(&self.ctx.client, iam, &self.obj, &user, &decided).await);
         } else {
             problems.extend(decided.kept.iter().cloned());
         }

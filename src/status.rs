@@ -105,8 +105,17 @@ impl Verdict {
 /// The status a reconcile starts from: request annotations present when rekey first sees the
 /// resource count as already acted on, and a spec edit is a new attempt that does not wait out the
 /// failures of the spec before it.
-pub fn prepare(before: &IamKeyRotationStatus, generation: Option<i64>, requests: &Requests) -> IamKeyRotationStatus {
+pub fn prepare(
+    before: &IamKeyRotationStatus,
+    generation: Option<i64>,
+    requests: &Requests,
+    user: &str,
+) -> IamKeyRotationStatus {
     let mut st = before.clone();
+    // Keys tracked before status recorded their user belong to the spec's user of that time.
+    if st.user_name.is_none() && (st.active_key.is_some() || st.phase != Phase::Idle) {
+        st.user_name = Some(user.to_owned());
+    }
     if before.observed_generation.is_none() {
         st.last_rotate_request.clone_from(&requests.rotate);
         st.last_emergency_request.clone_from(&requests.emergency);

@@ -10,10 +10,15 @@ use crate::secrets;
 
 /// Deletes the planned keys (with their claims), clears the target Secrets if asked, deletes the
 /// staging Secret. Never fails: what could not be done is returned, for the Event.
-pub async fn cleanup<I: Iam>(client: &kube::Client, iam: &I, obj: &IamKeyRotation, plan: &CleanupPlan) -> Vec<String> {
+pub async fn cleanup<I: Iam>(
+    client: &kube::Client,
+    iam: &I,
+    obj: &IamKeyRotation,
+    user: &str,
+    plan: &CleanupPlan,
+) -> Vec<String> {
     let ns = obj.metadata.namespace.clone().unwrap_or_default();
     let name = obj.metadata.name.clone().unwrap_or_default();
-    let user = &obj.spec.user_name;
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut problems = plan.kept.clone();
     for k in &plan.delete_keys {

@@ -28,6 +28,7 @@ pub fn adopt<I: Iam>(
 ) -> Outcome {
     let now = env.now();
     st.active_key = Some(KeyRef { access_key_id: key_id.to_owned(), created_at: Some(Time(created)) });
+    st.user_name = Some(env.user().to_owned());
     next_rotation(st, env.valid);
     let mut out = Outcome::default().event(false, "Adopted", format!("adopted key {key_id} found in the Secrets"));
     if let Some((p, active)) = partner {
@@ -72,6 +73,7 @@ pub async fn begin<I: Iam>(
     st.pending = Some(Pending { started_at: Time(now), known_key_ids: keys.iter().map(|k| k.id.clone()).collect() });
     st.rotation = Some(RotationProgress::start(trigger, now));
     st.phase = Phase::Creating;
+    st.user_name = Some(env.user().to_owned());
     match trigger {
         Trigger::Requested => st.last_rotate_request.clone_from(&env.observed.requests.rotate),
         Trigger::Emergency => st.last_emergency_request.clone_from(&env.observed.requests.emergency),
@@ -163,7 +165,7 @@ pub async fn verify<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key
     let key = env.staged_key(key_id).await?;
     let attempts = st.rotation.as_ref().map(|r| r.verify_attempts).unwrap_or(0);
     match env.iam.verify(&key, env.region).await? {
-        Verification::Authenticated(arn) if user_of_arn(&arn) == Some(env.user()) => {
+        Verification::Authenticated(arn) if user_of_arn(&arn).is_some_and(|u| u.eq_ignore_ascii_case(env.user())) => {
             enter(st, Phase::Distributing, env.now());
             Ok(Outcome::next().committed().event(false, "Verified", format!("key {key_id} authenticates as {arn}")))
         }

@@ -2,7 +2,7 @@
 //! gatherers (`observe`, `secrets`, `workloads`, `iam`) map what they read into these types; this
 //! file imports nothing of the plan, so they can without importing the plan itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -84,6 +84,9 @@ pub struct Observed {
     pub workloads: Option<WorkloadsState>,
     /// Another, older resource of this cluster names the same user.
     pub other_resource: Option<String>,
+    /// "namespace/name" of every IamKeyRotation of this cluster, gathered with the IAM facts (for
+    /// telling a claim of a deleted resource from a live one).
+    pub resources: Option<BTreeSet<String>>,
     /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
     pub gitops_managed: Vec<(String, &'static str)>,
     /// Per target Secret, the field managers other than this resource that wrote the keys it owns.
