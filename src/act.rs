@@ -261,3 +261,6 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
         Step::Finish => retire::finish(env, st).await,
     }
 }
+
+#[cfg(test)]
+mod tests;
