@@ -238,7 +238,7 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
         Step::NeedIam | Step::NeedWorkloads => Err(Error::Internal("the plan asked for facts twice".into())),
         Step::Stall { .. } => Ok(Outcome::requeue(STALL_RECHECK)),
         Step::Withhold { why, step } => Ok(retire::withhold(st, *why, step)),
-        Step::Adopt { key_id, created, partner } => Ok(start::adopt(env, st, key_id, *created, partner.as_ref())),
+        Step::Adopt { key_id, created, partner } => Ok(start::adopt(env, st, key_id, *created, partner.as_ref()).await),
         Step::Fill { from, to } => start::fill(env, st, from, to).await,
         Step::Begin { trigger } => start::begin(env, st, *trigger).await,
         Step::Create => start::create(env, st).await,

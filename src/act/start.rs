@@ -18,8 +18,10 @@ use crate::ownership::claim_value;
 use crate::plan::{self, SecretState};
 use crate::secrets::{self, AccessKey};
 
-/// The Secrets already hold an Active key of the user: track it, and its retiring partner.
-pub fn adopt<I: Iam>(
+/// The Secrets already hold an Active key of the user: track it and claim it (taking over the claim
+/// of a resource that no longer exists); a retiring partner is retired only after the workloads
+/// were rolled onto the adopted key (phase RollingOut), like a rotation's old key.
+pub async fn adopt<I: Iam>(
     env: &Env<'_, I>,
     st: &mut IamKeyRotationStatus,
     key_id: &str,
@@ -38,10 +40,19 @@ pub fn adopt<I: Iam>(
             deactivated_at: (!active).then_some(Time(now)),
         });
         st.rotation = Some(RotationProgress::start(Trigger::Scheduled, now));
-        st.phase = if *active { Phase::Deactivating } else { Phase::Soaking };
+        st.phase = Phase::RollingOut;
         out = out.event(false, "AdoptedRetiringKey", format!("key {p}, created by this resource, is retired"));
     }
+    out = claim(env, key_id, out).await;
     out.committed()
+}
+
+/// The owner claim on a key; reported, never fatal (e.g. IAM's 50-tag quota).
+async fn claim<I: Iam>(env: &Env<'_, I>, key_id: &str, out: Outcome) -> Outcome {
+    match env.iam.tag_user(env.user(), key_id, &claim_value(&env.identity.owner())).await {
+        Ok(()) => out,
+        Err(e) => out.event(true, "TagFailed", format!("could not tag IAM user with the claim on {key_id}: {e}")),
+    }
 }
 
 /// Copies the active key from one target Secret into those that lack it.
@@ -114,12 +125,8 @@ pub async fn create<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> 
     // Not committed with a precondition: a concurrent edit of the resource must not keep the new
     // key out of status (the write is retried on a fresh read instead).
     set_new_key(st, &key.id, created, env.now());
-    let mut out = Outcome::next().event(false, "Created", format!("created key {}", key.id));
-    // The owner claim; reported, never fatal (e.g. the 50-tag quota).
-    if let Err(e) = env.iam.tag_user(env.user(), &key.id, &claim_value(&env.identity.owner())).await {
-        out = out.event(true, "TagFailed", format!("could not tag IAM user with the claim on {}: {e}", key.id));
-    }
-    Ok(out)
+    let out = Outcome::next().event(false, "Created", format!("created key {}", key.id));
+    Ok(claim(env, &key.id, out).await)
 }
 
 /// The new key is in the staging Secret: record it, drop the marker, verify next.

@@ -81,7 +81,9 @@ impl Fx {
             iam: None,
             workloads: None,
             other_resource: None,
+            resources: None,
             gitops_managed: Vec::new(),
+            writers: Default::default(),
         };
         let st = IamKeyRotationStatus::default();
         Self { iam, kube, client, obj, valid, identity, observed, region: "us-east-1".into(), st }
@@ -130,7 +132,7 @@ impl Fx {
     }
 
     async fn cleanup(&self, plan: &CleanupPlan) -> Vec<String> {
-        super::cleanup(&self.client, &self.iam, &self.obj, plan).await
+        super::cleanup(&self.client, &self.iam, &self.obj, USER, plan).await
     }
 
     fn secrets(&self) -> Api<Secret> {
@@ -293,8 +295,9 @@ fn stray_key() -> AccessKey {
 
 #[tokio::test]
 async fn adopt_tracks_the_key_in_the_secrets_and_its_retired_partner() {
+    // Either way the workloads are rolled onto the adopted key before the partner is retired.
     for (partner_active, phase, state) in
-        [(false, Phase::Soaking, KeyState::Inactive), (true, Phase::Deactivating, KeyState::Active)]
+        [(false, Phase::RollingOut, KeyState::Inactive), (true, Phase::RollingOut, KeyState::Active)]
     {
         let mut fx = Fx::new();
         let held = fx.iam.add_key(USER, true);
@@ -313,7 +316,10 @@ async fn adopt_tracks_the_key_in_the_secrets_and_its_retired_partner() {
         assert_eq!(fx.st.phase, phase);
         assert_eq!(reasons(&out), ["Adopted", "AdoptedRetiringKey"]);
         assert!(out.precondition);
-        assert!(fx.iam.operations().is_empty() && fx.writes().is_empty(), "adopting only records");
+        // The adopted key is claimed like a created one; nothing else is written.
+        assert_eq!(fx.iam.operations(), ["TagUser"]);
+        assert!(fx.iam.tags(USER).unwrap().get(&held).is_some_and(|v| v.starts_with("rekey:")));
+        assert!(fx.writes().is_empty(), "adopting writes no Secret");
     }
 }
 
@@ -328,6 +334,7 @@ async fn adopt_without_a_partner_stays_idle() {
     assert_eq!((fx.st.phase, fx.st.retiring_key.is_none(), fx.st.rotation.is_none()), (Phase::Idle, true, true));
     assert_eq!(reasons(&out), ["Adopted"]);
     assert!(out.precondition);
+    assert_eq!(fx.iam.operations(), ["TagUser"]);
 }
 
 #[tokio::test]
@@ -727,7 +734,7 @@ fn with_web_ready(fx: &mut Fx, ready: i32) {
         progressing: false,
         progress: String::new(),
     };
-    fx.observed.workloads = Some(WorkloadsState { items: vec![w], uncovered: Vec::new() });
+    fx.observed.workloads = Some(WorkloadsState { items: vec![w], ..Default::default() });
 }
 
 /// Safety re-check 1 (order): the list the checks run on is taken before the write.
