@@ -243,6 +243,7 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
         Step::Begin { trigger } => start::begin(env, st, *trigger).await,
         Step::Create => start::create(env, st).await,
         Step::DeleteOrphan { key_id } => start::delete_orphan(env, st, key_id).await,
+        Step::RenewMarker { known_key_ids } => Ok(start::renew_marker(env, st, known_key_ids)),
         Step::RecordNewKey { key_id, created } => Ok(start::record_new_key(env, st, key_id, *created)),
         Step::Verify { key_id } => start::verify(env, st, key_id).await,
         Step::Abandon { delete_key, reason, message } => {

@@ -318,8 +318,21 @@ pub struct RetiringKey {
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Pending {
+    /// When the attempt began (a key created before it, less IAM's clock slack, is not its orphan).
     pub started_at: Time,
+    /// The user's keys before the attempt.
     pub known_key_ids: Vec<String>,
+    /// A CreateAccessKey may be in flight. False once IAM answered that it created nothing (an SCP,
+    /// LimitExceeded): a key that appears before the next attempt is someone else's, never an orphan.
+    #[serde(default = "default_true")]
+    pub in_flight: bool,
+}
+
+impl Pending {
+    /// A new attempt, about to call CreateAccessKey, with the keys the user has now.
+    pub fn attempt(now: Timestamp, known_key_ids: Vec<String>) -> Self {
+        Self { started_at: Time(now), known_key_ids, in_flight: true }
+    }
 }
 
 /// Why a rotation started.

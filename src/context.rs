@@ -123,7 +123,11 @@ impl<I: Iam> Context<I> {
     /// "namespace/name" of every resource in the watch caches.
     pub fn resource_names(&self) -> std::collections::BTreeSet<String> {
         let Ok(stores) = self.stores.lock() else { return Default::default() };
-        stores.iter().flat_map(|s| s.state()).map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())).collect()
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+            .collect()
     }
 
     /// How many resources this replica watches.

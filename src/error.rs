@@ -15,6 +15,10 @@ pub enum Error {
     Unsafe(String),
     #[error("{0}")]
     Internal(String),
+    /// CreateAccessKey was refused by IAM (an answer, not a lost request): no key was created, so
+    /// the write-ahead marker no longer stands for a call in flight.
+    #[error(transparent)]
+    NotCreated(Box<Error>),
 }
 
 impl From<kube::Error> for Error {
@@ -53,6 +57,23 @@ impl Error {
             Error::Conflict => "Conflict",
             Error::Unsafe(_) => "SafetyCheckFailed",
             Error::Internal(_) => "Internal",
+            Error::NotCreated(e) => e.category(),
+        }
+    }
+
+    /// Whether IAM answered the request (a refusal such as AccessDenied or LimitExceeded), as
+    /// opposed to a timeout, a lost connection or a server error, after which the call may have
+    /// taken effect.
+    pub fn answered(&self) -> bool {
+        match self {
+            Error::Iam { code, .. } => {
+                !(code.starts_with("HTTP5")
+                    || matches!(
+                        code.as_str(),
+                        "Timeout" | "NotSent" | "Unknown" | "ServiceFailure" | "ServiceUnavailable" | "InternalFailure"
+                    ))
+            }
+            _ => false,
         }
     }
 }

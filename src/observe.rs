@@ -38,6 +38,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
     let mut states = Vec::new();
     let mut gitops_managed = Vec::new();
     let mut writers = BTreeMap::new();
+    let mut immutable = Vec::new();
     let own = secrets::field_manager(&obj.name_any());
     for t in &obj.spec.secrets {
         let s = get_secret(&api, &t.name).await?;
@@ -46,6 +47,9 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
         }
         if let Some(s) = &s {
             writers.insert(t.name.clone(), secrets::writers(t, s, &own));
+            if s.immutable == Some(true) {
+                immutable.push(t.name.clone());
+            }
         }
         states.push((t.name.clone(), secrets::held(t, s.as_ref())));
     }
@@ -65,6 +69,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
         other_resource: None,
         resources: None,
         gitops_managed,
+        immutable,
         writers,
     })
 }
@@ -96,9 +101,8 @@ pub async fn iam<I: Iam>(
     let me = (obj.creation_timestamp().map(|t| t.0), obj.namespace().unwrap_or_default(), obj.name_any());
     // Only a resource that can rotate the user holds it: one the user consents to, with a valid
     // spec. Otherwise a tenant could hold another namespace's rotations in Conflict.
-    let consents = |ns: &str| {
-        state.tags.get(&format!("rekey.dev/allow/{ns}")).is_some_and(|v| v == cluster || v == "*")
-    };
+    let consents =
+        |ns: &str| state.tags.get(&format!("rekey.dev/allow/{ns}")).is_some_and(|v| v == cluster || v == "*");
     let older = resources
         .iter()
         .filter(|o| o.spec.user_name.eq_ignore_ascii_case(user) && o.meta().deletion_timestamp.is_none())

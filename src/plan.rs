@@ -41,6 +41,7 @@ pub enum StallReason {
     UnknownKey,
     ParkedAfterRollback,
     SelfRotation,
+    SecretImmutable,
 }
 
 /// What is wrong while the Secrets still work (the Degraded condition's reason).
@@ -93,6 +94,9 @@ pub enum Step {
     Create,
     /// Recovery: a key created in a crashed one-time window, which nobody has.
     DeleteOrphan { key_id: String },
+    /// A new attempt after IAM refused the last one: the write-ahead marker again, listing the keys
+    /// the user has now (status only).
+    RenewMarker { known_key_ids: Vec<String> },
     /// Recovery: the staging Secret holds a key status does not know yet.
     RecordNewKey { key_id: String, created: Timestamp },
     /// One sts:GetCallerIdentity signed with the new key.
@@ -142,6 +146,7 @@ impl Step {
                 | Step::Advance { .. }
                 | Step::TrackSoak { .. }
                 | Step::RecordNewKey { .. }
+                | Step::RenewMarker { .. }
                 | Step::Withhold { .. }
         )
     }
@@ -483,6 +488,20 @@ fn iam_gate(i: &Input, iam: &IamState) -> Option<Step> {
     None
 }
 
+/// An immutable target Secret can never receive a new key: found before a key is created (or
+/// before the new one is distributed), the rotation stops there, the old key untouched.
+fn immutable(o: &Observed) -> Option<Step> {
+    (!o.immutable.is_empty()).then(|| {
+        stall(
+            StallReason::SecretImmutable,
+            format!(
+                "Secret {} is immutable (immutable: true), so rekey can never write a new key into it: delete and re-create it without immutable, or remove it from spec.secrets",
+                o.immutable.join(", ")
+            ),
+        )
+    })
+}
+
 /// A claim naming a resource of this cluster that no longer exists (deleted with deletionPolicy
 /// Retain before claims were released, or renamed in Git) blocks nobody: the resource that adopts
 /// the key takes it over. Claims of other clusters, and cut (hashed) ones, always count.
@@ -615,9 +634,13 @@ fn first_key(i: &Input) -> Step {
     }
 }
 
-/// Starting a rotation: the gate and the 2-key quota (the failure backoff is `backing_off`).
+/// Starting a rotation: the gate, the Secrets' writability and the 2-key quota (the failure
+/// backoff is `backing_off`).
 fn begin(i: &Input, trigger: Trigger) -> Step {
     let (st, o) = (i.status, i.observed);
+    if let Some(s) = immutable(o) {
+        return s;
+    }
     let Some(iam) = &o.iam else { return Step::NeedIam };
     if let Some(s) = iam_gate(i, iam) {
         return s;
@@ -667,6 +690,11 @@ fn creating(i: &Input) -> Step {
                 message: format!("the staged key {staged} no longer exists in IAM; starting over"),
             },
         };
+    }
+    if !pending.in_flight {
+        // IAM refused the last attempt, so nothing of it exists: every key the user has now is
+        // someone else's. The marker is raised again, with them, before the next call.
+        return Step::RenewMarker { known_key_ids: iam.keys.iter().map(|k| k.id.clone()).collect() };
     }
     let known: BTreeSet<&str> = pending.known_key_ids.iter().map(String::as_str).collect();
     let unknown: Vec<&IamKey> = iam.keys.iter().filter(|k| !known.contains(k.id.as_str())).collect();
@@ -764,6 +792,9 @@ fn verifying(i: &Input) -> Step {
 fn distributing(i: &Input) -> Step {
     let (st, o) = (i.status, i.observed);
     let Some(new) = &st.new_key else { return Step::Advance { to: Phase::RollingOut } };
+    if let Some(s) = immutable(o) {
+        return s;
+    }
     let old = st.active_key.as_ref().map(|k| k.access_key_id.clone());
     let mut todo = Vec::new();
     for (name, s) in &o.secrets {

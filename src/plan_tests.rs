@@ -58,6 +58,7 @@ impl Case {
                 other_resource: None,
                 resources: None,
                 gitops_managed: Vec::new(),
+                immutable: Vec::new(),
                 writers: BTreeMap::new(),
             },
             identity,
@@ -318,8 +319,7 @@ fn a_secret_edited_to_another_key_stalls_instead_of_being_overwritten() {
 
 fn creating(known: &[&str]) -> Case {
     let mut c = Case::new().phase(Phase::Creating, now(), Trigger::Scheduled);
-    c.status.pending =
-        Some(Pending { started_at: Time(now()), known_key_ids: known.iter().map(|s| s.to_string()).collect() });
+    c.status.pending = Some(Pending::attempt(now(), known.iter().map(|s| s.to_string()).collect()));
     c
 }
 
@@ -824,4 +824,67 @@ fn nothing_is_deactivated_or_deleted_while_a_secret_holds_another_key() {
         let s = c.decide();
         assert!(!matches!(s, Step::Deactivate { .. } | Step::Delete { .. } | Step::Advance { .. }), "{s:?}");
     }
+}
+
+#[test]
+fn a_key_a_person_creates_while_create_keeps_being_refused_is_never_deleted() {
+    // IAM refused the last CreateAccessKey (an SCP, LimitExceeded): the marker is lowered.
+    let mut c = creating(&[OLD]).key(OLD, true, now() - secs(86_400)).key(FOREIGN, true, now());
+    c.status.pending.as_mut().unwrap().in_flight = false;
+    assert_eq!(c.decide(), Step::RenewMarker { known_key_ids: vec![OLD.into(), FOREIGN.into()] });
+    // Raised again with the person's key known: it is not an orphan, and it fills the quota.
+    let c = creating(&[OLD, FOREIGN]).key(OLD, true, now() - secs(86_400)).key(FOREIGN, true, now());
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::KeyQuotaExhausted));
+    // While a call may be in flight, the same key is the attempt's orphan.
+    let c = creating(&[OLD]).key(OLD, true, now() - secs(86_400)).key(FOREIGN, true, now());
+    assert_eq!(c.decide(), Step::DeleteOrphan { key_id: FOREIGN.into() });
+}
+
+#[test]
+fn an_immutable_target_stops_a_rotation_before_any_key_is_created() {
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now() - secs(86 * 86_400)).key(
+        OLD,
+        true,
+        now() - secs(86 * 86_400),
+    );
+    c.observed.immutable = vec!["b".into()];
+    let s = c.decide();
+    assert_eq!(stall_reason(&s), Some(StallReason::SecretImmutable), "{s:?}");
+    // Mid-rotation (made immutable after the key was created): nothing is distributed.
+    let mut c = verifying(now()).with_phase(Phase::Distributing);
+    c.observed.immutable = vec!["a".into()];
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::SecretImmutable));
+}
+
+#[test]
+fn a_user_name_edit_is_refused_while_keys_of_the_previous_user_are_tracked() {
+    let mut c = rolling(now(), Trigger::Scheduled);
+    c.status.user_name = Some("billing-app".into());
+    c.spec.user_name = "Billing-App".into();
+    assert!(stall_reason(&c.decide()).is_none(), "IAM user names compare case-insensitively");
+    c.spec.user_name = "other-app".into();
+    let s = c.decide();
+    assert_eq!(stall_reason(&s), Some(StallReason::InvalidSpec), "{s:?}");
+    let mut idle = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now());
+    idle.status.user_name = Some("billing-app".into());
+    idle.spec.user_name = "other-app".into();
+    assert_eq!(stall_reason(&idle.decide()), Some(StallReason::InvalidSpec));
+}
+
+#[test]
+fn a_claim_of_a_deleted_resource_of_this_cluster_blocks_nobody() {
+    let stale = claim_value("prod/payments/old-name");
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).key(OLD, true, now());
+    c.iam().tags.insert(OLD.into(), stale.clone());
+    // Unknown which resources exist: the claim counts.
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::Conflict));
+    c.observed.resources = Some(["payments/billing".to_owned()].into());
+    assert!(matches!(c.decide(), Step::Adopt { .. }), "taken over by the resource that adopts the key");
+    // It still exists: a conflict.
+    c.observed.resources = Some(["payments/billing".to_owned(), "payments/old-name".to_owned()].into());
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::Conflict));
+    // A namespace this operator does not watch may be another operator's.
+    c.observed.resources = Some(["payments/billing".to_owned()].into());
+    c.gates.watched = vec!["other".into()];
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::Conflict));
 }

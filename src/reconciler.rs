@@ -149,8 +149,16 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     ) -> Result<(plan::IamState, Option<String>), Error> {
         let me = self.ctx.whoami().await?;
         let candidates = self.ctx.owner_candidates().await?;
-        crate::observe::iam(&candidates, &self.ctx.config.cluster, iam, me, &self.obj, st, !valid.require_unused_for.is_zero())
-            .await
+        crate::observe::iam(
+            &candidates,
+            &self.ctx.config.cluster,
+            iam,
+            me,
+            &self.obj,
+            st,
+            !valid.require_unused_for.is_zero(),
+        )
+        .await
     }
 
     /// TOUCHES THE CLUSTER (reads).
@@ -206,9 +214,11 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     async fn fail(&self, what: &str, e: Error) -> Result<Action, Error> {
         if !matches!(e, Error::Conflict) {
             let mut failed = status::failed(&self.before, self.obj.metadata.generation, self.now);
-            if let Some(v) = Verdict::of_failure(what, &e) {
-                failed.conditions = status::conditions(&failed, &v, self.obj.metadata.generation, self.now);
+            if let (Error::NotCreated(_), Some(p)) = (&e, failed.pending.as_mut()) {
+                p.in_flight = false;
             }
+            let v = Verdict::of_failure(what, &e, failed.failed_attempts);
+            failed.conditions = status::conditions(&failed, &v, self.obj.metadata.generation, self.now);
             self.ctx.events.publish(&self.obj, true, e.category(), format!("{what} failed: {e}"), what).await;
             if let Err(we) = status::write(&self.api, &self.obj, &failed, false).await {
                 warn!(error = %we, "could not record the failure in status");

@@ -61,6 +61,9 @@ pub enum Verdict {
     Retrying(String),
     /// The operator's own Kubernetes permissions are missing: not Ready until a human fixes them.
     Forbidden(String),
+    /// A step failed and is retried with backoff: Degraded with the error's category as reason,
+    /// for as long as the backoff runs.
+    Failed(&'static str, String),
 }
 
 impl Verdict {
@@ -96,9 +99,12 @@ impl Verdict {
     }
 
     /// A failed step: missing RBAC is for a human to fix, and says exactly which verb on which
-    /// resource; any other failure leaves the conditions as they were (its Event says what failed).
-    pub fn of_failure(step: &str, e: &Error) -> Option<Self> {
-        (e.category() == "KubeForbidden").then(|| Verdict::Forbidden(format!("{step} failed: {e}")))
+    /// resource; any other failure is Degraded with its category while the backoff runs.
+    pub fn of_failure(step: &str, e: &Error, attempts: u32) -> Self {
+        match e.category() {
+            "KubeForbidden" => Verdict::Forbidden(format!("{step} failed: {e}")),
+            c => Verdict::Failed(c, format!("{step} failed (attempt {attempts}, retried with backoff): {e}")),
+        }
     }
 }
 
@@ -192,6 +198,7 @@ pub fn conditions(
     }
     match verdict {
         Verdict::Degraded(reason, message) => set(&mut c, "Degraded", true, (*reason).into(), message, generation, now),
+        Verdict::Failed(reason, message) => set(&mut c, "Degraded", true, reason, message, generation, now),
         Verdict::Progressed => set(&mut c, "Degraded", false, "AsExpected", HEALTHY, generation, now),
         _ if get(&c, "Degraded").is_none() => set(&mut c, "Degraded", false, "AsExpected", HEALTHY, generation, now),
         _ => {}
@@ -342,5 +349,35 @@ mod tests {
         let c = conditions(&status(Phase::Idle, true), &v, None, Timestamp::now());
         assert_eq!(cond(&c, "Stalled"), ("True", "SecretConflict"));
         assert_eq!(cond(&c, "Ready").0, "False");
+    }
+
+    #[test]
+    fn a_failing_step_is_degraded_with_its_category_while_its_backoff_runs() {
+        let now = Timestamp::now();
+        let mut st = status(Phase::Idle, true);
+        let e = Error::Iam { operation: "CreateAccessKey", code: "AccessDenied".into(), message: "scp".into() };
+        st.conditions = conditions(&st, &Verdict::of_failure("Create", &e, 2), None, now);
+        assert_eq!(cond(&st.conditions, "Degraded"), ("True", "IamAccessDenied"));
+        assert!(get(&st.conditions, "Degraded").unwrap().message.contains("Create failed (attempt 2"));
+        let c = conditions(&st, &Verdict::Retrying("retrying after failure at t".into()), None, now);
+        assert_eq!(cond(&c, "Degraded"), ("True", "IamAccessDenied"));
+        assert!(get(&c, "Rotating").unwrap().message.contains("retrying after failure at t"));
+        let c = conditions(&st, &Verdict::Progressed, None, now);
+        assert_eq!(cond(&c, "Degraded").0, "False");
+    }
+
+    #[test]
+    fn the_rotating_condition_says_what_the_rotation_waits_for() {
+        let c = conditions(
+            &status(Phase::RollingOut, true),
+            &Verdict::Waiting("waiting for the rollout of Deployment/api: 1 of 2 updated, 1 ready".into()),
+            None,
+            Timestamp::now(),
+        );
+        let r = get(&c, "Rotating").unwrap();
+        assert_eq!(
+            r.message,
+            "rotation in phase RollingOut; waiting for the rollout of Deployment/api: 1 of 2 updated, 1 ready"
+        );
     }
 }

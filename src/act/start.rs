@@ -81,7 +81,7 @@ pub async fn begin<I: Iam>(
     let now = env.now();
     preflight(env).await?;
     let keys = env.observed.iam.as_ref().map(|i| i.keys.clone()).unwrap_or_default();
-    st.pending = Some(Pending { started_at: Time(now), known_key_ids: keys.iter().map(|k| k.id.clone()).collect() });
+    st.pending = Some(Pending::attempt(now, keys.iter().map(|k| k.id.clone()).collect()));
     st.rotation = Some(RotationProgress::start(trigger, now));
     st.phase = Phase::Creating;
     st.user_name = Some(env.user().to_owned());
@@ -117,7 +117,12 @@ async fn preflight<I: Iam>(env: &Env<'_, I>) -> Result<(), Error> {
 /// CreateAccessKey, at once into the staging Secret, then status.newKey and the owner claim.
 pub async fn create<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Result<Outcome, Error> {
     crate::failpoint!("before-create");
-    let (key, created) = env.iam.create_key(env.user()).await?;
+    let (key, created) = match env.iam.create_key(env.user()).await {
+        Ok(k) => k,
+        // IAM answered and created nothing: the marker is lowered (see Error::NotCreated).
+        Err(e) if e.answered() => return Err(Error::NotCreated(Box::new(e))),
+        Err(e) => return Err(e),
+    };
     crate::failpoint!("after-create");
     // Nothing between the create and this write: the secret exists nowhere else.
     secrets::write_staging(&env.secrets(), env.name(), &key, false).await?;
@@ -146,6 +151,12 @@ fn set_new_key(st: &mut IamKeyRotationStatus, key_id: &str, created: Timestamp, 
     enter(st, Phase::Verifying, now);
 }
 
+/// The write-ahead marker of a new attempt, committed before CreateAccessKey is called again.
+pub fn renew_marker<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, known: &[String]) -> Outcome {
+    st.pending = Some(Pending::attempt(env.now(), known.to_vec()));
+    Outcome::next().committed()
+}
+
 /// Recovery: deletes the key an interrupted attempt created (nobody has it), and renews the marker.
 pub async fn delete_orphan<I: Iam>(
     env: &Env<'_, I>,
@@ -156,10 +167,8 @@ pub async fn delete_orphan<I: Iam>(
     if keys.iter().any(|k| k.id == key_id) {
         env.delete_key(key_id).await?;
     }
-    st.pending = Some(Pending {
-        started_at: Time(env.now()),
-        known_key_ids: keys.iter().filter(|k| k.id != key_id).map(|k| k.id.clone()).collect(),
-    });
+    st.pending =
+        Some(Pending::attempt(env.now(), keys.iter().filter(|k| k.id != key_id).map(|k| k.id.clone()).collect()));
     Ok(Outcome::next().committed().event(
         true,
         "OrphanDeleted",

@@ -83,6 +83,7 @@ impl Fx {
             other_resource: None,
             resources: None,
             gitops_managed: Vec::new(),
+            immutable: Vec::new(),
             writers: Default::default(),
         };
         let st = IamKeyRotationStatus::default();
@@ -477,7 +478,7 @@ async fn delete_orphan_deletes_the_orphan_and_renews_the_marker() {
     let old = fx.idle().await;
     let orphan = fx.iam.add_key(USER, true);
     fx.st.phase = Phase::Creating;
-    fx.st.pending = Some(Pending { started_at: Time(fx.ago(60)), known_key_ids: vec![old.clone()] });
+    fx.st.pending = Some(Pending::attempt(fx.ago(60), vec![old.clone()]));
     fx.observe().await;
     let out = fx.run(&Step::DeleteOrphan { key_id: orphan.clone() }).await.unwrap();
     assert_eq!(fx.active_in_iam(&orphan), None);
@@ -497,7 +498,7 @@ async fn delete_orphan_of_a_key_gone_since_the_snapshot_deletes_nothing() {
     let old = fx.idle().await;
     let orphan = fx.iam.add_key(USER, true);
     fx.st.phase = Phase::Creating;
-    fx.st.pending = Some(Pending { started_at: Time(fx.ago(60)), known_key_ids: vec![old.clone()] });
+    fx.st.pending = Some(Pending::attempt(fx.ago(60), vec![old.clone()]));
     fx.observe().await;
     fx.iam.remove_key(USER, &orphan);
     fx.run(&Step::DeleteOrphan { key_id: orphan }).await.unwrap();
@@ -510,7 +511,7 @@ async fn record_new_key_records_the_staged_key_and_drops_the_marker() {
     let mut fx = Fx::new();
     let (_, new) = fx.rotating(Phase::Creating).await;
     fx.st.new_key = None;
-    fx.st.pending = Some(Pending { started_at: Time(fx.ago(60)), known_key_ids: vec![] });
+    fx.st.pending = Some(Pending::attempt(fx.ago(60), vec![]));
     let created = fx.iam.keys(USER)[1].created;
     let out = fx.run(&Step::RecordNewKey { key_id: new.clone(), created }).await.unwrap();
     assert_eq!(fx.st.new_key, Some(fx.key_ref(&new)));
@@ -1048,4 +1049,34 @@ async fn cleanup_does_not_recreate_a_target_secret_deleted_by_hand() {
     let plan = CleanupPlan { delete_keys: Vec::new(), clear_targets: true, kept: Vec::new() };
     assert!(fx.cleanup(&plan).await.is_empty());
     assert!(fx.secret("b").is_none(), "deleting the resource created Secret b");
+}
+
+/// A refusal from IAM (an answer) says no key was created: the error says so, for the marker to be
+/// lowered; a lost answer may have created one, and says nothing of the kind.
+#[tokio::test]
+async fn a_refused_create_is_told_apart_from_a_lost_one() {
+    let mut fx = Fx::new();
+    fx.idle().await;
+    fx.run(&Step::Begin { trigger: Trigger::Scheduled }).await.unwrap();
+    fx.observe().await;
+    fx.iam.fail_next("CreateAccessKey", "LimitExceeded");
+    let e = fx.run(&Step::Create).await.unwrap_err();
+    assert!(matches!(e, Error::NotCreated(_)), "{e:?}");
+    assert_eq!(e.category(), "IamError");
+    fx.iam.lose_next_response("CreateAccessKey", "HTTP503");
+    let e = fx.run(&Step::Create).await.unwrap_err();
+    assert!(!matches!(e, Error::NotCreated(_)), "{e:?}");
+    assert_eq!(fx.iam.keys(USER).len(), 2, "the lost answer's key exists: the orphan rule finds it");
+}
+
+#[tokio::test]
+async fn a_renewed_marker_lists_the_keys_the_user_has_now() {
+    let mut fx = Fx::new();
+    fx.idle().await;
+    fx.run(&Step::Begin { trigger: Trigger::Scheduled }).await.unwrap();
+    fx.st.pending.as_mut().unwrap().in_flight = false;
+    let out = fx.run(&Step::RenewMarker { known_key_ids: vec!["AKIAHUMAN".into()] }).await.unwrap();
+    let p = fx.st.pending.clone().unwrap();
+    assert_eq!((p.known_key_ids, p.in_flight, p.started_at), (vec!["AKIAHUMAN".to_owned()], true, Time(fx.now())));
+    assert!(out.precondition && fx.iam.operations().is_empty());
 }

@@ -65,7 +65,8 @@ fn unhanded(
 ) -> Vec<String> {
     let mut out: Vec<String> =
         c.status.new_key.iter().map(|k| k.access_key_id.clone()).filter(|k| !held.contains(k)).collect();
-    if let Some(pending) = &c.status.pending {
+    // Only an attempt that may be in flight can have left an orphan.
+    if let Some(pending) = c.status.pending.as_ref().filter(|p| p.in_flight) {
         let known: BTreeSet<&str> = pending.known_key_ids.iter().map(String::as_str).collect();
         out.extend(
             keys.iter()
@@ -79,7 +80,6 @@ fn unhanded(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
@@ -137,10 +137,8 @@ mod tests {
 
     #[test]
     fn deleted_mid_create_the_orphan_of_the_interrupted_create_is_deleted() {
-        let st = IamKeyRotationStatus {
-            pending: Some(Pending { started_at: Time(now()), known_key_ids: vec!["OLD".into()] }),
-            ..Default::default()
-        };
+        let st =
+            IamKeyRotationStatus { pending: Some(Pending::attempt(now(), vec!["OLD".into()])), ..Default::default() };
         let p = cleanup(&input(DeletionPolicy::Retain, &st, &["OLD"], &["OLD", "ORPHAN"]));
         assert_eq!(p.delete_keys, vec!["ORPHAN"]);
     }

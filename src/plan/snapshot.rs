@@ -89,6 +89,8 @@ pub struct Observed {
     pub resources: Option<BTreeSet<String>>,
     /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
     pub gitops_managed: Vec<(String, &'static str)>,
+    /// Target Secrets marked `immutable: true`: no write can ever change them.
+    pub immutable: Vec<String>,
     /// Per target Secret, the field managers other than this resource that wrote the keys it owns.
     pub writers: BTreeMap<String, Vec<String>>,
 }
