@@ -8,7 +8,7 @@ use crate::iam::Iam;
 use crate::plan::cleanup::CleanupPlan;
 use crate::secrets;
 
-/// Deletes the planned keys (with their claims), clears the target Secrets if asked, deletes the
+/// Deletes the planned keys (with their claims), releases the claims of the keys that stay, clears the target Secrets if asked, deletes the
 /// staging Secret. Never fails: what could not be done is returned, for the Event.
 pub async fn cleanup<I: Iam>(
     client: &kube::Client,
@@ -29,6 +29,11 @@ pub async fn cleanup<I: Iam>(
                 }
             }
             Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for k in &plan.release_claims {
+        if let Err(e) = iam.untag_user(user, k).await {
+            problems.push(e.to_string());
         }
     }
     if plan.clear_targets {

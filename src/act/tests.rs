@@ -1001,11 +1001,17 @@ async fn steps_that_write_nothing_only_ask_to_look_again() {
 async fn cleanup_deletes_the_listed_keys_with_their_claims_and_the_staging_secret() {
     let mut fx = Fx::new();
     let (old, new) = fx.rotating(Phase::Verifying).await;
-    let plan = CleanupPlan { delete_keys: vec![new.clone()], clear_targets: false, kept: vec!["kept".into()] };
+    let plan = CleanupPlan {
+        delete_keys: vec![new.clone()],
+        release_claims: vec![old.clone()],
+        clear_targets: false,
+        kept: vec!["kept".into()],
+    };
     let problems = fx.cleanup(&plan).await;
     assert_eq!(problems, ["kept"]);
     assert_eq!((fx.active_in_iam(&old), fx.active_in_iam(&new)), (Some(true), None));
-    assert!(fx.claimed(&old) && !fx.claimed(&new));
+    // The key that stays is released: nobody's claim is left on it.
+    assert!(!fx.claimed(&old) && !fx.claimed(&new));
     assert_eq!((fx.read_id("a"), fx.read_id("b")), (Some(old.clone()), Some(old)));
     assert!(fx.staging().is_none());
 }
@@ -1014,7 +1020,8 @@ async fn cleanup_deletes_the_listed_keys_with_their_claims_and_the_staging_secre
 async fn cleanup_clears_only_rekeys_data_from_the_targets_when_asked() {
     let mut fx = Fx::new();
     let old = fx.idle().await;
-    let plan = CleanupPlan { delete_keys: vec![old.clone()], clear_targets: true, kept: Vec::new() };
+    let plan =
+        CleanupPlan { delete_keys: vec![old.clone()], clear_targets: true, kept: Vec::new(), ..Default::default() };
     assert!(fx.cleanup(&plan).await.is_empty());
     assert!(fx.iam.keys(USER).is_empty() && !fx.claimed(&old));
     for t in TARGETS {
@@ -1028,7 +1035,8 @@ async fn cleanup_reports_a_failed_delete_and_goes_on() {
     let mut fx = Fx::new();
     let (_, new) = fx.rotating(Phase::Verifying).await;
     fx.iam.fail_next("DeleteAccessKey", "AccessDenied");
-    let plan = CleanupPlan { delete_keys: vec![new.clone()], clear_targets: true, kept: Vec::new() };
+    let plan =
+        CleanupPlan { delete_keys: vec![new.clone()], clear_targets: true, kept: Vec::new(), ..Default::default() };
     let problems = fx.cleanup(&plan).await;
     assert_eq!(problems.len(), 1);
     assert!(problems[0].contains("DeleteAccessKey") && problems[0].contains("AccessDenied"), "{problems:?}");
@@ -1046,7 +1054,7 @@ async fn cleanup_does_not_recreate_a_target_secret_deleted_by_hand() {
     let mut fx = Fx::new();
     fx.idle().await;
     fx.kube.remove(&kind_path::<Secret>(), NS, "b");
-    let plan = CleanupPlan { delete_keys: Vec::new(), clear_targets: true, kept: Vec::new() };
+    let plan = CleanupPlan { delete_keys: Vec::new(), clear_targets: true, kept: Vec::new(), ..Default::default() };
     assert!(fx.cleanup(&plan).await.is_empty());
     assert!(fx.secret("b").is_none(), "deleting the resource created Secret b");
 }

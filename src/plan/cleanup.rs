@@ -27,6 +27,9 @@ pub struct CleanupInput<'a> {
 pub struct CleanupPlan {
     /// Keys to delete (each with its claim tag).
     pub delete_keys: Vec<String>,
+    /// Claims to remove from keys that stay (Retain): the key is nobody's once this resource is gone,
+    /// so a resource re-created under another name (a rename in Git) can adopt it.
+    pub release_claims: Vec<String>,
     /// Remove the data rekey wrote from the target Secrets.
     pub clear_targets: bool,
     /// What is left behind and why, for the Event.
@@ -48,10 +51,12 @@ pub fn cleanup(c: &CleanupInput) -> CleanupPlan {
         None => plan.kept.push("the target Secrets could not be read, so a new key was kept".into()),
         Some(held) => delete.extend(unhanded(c, keys, tags, held)),
     }
+    let own: Vec<String> = claims(tags).into_iter().filter(|(_, o)| is_own_claim(o, c.owner)).map(|(k, _)| k).collect();
     if c.policy == DeletionPolicy::Delete {
-        delete.extend(claims(tags).into_iter().filter(|(_, o)| is_own_claim(o, c.owner)).map(|(k, _)| k));
+        delete.extend(own.iter().cloned());
     }
-    plan.delete_keys = delete.into_iter().filter(|k| exists(k)).collect();
+    plan.delete_keys = delete.iter().filter(|k| exists(k)).cloned().collect();
+    plan.release_claims = own.into_iter().filter(|k| !delete.contains(k)).collect();
     plan
 }
 
@@ -122,6 +127,8 @@ mod tests {
         let p = cleanup(&input(DeletionPolicy::Retain, &st, &["OLD"], &["OLD", "NEW"]));
         assert_eq!(p.delete_keys, vec!["NEW"]);
         assert!(!p.clear_targets);
+        // The key that stays is nobody's now: a resource re-created under another name adopts it.
+        assert_eq!(p.release_claims, vec!["OLD"]);
         // Once a Secret holds it, somebody may use it: kept.
         let p = cleanup(&input(DeletionPolicy::Retain, &st, &["NEW"], &["OLD", "NEW"]));
         assert!(p.delete_keys.is_empty());
@@ -133,6 +140,7 @@ mod tests {
         let p = cleanup(&input(DeletionPolicy::Delete, &st, &["A"], &["A", "B"]));
         assert_eq!(p.delete_keys, vec!["A", "B"]);
         assert!(p.clear_targets);
+        assert!(p.release_claims.is_empty());
     }
 
     #[test]
