@@ -148,6 +148,23 @@ impl<I: Iam> Env<'_, I> {
         Ok(key)
     }
 
+    /// Every target Secret, read afresh right before the old key is switched off or deleted, holds
+    /// the active key: a writer that put another key back since the decision stops the step.
+    async fn require_targets_hold(&self, active: Option<&str>) -> Result<(), Error> {
+        let api = self.secrets();
+        for t in &self.obj.spec.secrets {
+            let held = secrets::held(t, api.get_opt(&t.name).await?.as_ref());
+            if !matches!(&held, crate::plan::SecretState::Holds(id) if Some(id.as_str()) == active) {
+                return Err(Error::Unsafe(format!(
+                    "refusing to retire the old key: Secret {} no longer holds the active key {} ({held:?})",
+                    t.name,
+                    active.unwrap_or("none")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The new key, from the staging Secret, checked to be `key_id`.
     async fn staged_key(&self, key_id: &str) -> Result<AccessKey, Error> {
         let name = secrets::staging_name(self.name());

@@ -106,6 +106,7 @@ pub async fn deactivate<I: Iam>(
     let keys = env.fresh_keys().await?;
     // Never leave the user without an Active key, and never deactivate the key in the Secrets.
     require_active(&keys, active_id(st), "deactivate", key_id)?;
+    env.require_targets_hold(active_id(st)).await?;
     if keys.iter().any(|k| k.id == key_id && k.active) {
         crate::failpoint!("before-deactivate");
         env.iam.set_key_active(env.user(), key_id, false).await?;
@@ -170,6 +171,7 @@ pub async fn delete<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key
         }
         Some(_) => {
             require_active(&keys, active_id(st), "delete", key_id)?;
+            env.require_targets_hold(active_id(st)).await?;
             crate::failpoint!("before-delete");
             env.delete_key(key_id).await?;
         }

@@ -1088,3 +1088,25 @@ async fn a_renewed_marker_lists_the_keys_the_user_has_now() {
     assert_eq!((p.known_key_ids, p.in_flight, p.started_at), (vec!["AKIAHUMAN".to_owned()], true, Time(fx.now())));
     assert!(out.precondition && fx.iam.operations().is_empty());
 }
+
+/// Safety re-check: a target Secret reverted to the old key after the decision (a Helm upgrade, an
+/// External Secrets refresh) stops the old key's deactivation and its deletion.
+#[tokio::test]
+async fn the_old_key_is_not_retired_when_a_target_was_reverted_since_the_decision() {
+    for (phase, old_active) in [(Phase::Deactivating, true), (Phase::Deleting, false)] {
+        let mut fx = Fx::new();
+        let (old, _new) = fx.retiring(phase, old_active).await;
+        // After the snapshot: the old key is written back into one target.
+        fx.hold("b", &fx.access(&old)).await;
+        let before = fx.st.clone();
+        let step = match phase {
+            Phase::Deactivating => Step::Deactivate { key_id: old.clone() },
+            _ => Step::Delete { key_id: old.clone() },
+        };
+        let why = refused(fx.run(&step).await);
+        assert!(why.contains("Secret b"), "{phase}: {why}");
+        assert_eq!(fx.active_in_iam(&old), Some(old_active), "{phase}: the old key is untouched");
+        assert_eq!(fx.iam.operations(), ["ListAccessKeys"], "{phase}");
+        assert_eq!(fx.st, before, "{phase}");
+    }
+}
