@@ -1,6 +1,6 @@
 //! The `IamKeyRotation` resource (group `rekey.dev`, version `v1alpha1`).
 //!
-//! Field names are API: they are the ones DESIGN.md fixes. Doc comments become `kubectl explain`
+//! Field names are API: they are the ones docs/design.md documents. Doc comments become `kubectl explain`
 //! text. Validation the apiserver can enforce lives in the schema (patterns, enums, bounds); what
 //! only the operator can judge is checked by `validate` and reported as `Stalled/InvalidSpec`.
 
@@ -314,7 +314,7 @@ pub struct RetiringKey {
 }
 
 /// Write-ahead marker committed before CreateAccessKey: if the operator dies before the new key is
-/// recorded, recovery finds the key created in between (see DESIGN.md, safety rule 3).
+/// recorded, recovery finds the key created in between (docs/design.md, rule 3).
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Pending {

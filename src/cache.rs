@@ -1,6 +1,6 @@
 //! What rekey keeps of each IamKeyRotation between reconciles.
 //!
-//! Every decision reads the resource afresh from the apiserver (DESIGN rule 4), so the watch cache
+//! Every decision reads the resource afresh from the apiserver (docs/design.md, rule 4), so the watch cache
 //! only has to answer three questions: which resources exist and whom they name (the one-owner
 //! check, which counts only resources whose spec is valid), which are mid-rotation
 //! (--max-concurrent-rotations) and how often each failed (the retry backoff). The controller therefore watches IamKeyRotations as [`Cached`], which deserializes

@@ -2,7 +2,7 @@
 //! TOUCHES THE CLUSTER (the Lease).
 //!
 //! Leadership is not fencing: a deposed leader may still finish a request in flight. The reconcile
-//! does not rely on it for safety (DESIGN rule 4: fresh reads and resourceVersion preconditions);
+//! does not rely on it for safety (docs/design.md, rule 4: fresh reads and resourceVersion preconditions);
 //! the Lease keeps two replicas from doing the same work at the same time.
 
 use std::future::Future;

@@ -1,6 +1,6 @@
 //! PURE: the next step of a rotation, decided from (spec, status, observed snapshot, now).
 //!
-//! Nothing here touches the cluster or IAM. Every transition of DESIGN.md's phase table, and every
+//! Nothing here touches the cluster or IAM. Every transition of the phase table in docs/design.md, and every
 //! crash-recovery case, is a unit test below with an injected clock. The controller performs
 //! exactly the step returned, writes status, and asks again.
 

@@ -1,4 +1,4 @@
-//! Killing the operator at any instant loses no access and leaks no key (DESIGN.md rules 3 and 4).
+//! Killing the operator at any instant loses no access and leaks no key (docs/design.md, rules 3 and 4).
 //! Built only with `--features failpoints`: the operator then exits (as if SIGKILLed) at a named
 //! point, set through FAILPOINTS.
 #![cfg(feature = "failpoints")]

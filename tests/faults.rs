@@ -1,4 +1,4 @@
-//! DESIGN.md rule 8: IAM throttling and 5xx are retried with backoff, never for CreateAccessKey,
+//! docs/design.md, rule 8: IAM throttling and 5xx are retried with backoff, never for CreateAccessKey,
 //! whose lost answer is recovered by the write-ahead marker. The fault proxy is shared by every
 //! operator of the environment, so this binary holds one test that runs its scenarios in turn.
 

@@ -192,3 +192,69 @@ fn the_checks_themselves_find_what_they_look_for() {
     let body = format!("fn f() {{\n{}}}\nfn g() {{ }}\n", "    x;\n".repeat(5));
     assert_eq!(function_lengths(&body), vec![("f".to_owned(), 1, 7), ("g".to_owned(), 8, 1)]);
 }
+
+fn every_file(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            every_file(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        if p.is_dir() && !name.starts_with('.') && name != "target" && name != "node_modules" {
+            markdown_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "md") {
+            out.push(p);
+        }
+    }
+}
+
+/// Every relative link of the repository's Markdown, and every `docs/...` or `deploy/...` path that
+/// src/, examples/ or deploy/ names, points at a file the repository contains.
+#[test]
+fn no_document_or_comment_points_at_a_file_the_repository_does_not_contain() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = Vec::new();
+    markdown_files(root, &mut docs);
+    assert!(docs.iter().any(|p| p.ends_with("docs/design.md")), "docs/design.md is the design reference");
+    let mut dead = Vec::new();
+    for p in &docs {
+        let text = std::fs::read_to_string(p).unwrap();
+        for (i, _) in text.match_indices("](") {
+            let target: String = text[i + 2..].chars().take_while(|c| *c != ')' && *c != '#' && *c != ' ').collect();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            if !p.parent().unwrap().join(&target).exists() {
+                dead.push(format!("{}: {target}", p.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    let (_, mut files) = all_files();
+    for dir in ["examples", "deploy"] {
+        let mut more = Vec::new();
+        every_file(&root.join(dir), &mut more);
+        files.extend(more);
+    }
+    for p in files {
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        for prefix in ["docs/", "deploy/"] {
+            for (i, _) in text.match_indices(prefix) {
+                let path: String =
+                    text[i..].chars().take_while(|c| c.is_alphanumeric() || "/._-".contains(*c)).collect();
+                let path = path.trim_end_matches(['.', '/']);
+                if path.contains('.') && !root.join(path).exists() {
+                    dead.push(format!("{}: {path}", p.strip_prefix(root).unwrap().display()));
+                }
+            }
+        }
+    }
+    assert!(dead.is_empty(), "references to files that do not exist:\n{}", dead.join("\n"));
+}
