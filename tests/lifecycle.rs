@@ -254,7 +254,7 @@ async fn a_partitioned_statefulset_among_the_targets_stalls_and_the_old_key_stay
 }
 
 #[tokio::test]
-async fn a_bare_pod_holding_the_old_key_through_env_is_waited_for_then_stalls() -> anyhow::Result<()> {
+async fn a_bare_pod_holding_the_old_key_keeps_it_active_until_the_pod_is_gone() -> anyhow::Result<()> {
     let f = Fixture::new("bare").await?;
     let key = f.env.create_key(&f.user).await?;
     f.secrets.create(&PostParams::default(), &key_secret("creds", &key)?).await?;
@@ -266,12 +266,14 @@ async fn a_bare_pod_holding_the_old_key_through_env_is_waited_for_then_stalls() 
     let _op = f.operator().await?;
     wait_ikr(&f.ikrs, "app", "adopted", |o| active_key(o).is_some()).await?;
     f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&annotate("rekey.dev/rotate", "1"))).await?;
-    let o = wait_ikr(&f.ikrs, "app", "UncoveredConsumers", |o| is_true(o, "Stalled", "UncoveredConsumers")).await?;
+    let o = wait_ikr(&f.ikrs, "app", "UncoveredConsumers", |o| is_true(o, "Degraded", "UncoveredConsumers")).await?;
     assert_eq!(phase(&o), Phase::Deactivating);
+    let message =
+        o.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded")).map(|c| c.message.clone());
+    assert!(message.as_deref().is_some_and(|m| m.contains("Pod/adhoc (no controller)")), "{message:?}");
     assert_eq!(f.env.keys(&f.user).await?.get(&key.access_key_id).map(String::as_str), Some("Active"));
-    // The human ends the pod and says so: the old key is retired.
+    // The human ends the pod: nothing holds the old key any more, and it is retired.
     Api::<Pod>::namespaced(f.env.kube.clone(), &f.ns).delete("adhoc", &Default::default()).await?;
-    f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&annotate("rekey.dev/retire", "1"))).await?;
     wait_ikr(&f.ikrs, "app", "soaking", |o| phase(o) == Phase::Soaking).await?;
     assert_eq!(f.env.keys(&f.user).await?.get(&key.access_key_id).map(String::as_str), Some("Inactive"));
     Ok(())
