@@ -15,7 +15,6 @@ use crate::cache::Cached;
 use crate::error::Error;
 use crate::iam::Iam;
 use crate::ownership::{fnv1a, role_allowed};
-use crate::status;
 
 /// The operator's settings (the `rekey run` flags).
 #[derive(Clone, Debug)]
@@ -52,7 +51,7 @@ pub struct Context<I: Iam> {
     pub config: Config,
     /// The home account's IAM client; resources with spec.aws.roleArn get one of their own.
     pub iam: I,
-    pub events: status::Events,
+    pub events: crate::events::Events,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub health: Arc<crate::http::Health>,
     /// One client per (role, external id), so assumed credentials are reused until they expire.
@@ -68,7 +67,7 @@ impl<I: Iam> Context<I> {
     pub fn new(client: kube::Client, iam: I, config: Config, metrics: Arc<crate::metrics::Metrics>) -> Self {
         let reporter = Reporter { controller: "rekey".into(), instance: std::env::var("POD_NAME").ok() };
         Self {
-            events: status::Events::new(client.clone(), reporter),
+            events: crate::events::Events::new(client.clone(), reporter),
             client,
             iam,
             config,

@@ -13,6 +13,7 @@ pub mod context;
 pub mod controller;
 pub mod duration;
 pub mod error;
+pub mod events;
 #[cfg(test)]
 pub mod fake;
 pub mod http;

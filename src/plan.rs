@@ -19,8 +19,12 @@ use crate::ownership::{Identity, claims, is_own_claim};
 use crate::validate::ValidSpec;
 pub use snapshot::{IamKey, IamState, Observed, Requests, SecretState, WorkloadState, WorkloadsState};
 
-/// How long verification of a new key may take (IAM propagation) before it is abandoned.
+/// How long verification of a new key may take (IAM propagation) before it is abandoned...
 pub const VERIFY_BOUND: Duration = Duration::from_secs(180);
+/// ...counted in attempts made, not only in time: an operator held up elsewhere (a restart, a
+/// backlog) has not tried the key, so the time alone proves nothing. 12 attempts backing off 1, 2,
+/// 4, 8 then 15 s span about three minutes.
+pub const VERIFY_ATTEMPTS: u32 = 12;
 /// A workload below its soak baseline this long counts as broken.
 pub const BROKEN_AFTER: Duration = Duration::from_secs(30);
 /// IAM's CreateDate has whole seconds and another clock: orphans may look this much older.
@@ -774,12 +778,13 @@ fn verifying(i: &Input) -> Step {
     if !i.spec.verify_new_key {
         return Step::Advance { to: Phase::Distributing };
     }
-    if i.observed.now >= add(phase_since(i), VERIFY_BOUND) {
+    let attempts = i.status.rotation.as_ref().map_or(0, |r| r.verify_attempts);
+    if i.observed.now >= add(phase_since(i), VERIFY_BOUND) && attempts >= VERIFY_ATTEMPTS {
         return Step::Abandon {
             delete_key: Some(new.access_key_id.clone()),
             reason: DegradeReason::VerificationFailed,
             message: format!(
-                "new key {} did not authenticate as {} within {}; it was deleted (nobody had it)",
+                "new key {} did not authenticate as {} in {attempts} attempts over {}; it was deleted (nobody had it)",
                 new.access_key_id,
                 i.spec.user_name,
                 crate::duration::format(VERIFY_BOUND)

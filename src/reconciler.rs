@@ -181,7 +181,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             crate::failpoint!("after-status");
         }
         for n in out.events {
-            self.ctx.events.publish(&self.obj, n.warning, &n.reason, n.message, decision.step.name()).await;
+            self.ctx.events.publish(&self.obj, n.warning, &n.reason, n.message, decision.step.name());
         }
         Ok(match out.requeue {
             Some(d) if d.is_zero() => Action::requeue(Duration::from_millis(100)),
@@ -197,13 +197,13 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         };
         match verdict {
             Verdict::Stalled(r, m) if was("Stalled") != Some(("True".into(), r.to_string())) => {
-                self.ctx.events.publish(&self.obj, true, r.into(), m.clone(), "Stall").await;
+                self.ctx.events.publish(&self.obj, true, r.into(), m.clone(), "Stall");
             }
             // An abandoned attempt has its own Event.
             Verdict::Degraded(r, m)
                 if was("Degraded") != Some(("True".into(), r.to_string())) && !matches!(step, Step::Abandon { .. }) =>
             {
-                self.ctx.events.publish(&self.obj, true, r.into(), m.clone(), "Degrade").await;
+                self.ctx.events.publish(&self.obj, true, r.into(), m.clone(), "Degrade");
             }
             _ => {}
         }
@@ -219,7 +219,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             }
             let v = Verdict::of_failure(what, &e, failed.failed_attempts);
             failed.conditions = status::conditions(&failed, &v, self.obj.metadata.generation, self.now);
-            self.ctx.events.publish(&self.obj, true, e.category(), format!("{what} failed: {e}"), what).await;
+            self.ctx.events.publish(&self.obj, true, e.category(), format!("{what} failed: {e}"), what);
             if let Err(we) = status::write(&self.api, &self.obj, &failed, false).await {
                 warn!(error = %we, "could not record the failure in status");
             }
@@ -283,7 +283,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 format!("; left behind after errors: {}", problems.join("; "))
             }
         );
-        self.ctx.events.publish(&self.obj, !problems.is_empty(), "Deleted", note, "Cleanup").await;
+        self.ctx.events.publish(&self.obj, !problems.is_empty(), "Deleted", note, "Cleanup");
         self.ctx.metrics.forget(&self.identity.namespace, &self.identity.name);
         // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
         Ok(Action::await_change())

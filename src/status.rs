@@ -1,12 +1,11 @@
-//! Reporting: the status a reconcile starts from and the conditions it ends with (pure), the status
-//! write (TOUCHES THE CLUSTER: a replace of the status subresource, optionally with a
-//! resourceVersion precondition), and Events.
+//! Reporting: the status a reconcile starts from and the conditions it ends with (pure), and the
+//! status write (TOUCHES THE CLUSTER: a replace of the status subresource, optionally with a
+//! resourceVersion precondition). Events are `events`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Resource as _, ResourceExt as _};
+use kube::ResourceExt as _;
 
 use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
 use crate::error::Error;
@@ -247,41 +246,6 @@ pub async fn write(
         }
     }
     Err(Error::Conflict)
-}
-
-/// Where rekey's Events go. Warnings repeat (a failing step is retried with backoff), so they go
-/// through one shared kube Recorder, which folds repeats into a series. Normal Events mark
-/// transitions, which do not repeat, so each gets a Recorder of its own: the shared one keeps every
-/// Event it published for 6 minutes, which for 10,000 resources looked at once was 13 MiB.
-pub struct Events {
-    client: kube::Client,
-    reporter: Reporter,
-    warnings: Recorder,
-}
-
-impl Events {
-    pub fn new(client: kube::Client, reporter: Reporter) -> Self {
-        Self { warnings: Recorder::new(client.clone(), reporter.clone()), client, reporter }
-    }
-
-    /// Publishes an Event; a failure to publish is logged, never fatal.
-    pub async fn publish(&self, obj: &IamKeyRotation, warning: bool, reason: &str, note: String, action: &str) {
-        let ev = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: reason.to_owned(),
-            note: Some(note),
-            action: action.to_owned(),
-            secondary: None,
-        };
-        let published = if warning {
-            self.warnings.publish(&ev, &obj.object_ref(&())).await
-        } else {
-            Recorder::new(self.client.clone(), self.reporter.clone()).publish(&ev, &obj.object_ref(&())).await
-        };
-        if let Err(e) = published {
-            tracing::warn!(error = %crate::error::transport_kind(&e), "could not publish an Event");
-        }
-    }
 }
 
 #[cfg(test)]

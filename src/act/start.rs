@@ -203,6 +203,9 @@ pub async fn verify<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key
     }
 }
 
+/// How many failed attempts a rotation request survives before it counts as used.
+pub const MAX_REQUEST_RETRIES: u32 = 5;
+
 /// Gives up the rotation; deletes the new key if the fresh list still has it and nobody has it.
 pub async fn abandon<I: Iam>(
     env: &Env<'_, I>,
@@ -222,8 +225,17 @@ pub async fn abandon<I: Iam>(
     secrets::delete_staging(&env.secrets(), env.name()).await?;
     let old = active_id(st).map(str::to_owned);
     history(st, old, delete_key.map(str::to_owned), HistoryOutcome::Abandoned, now);
-    reset_to_idle(st);
+    // A person asked for this rotation (a leaked key, perhaps): a failed attempt does not use the
+    // request up. It is tried again after the backoff, until MAX_REQUEST_RETRIES attempts failed.
     st.failed_attempts += 1;
+    if st.failed_attempts < MAX_REQUEST_RETRIES {
+        match st.rotation.as_ref().map(|r| r.trigger) {
+            Some(Trigger::Requested) => st.last_rotate_request = None,
+            Some(Trigger::Emergency) => st.last_emergency_request = None,
+            _ => {}
+        }
+    }
+    reset_to_idle(st);
     st.last_failure_time = Some(Time(now));
     Ok(Outcome::requeue(plan::backoff(st.failed_attempts)).committed().event(true, reason, message.to_owned()))
 }

@@ -1110,3 +1110,26 @@ async fn the_old_key_is_not_retired_when_a_target_was_reverted_since_the_decisio
         assert_eq!(fx.st, before, "{phase}");
     }
 }
+
+/// A person's request (a leaked key, perhaps) is not used up by a failed attempt: it is tried again
+/// after the backoff, until it failed MAX_REQUEST_RETRIES times.
+#[tokio::test]
+async fn an_abandoned_request_stays_pending_for_another_attempt() {
+    for (trigger, failed_before, pending) in
+        [(Trigger::Emergency, 0, true), (Trigger::Requested, 0, true), (Trigger::Requested, 4, false)]
+    {
+        let mut fx = Fx::new();
+        let (_, new) = fx.rotating(Phase::Verifying).await;
+        fx.st.rotation.as_mut().unwrap().trigger = trigger;
+        fx.st.last_rotate_request = Some("r1".into());
+        fx.st.last_emergency_request = Some("e1".into());
+        fx.st.failed_attempts = failed_before;
+        let step = Step::Abandon { delete_key: Some(new), reason: DegradeReason::VerificationFailed, message: "m".into() };
+        fx.run(&step).await.unwrap();
+        let request = match trigger {
+            Trigger::Emergency => &fx.st.last_emergency_request,
+            _ => &fx.st.last_rotate_request,
+        };
+        assert_eq!(request.is_none(), pending, "{trigger} after {failed_before} failures");
+    }
+}
