@@ -6,7 +6,7 @@ pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[source] kube::Error),
     #[error(transparent)]
-    SecretWrite(#[from] SecretWriteError),
+    SecretWrite(SecretWriteError),
     #[error("IAM {operation} failed: {code}: {message}")]
     Iam { operation: &'static str, code: String, message: String },
     #[error("the resource changed while rekey acted; the step is retried from a fresh read")]
@@ -27,6 +27,14 @@ impl From<kube::Error> for Error {
             kube::Error::Api(s) if s.code == 409 => Error::Conflict,
             other => Error::Kube(other),
         }
+    }
+}
+
+impl From<SecretWriteError> for Error {
+    /// A write whose resourceVersion precondition failed (the Secret changed since rekey read it)
+    /// is a Conflict: retried soon on a fresh read, not counted as a failure.
+    fn from(e: SecretWriteError) -> Self {
+        if e.code == 409 && e.reason == "Conflict" { Error::Conflict } else { Error::SecretWrite(e) }
     }
 }
 

@@ -24,7 +24,19 @@ pub struct ValidSpec {
 #[error("{0}")]
 pub struct InvalidSpec(pub String);
 
+/// The spec's checks that do not depend on the resource's name (for callers that do not know it);
+/// a caller that knows it uses [`validate_for`].
 pub fn validate(spec: &IamKeyRotationSpec) -> Result<ValidSpec, InvalidSpec> {
+    check(spec, None)
+}
+
+/// Every check, including those that need the resource's name: no target may be the resource's
+/// own staging Secret, which rekey empties at each rotation start and deletes at its end.
+pub fn validate_for(spec: &IamKeyRotationSpec, resource_name: &str) -> Result<ValidSpec, InvalidSpec> {
+    check(spec, Some(resource_name))
+}
+
+fn check(spec: &IamKeyRotationSpec, resource_name: Option<&str>) -> Result<ValidSpec, InvalidSpec> {
     let dur = |field: &str, d: &crate::duration::SpecDuration| {
         d.parse().map_err(|e| InvalidSpec(format!("spec.{field}: {e}")))
     };
@@ -61,6 +73,13 @@ pub fn validate(spec: &IamKeyRotationSpec) -> Result<ValidSpec, InvalidSpec> {
     for (i, s) in spec.secrets.iter().enumerate() {
         if !names.insert(s.name.as_str()) {
             return Err(InvalidSpec(format!("spec.secrets[{i}]: Secret {:?} is listed twice", s.name)));
+        }
+        if let Some(resource) = resource_name.filter(|r| s.name == secrets::staging_name(r)) {
+            return Err(InvalidSpec(format!(
+                "spec.secrets[{i}]: Secret {:?} is the staging Secret of IamKeyRotation {resource} (rekey empties \
+                 and deletes it during each rotation); choose another Secret name",
+                s.name
+            )));
         }
         secrets::format::of(s.format).validate(i, s).map_err(InvalidSpec)?;
     }
@@ -140,6 +159,22 @@ mod tests {
             "template": entries.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>(),
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_target_named_like_the_resources_staging_secret_is_refused() {
+        let mut s = spec();
+        s.secrets.push(SecretTarget { name: secrets::staging_name("billing"), ..s.secrets[0].clone() });
+        let err = validate_for(&s, "billing").unwrap_err();
+        assert_eq!(
+            err.0,
+            "spec.secrets[1]: Secret \"billing-rekey-staging\" is the staging Secret of IamKeyRotation billing \
+             (rekey empties and deletes it during each rotation); choose another Secret name"
+        );
+        // Another resource's name, or a caller that does not know the name: the rule cannot apply.
+        assert!(validate_for(&s, "other").is_ok());
+        assert!(validate(&s).is_ok());
+        assert_eq!(validate_for(&spec(), "billing"), validate(&spec()));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! External Secrets, Helm) rewrite it on their next sync, putting back whatever key they hold; the
 //! field managers in `managedFields` name whoever last wrote the keys rekey owns.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use k8s_openapi::api::core::v1::Secret;
 
 use crate::api::SecretTarget;
@@ -31,27 +33,29 @@ pub fn gitops_tool(s: &Secret) -> Option<&'static str> {
     None
 }
 
+/// What every rekey field manager starts with (`rekey/<resource>`, see `field_manager`).
+pub const REKEY_PREFIX: &str = "rekey/";
+
 /// The field managers other than `own` that own one of the target's keys in `data` (or
 /// `stringData`): who wrote what rekey did not.
 pub fn writers(t: &SecretTarget, s: &Secret, own: &str) -> Vec<String> {
-    let keys = super::owned_keys(t);
-    let mut out: Vec<String> = s
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter(|f| f.manager.as_deref() != Some(own))
-        .filter(|f| {
-            let fields = f.fields_v1.as_ref().map(|v| &v.0);
-            ["f:data", "f:stringData"].iter().any(|section| {
-                let owned = fields.and_then(|v| v.get(section)).and_then(|d| d.as_object());
-                owned.is_some_and(|d| keys.iter().any(|k| d.contains_key(&format!("f:{k}"))))
-            })
-        })
-        .filter_map(|f| f.manager.clone())
-        .collect();
-    out.sort();
-    out.dedup();
+    key_owners(&super::owned_keys(t), s, own).into_keys().collect()
+}
+
+/// Each field manager other than `own`, with those of `keys` it owns in `data` or `stringData`
+/// (only managers owning at least one).
+pub fn key_owners(keys: &[String], s: &Secret, own: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in s.metadata.managed_fields.iter().flatten() {
+        let Some(manager) = f.manager.as_deref().filter(|m| *m != own) else { continue };
+        let fields = f.fields_v1.as_ref().map(|v| &v.0);
+        for section in ["f:data", "f:stringData"] {
+            let Some(owned) = fields.and_then(|v| v.get(section)).and_then(|d| d.as_object()) else { continue };
+            for k in keys.iter().filter(|k| owned.contains_key(&format!("f:{k}"))) {
+                out.entry(manager.to_owned()).or_default().insert(k.clone());
+            }
+        }
+    }
     out
 }
 

@@ -4,18 +4,23 @@
 //!
 //! A target Secret is written with server-side apply under the resource's own field manager, with
 //! only the keys rekey owns: other keys of the Secret are never touched, and two resources never
-//! strip each other's fields. Target Secrets never get an ownerReference (deleting the resource must
-//! not delete credentials in use); the staging Secret does.
+//! strip each other's fields. A shared format (credentialsFile: several resources each own a
+//! profile of one key) is read, merged into and written back with the read's resourceVersion, so a
+//! concurrent write makes the apiserver answer 409 (retried on a fresh read) instead of being lost.
+//! Target Secrets never get an ownerReference (deleting the resource must not delete credentials in
+//! use); the staging Secret does, and rekey touches a staging-named Secret only when it is its own.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource as _;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 
-use crate::api::{ACCESS_KEY_ANNOTATION, SecretFormat, SecretTarget};
+use crate::api::{ACCESS_KEY_ANNOTATION, IamKeyRotation, SecretFormat, SecretTarget};
 use crate::error::{SecretWriteError, summarise};
 use crate::ownership::fnv1a;
 use crate::plan::snapshot::SecretState;
@@ -25,7 +30,7 @@ mod managers;
 
 pub use managers::{gitops_tool, writers};
 
-pub use format::credentials_file::CREDENTIALS_KEY;
+pub use format::credentials_file::{CREDENTIALS_KEY, profile_annotation};
 pub use format::env::{DEFAULT_ID_KEY, DEFAULT_SECRET_KEY};
 pub use format::template::SECRET_PLACEHOLDER;
 
@@ -53,9 +58,15 @@ pub struct RenderContext {
     pub region: String,
 }
 
-/// The Secret keys rekey owns in a target, with their content for `key`.
-pub fn render(t: &SecretTarget, key: &AccessKey, ctx: &RenderContext) -> BTreeMap<String, SecretString> {
-    format::of(t.format).render(t, key, ctx)
+/// The Secret keys rekey owns in a target, with their content for `key`; `existing` is the Secret
+/// as read before the write (a shared format keeps the parts of it rekey does not own).
+pub fn render(
+    t: &SecretTarget,
+    key: &AccessKey,
+    ctx: &RenderContext,
+    existing: Option<&Secret>,
+) -> BTreeMap<String, SecretString> {
+    format::of(t.format).render(t, key, ctx, existing)
 }
 
 /// The Secret keys rekey owns in a target (for removal and for "is it empty").
@@ -80,6 +91,20 @@ pub fn read_key(t: &SecretTarget, s: &Secret) -> Option<AccessKey> {
 /// a template's cannot.
 pub fn readable(t: &SecretTarget) -> bool {
     format::of(t.format).readable()
+}
+
+/// PURE. Why this target must not be written, in the user's terms, when another rekey resource
+/// already writes what it would: one of its keys (env, template: a field manager `rekey/…` other
+/// than `own_manager` owns it), or its profile (credentialsFile: the profile's annotation names
+/// another resource; the `credentials` key itself is legitimately shared).
+pub fn conflict(t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String> {
+    format::of(t.format).conflict(t, s, own_manager)
+}
+
+/// PURE. Whether the Secret is immutable: the apiserver refuses any change to its data, so a
+/// rotation must not start on it.
+pub fn immutable(s: &Secret) -> bool {
+    s.immutable == Some(true)
 }
 
 /// Field manager of a resource: `rekey/<name>`, hashed when it would pass the apiserver's 128.
@@ -112,6 +137,22 @@ pub fn staging_target(resource: &str) -> SecretTarget {
     }
 }
 
+/// PURE. Whether `s` is the staging Secret rekey created for `resource`: labelled for it AND owned
+/// by it — by `uid` when the caller knows the resource's uid, else by kind and name. A Secret
+/// someone else made under that name is never taken over, written or deleted.
+pub fn is_own_staging(s: &Secret, resource: &str, uid: Option<&str>) -> bool {
+    let labelled = s.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_LABEL)).is_some_and(|v| v == resource);
+    let owned = s.metadata.owner_references.iter().flatten().any(|o| match uid {
+        Some(uid) => o.uid == uid,
+        None => {
+            o.kind == IamKeyRotation::kind(&())
+                && o.api_version.starts_with(&format!("{}/", IamKeyRotation::group(&())))
+                && o.name == resource
+        }
+    });
+    labelled && owned
+}
+
 fn apply_body(name: &str, resource: &str, key_id: Option<&str>, data: BTreeMap<String, String>) -> serde_json::Value {
     let mut meta = json!({"name": name, "labels": {MANAGED_LABEL: resource}});
     if let Some(id) = key_id {
@@ -120,8 +161,31 @@ fn apply_body(name: &str, resource: &str, key_id: Option<&str>, data: BTreeMap<S
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": data})
 }
 
+fn encode(data: BTreeMap<String, SecretString>) -> BTreeMap<String, String> {
+    data.into_iter().map(|(k, v)| (k, base64(v.expose_secret().as_bytes()))).collect()
+}
+
+/// Server-side apply of `body` under the resource's field manager.
+async fn apply(
+    api: &Api<Secret>,
+    name: &str,
+    resource: &str,
+    body: &serde_json::Value,
+    force: bool,
+    dry_run: bool,
+) -> Result<(), kube::Error> {
+    let mut pp = PatchParams::apply(&field_manager(resource));
+    pp.force = force;
+    if dry_run {
+        pp = pp.dry_run();
+    }
+    api.patch(name, &pp, &Patch::Apply(body)).await.map(drop)
+}
+
 /// TOUCHES THE CLUSTER. Writes `key` into a target Secret's owned keys (creating the Secret if
-/// missing); `dry_run` asks the apiserver to check the write without persisting it.
+/// missing); `dry_run` asks the apiserver to check the write without persisting it. A shared
+/// format's Secret is read first and the write is conditional on it (409 when it changed since,
+/// which `Error` turns into a quick retry on a fresh read).
 pub async fn write_target(
     api: &Api<Secret>,
     resource: &str,
@@ -130,35 +194,94 @@ pub async fn write_target(
     ctx: &RenderContext,
     dry_run: bool,
 ) -> Result<(), SecretWriteError> {
-    let data: BTreeMap<String, String> =
-        render(t, key, ctx).into_iter().map(|(k, v)| (k, base64(v.expose_secret().as_bytes()))).collect();
-    let body = apply_body(&t.name, resource, Some(&key.id), data);
-    let mut pp = PatchParams::apply(&field_manager(resource)).force();
-    if dry_run {
-        pp = pp.dry_run();
+    // Only a shared format merges into what is there; the others need no read.
+    let existing = if format::of(t.format).shared() {
+        api.get_opt(&t.name).await.map_err(|e| summarise("read", &t.name, e))?
+    } else {
+        None
+    };
+    apply_target(api, resource, t, key, ctx, existing.as_ref(), dry_run).await
+}
+
+/// The write of `write_target`, on the Secret as it was read (`existing`).
+async fn apply_target(
+    api: &Api<Secret>,
+    resource: &str,
+    t: &SecretTarget,
+    key: &AccessKey,
+    ctx: &RenderContext,
+    existing: Option<&Secret>,
+    dry_run: bool,
+) -> Result<(), SecretWriteError> {
+    let f = format::of(t.format);
+    let mut body = apply_body(&t.name, resource, Some(&key.id), encode(render(t, key, ctx, existing)));
+    let mut force = true;
+    if f.shared() {
+        for (k, v) in f.claims(t, resource) {
+            body["metadata"]["annotations"][k] = json!(v);
+        }
+        match existing.and_then(|s| s.metadata.resource_version.as_deref()) {
+            Some(rv) => body["metadata"]["resourceVersion"] = json!(rv),
+            // Created by this write: if another resource created it since the read, it owns the
+            // key, and an unforced apply conflicts (409) instead of overwriting its profile.
+            None => force = false,
+        }
     }
-    api.patch(&t.name, &pp, &Patch::Apply(&body)).await.map_err(|e| summarise("apply", &t.name, e))?;
+    apply(api, &t.name, resource, &body, force, dry_run).await.map_err(|e| summarise("apply", &t.name, e))
+}
+
+/// TOUCHES THE CLUSTER. Removes what rekey wrote from a target Secret (deletionPolicy Delete): the
+/// owned keys, or for a shared format this resource's part of them.
+pub async fn clear_target(api: &Api<Secret>, resource: &str, t: &SecretTarget) -> Result<(), SecretWriteError> {
+    let ignore_missing = |r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map_err(|e| summarise("clear", &t.name, e)),
+    };
+    // Applying an object without the owned keys, under the same manager, removes exactly them.
+    let release = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": t.name}});
+    let f = format::of(t.format);
+    if !f.shared() {
+        return ignore_missing(apply(api, &t.name, resource, &release, true, false).await);
+    }
+    let Some(s) = api.get_opt(&t.name).await.map_err(|e| summarise("read", &t.name, e))? else {
+        return Ok(());
+    };
+    let kept = f.without(t, &s, resource);
+    // Every owned key is written, an emptied one as "": this manager then owns it (whoever wrote it
+    // last), and the release below removes it. Omitting the claim annotations drops them.
+    let data: BTreeMap<String, String> = owned_keys(t)
+        .into_iter()
+        .map(|k| {
+            let v = kept.get(&k).map(|v| base64(v.expose_secret().as_bytes())).unwrap_or_default();
+            (k, v)
+        })
+        .collect();
+    let rv = s.metadata.resource_version.clone().unwrap_or_default();
+    let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": t.name, "resourceVersion": rv},
+        "data": data});
+    ignore_missing(apply(api, &t.name, resource, &body, true, false).await)?;
+    if kept.len() < data.len() {
+        return ignore_missing(apply(api, &t.name, resource, &release, true, false).await);
+    }
     Ok(())
 }
 
-/// TOUCHES THE CLUSTER. Removes the keys rekey wrote from a target Secret (deletionPolicy Delete).
-pub async fn clear_target(api: &Api<Secret>, resource: &str, t: &SecretTarget) -> Result<(), SecretWriteError> {
-    // Applying an object without the owned keys, under the same manager, removes exactly them.
-    let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": t.name}});
-    match api.patch(&t.name, &PatchParams::apply(&field_manager(resource)).force(), &Patch::Apply(&body)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(summarise("clear", &t.name, e)),
-    }
+/// A staging-named Secret that is not rekey's, as an error. Code 409 (a name clash) with a reason
+/// that is not "Conflict": retrying soon would not help, a person must act.
+fn not_own_staging(verb: &'static str, name: &str) -> SecretWriteError {
+    let reason = "a Secret of this name exists that rekey did not create (no rekey.dev/managed-by label and \
+                  owner reference for this resource); rekey will not take it over, change or delete it: rename \
+                  or remove it, or rename the IamKeyRotation";
+    SecretWriteError { verb, name: name.to_owned(), reason: reason.into(), code: 409 }
 }
 
-/// TOUCHES THE CLUSTER. Creates the staging Secret empty, owned by the resource, if missing.
-pub async fn ensure_staging(
-    api: &Api<Secret>,
-    resource: &str,
-    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
-) -> Result<(), SecretWriteError> {
+/// TOUCHES THE CLUSTER. Creates the staging Secret empty, owned by the resource, if missing; one
+/// that exists is accepted only if it is rekey's own for this resource (`owner` holds its uid).
+/// `clear_staging` and `write_staging` are called only after this succeeded, which is what makes
+/// the staging Secret they patch rekey's.
+pub async fn ensure_staging(api: &Api<Secret>, resource: &str, owner: OwnerReference) -> Result<(), SecretWriteError> {
     let name = staging_name(resource);
+    let uid = owner.uid.clone();
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {MANAGED_LABEL: resource}, "ownerReferences": [owner]},
         "type": "Opaque",
@@ -166,7 +289,14 @@ pub async fn ensure_staging(
     .map_err(|_| SecretWriteError { verb: "build", name: name.clone(), reason: "Invalid".into(), code: 0 })?;
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            match api.get_opt(&name).await.map_err(|e| summarise("read", &name, e))? {
+                Some(s) if is_own_staging(&s, resource, Some(&uid)) => Ok(()),
+                Some(_) => Err(not_own_staging("create", &name)),
+                // Deleted since the create: a quick retry creates it.
+                None => Err(SecretWriteError { verb: "create", name, reason: "Conflict".into(), code: 409 }),
+            }
+        }
         Err(e) => Err(summarise("create", &name, e)),
     }
 }
@@ -174,6 +304,8 @@ pub async fn ensure_staging(
 /// TOUCHES THE CLUSTER. Puts the new key into the staging Secret: the one write between
 /// CreateAccessKey and safety, so it is a plain update of an object known to exist. With
 /// `dry_run` (the preflight) the apiserver only checks that the write would be admitted.
+/// Call only after `ensure_staging` succeeded for this rotation (it checks the Secret is rekey's;
+/// this write does not read first, to stay the one request it is).
 pub async fn write_staging(
     api: &Api<Secret>,
     resource: &str,
@@ -181,7 +313,7 @@ pub async fn write_staging(
     dry_run: bool,
 ) -> Result<(), SecretWriteError> {
     let t = staging_target(resource);
-    let data: BTreeMap<String, ByteString> = render(&t, key, &RenderContext::default())
+    let data: BTreeMap<String, ByteString> = render(&t, key, &RenderContext::default(), None)
         .into_iter()
         .map(|(k, v)| (k, ByteString(v.expose_secret().as_bytes().to_vec())))
         .collect();
@@ -191,7 +323,8 @@ pub async fn write_staging(
     Ok(())
 }
 
-/// TOUCHES THE CLUSTER. Empties the staging Secret (a leftover of an abandoned attempt).
+/// TOUCHES THE CLUSTER. Empties the staging Secret (a leftover of an abandoned attempt). Call only
+/// after `ensure_staging` succeeded: it is what checks that the Secret is rekey's.
 pub async fn clear_staging(api: &Api<Secret>, resource: &str) -> Result<(), SecretWriteError> {
     let name = staging_name(resource);
     let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: null}}, "data": null});
@@ -199,10 +332,22 @@ pub async fn clear_staging(api: &Api<Secret>, resource: &str) -> Result<(), Secr
     Ok(())
 }
 
-/// TOUCHES THE CLUSTER. Deletes the staging Secret.
+/// TOUCHES THE CLUSTER. Deletes the staging Secret if it is rekey's (by label and an owner
+/// reference naming the resource: callers do not all know its uid); a foreign Secret of that name
+/// is left alone and reported as an error.
 pub async fn delete_staging(api: &Api<Secret>, resource: &str) -> Result<(), SecretWriteError> {
     let name = staging_name(resource);
-    match api.delete(&name, &DeleteParams::default()).await {
+    let Some(s) = api.get_opt(&name).await.map_err(|e| summarise("read", &name, e))? else {
+        return Ok(());
+    };
+    if !is_own_staging(&s, resource, None) {
+        return Err(not_own_staging("delete", &name));
+    }
+    // The object checked is the one deleted, not one put in its place since.
+    let preconditions =
+        Preconditions { uid: s.metadata.uid.clone(), resource_version: s.metadata.resource_version.clone() };
+    let dp = DeleteParams { preconditions: Some(preconditions), ..DeleteParams::default() };
+    match api.delete(&name, &dp).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(summarise("delete", &name, e)),
@@ -239,7 +384,7 @@ mod tests {
     #[test]
     fn the_free_functions_answer_for_the_targets_format() {
         let t = target(SecretFormat::CredentialsFile);
-        let rendered = render(&t, &key(), &RenderContext::default());
+        let rendered = render(&t, &key(), &RenderContext::default(), None);
         assert_eq!(rendered.keys().collect::<Vec<_>>(), owned_keys(&t).iter().collect::<Vec<_>>());
         assert_eq!(owned_keys(&t), [CREDENTIALS_KEY]);
         let s = secret_of(rendered);
@@ -259,7 +404,7 @@ mod tests {
     #[test]
     fn the_staging_secret_reads_back_what_was_written_to_it() {
         let t = staging_target("r");
-        let s = secret_of(render(&t, &key(), &RenderContext::default()));
+        let s = secret_of(render(&t, &key(), &RenderContext::default(), None));
         assert_eq!(read_key(&t, &s).unwrap().id, "AKIAEXAMPLE");
     }
 
@@ -275,4 +420,51 @@ mod tests {
         assert!(staging_name(&long).len() <= 253);
         assert_ne!(field_manager(&long), field_manager(&format!("{}x", &long[..252])));
     }
+
+    #[test]
+    fn conflict_answers_for_the_targets_format() {
+        let env = target(SecretFormat::Env);
+        let s: Secret = serde_json::from_value(json!({"metadata": {
+            "annotations": {profile_annotation("default"): "other"},
+            "managedFields": [{"manager": "rekey/other", "operation": "Apply", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:data": {"f:AWS_ACCESS_KEY_ID": {}, "f:credentials": {}}}}],
+        }}))
+        .unwrap();
+        assert!(conflict(&env, &s, "rekey/r").unwrap().contains("key(s) AWS_ACCESS_KEY_ID"));
+        // A credentials file's key is shared; its profile's claim is what conflicts.
+        let file = target(SecretFormat::CredentialsFile);
+        assert!(conflict(&file, &s, "rekey/r").unwrap().contains("profile default of key credentials"));
+        let other_profile = SecretTarget { profile: Some("billing".into()), ..file };
+        assert_eq!(conflict(&other_profile, &s, "rekey/r"), None);
+    }
+
+    #[test]
+    fn only_a_secret_marked_immutable_is_immutable() {
+        let of =
+            |v: serde_json::Value| serde_json::from_value::<Secret>(json!({"metadata": {}, "immutable": v})).unwrap();
+        assert!(immutable(&of(json!(true))));
+        assert!(!immutable(&of(json!(false))));
+        assert!(!immutable(&of(serde_json::Value::Null)));
+    }
+
+    #[test]
+    fn a_staging_secret_is_rekeys_only_with_its_label_and_its_owner() {
+        let staging = |labels: serde_json::Value, owners: serde_json::Value| -> Secret {
+            serde_json::from_value(json!({"metadata": {"labels": labels, "ownerReferences": owners}})).unwrap()
+        };
+        let owner = json!([{"apiVersion": "rekey.dev/v1alpha1", "kind": "IamKeyRotation", "name": "r", "uid": "u-1"}]);
+        let label = json!({MANAGED_LABEL: "r"});
+        let own = staging(label.clone(), owner.clone());
+        assert!(is_own_staging(&own, "r", Some("u-1")) && is_own_staging(&own, "r", None));
+        assert!(!is_own_staging(&own, "r", Some("u-2")), "an earlier resource of the same name");
+        assert!(!is_own_staging(&own, "q", None), "another resource's");
+        assert!(!is_own_staging(&staging(json!({}), owner), "r", Some("u-1")), "no label");
+        assert!(!is_own_staging(&staging(label.clone(), json!([])), "r", None), "no owner");
+        let foreign_kind = json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "r", "uid": "u-1"}]);
+        assert!(!is_own_staging(&staging(label, foreign_kind), "r", None), "owned by something else");
+    }
 }
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod cluster_tests;

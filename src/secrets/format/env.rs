@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{Format, value};
+use super::{Format, keys_claimed, value};
 use crate::api::SecretTarget;
 use crate::plan::snapshot::SecretState;
 use crate::secrets::{AccessKey, RenderContext};
@@ -24,7 +24,13 @@ fn secret_key(t: &SecretTarget) -> &str {
 }
 
 impl Format for Env {
-    fn render(&self, t: &SecretTarget, key: &AccessKey, _: &RenderContext) -> BTreeMap<String, SecretString> {
+    fn render(
+        &self,
+        t: &SecretTarget,
+        key: &AccessKey,
+        _: &RenderContext,
+        _: Option<&Secret>,
+    ) -> BTreeMap<String, SecretString> {
         BTreeMap::from([
             (id_key(t).to_owned(), SecretString::from(key.id.clone())),
             (secret_key(t).to_owned(), SecretString::from(key.secret.expose_secret().to_owned())),
@@ -65,6 +71,23 @@ impl Format for Env {
         }
         Ok(())
     }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn claims(&self, _: &SecretTarget, _: &str) -> BTreeMap<String, String> {
+        // Field ownership of the keys is the claim: no two resources may own one.
+        BTreeMap::new()
+    }
+
+    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String> {
+        keys_claimed(t, &self.owned_keys(t), s, own_manager)
+    }
+
+    fn without(&self, _: &SecretTarget, _: &Secret, _: &str) -> BTreeMap<String, SecretString> {
+        BTreeMap::new()
+    }
 }
 
 #[cfg(test)]
@@ -76,7 +99,7 @@ mod tests {
     #[test]
     fn renders_and_reads_back_the_same_key() {
         let t = target(SecretFormat::Env);
-        let s = secret_of(Env.render(&t, &key(), &RenderContext::default()));
+        let s = secret_of(Env.render(&t, &key(), &RenderContext::default(), None));
         assert_eq!(Env.held(&t, &s), SecretState::Holds("AKIAEXAMPLE".into()));
         assert_eq!(Env.read_key(&t, &s).unwrap().secret.expose_secret(), "s3cr3t/+=");
     }
@@ -86,7 +109,7 @@ mod tests {
         let mut t = target(SecretFormat::Env);
         t.access_key_id_key = Some("ID".into());
         t.secret_access_key_key = Some("SECRET".into());
-        let rendered = Env.render(&t, &key(), &RenderContext::default());
+        let rendered = Env.render(&t, &key(), &RenderContext::default(), None);
         assert_eq!(rendered.keys().collect::<Vec<_>>(), ["ID", "SECRET"]);
         assert_eq!(Env.owned_keys(&t), ["ID", "SECRET"]);
     }

@@ -10,7 +10,7 @@ use secrecy::SecretString;
 
 use crate::api::{SecretFormat, SecretTarget};
 use crate::plan::snapshot::SecretState;
-use crate::secrets::{AccessKey, RenderContext};
+use crate::secrets::{AccessKey, RenderContext, managers};
 
 pub mod credentials_file;
 pub mod env;
@@ -19,8 +19,15 @@ pub mod template;
 /// One Secret layout. `Any` lets a test tell the registered implementations apart; `Sync` lets
 /// them be shared statics.
 pub trait Format: Any + Sync {
-    /// The Secret keys this format owns in a target, with their content for `key`.
-    fn render(&self, t: &SecretTarget, key: &AccessKey, ctx: &RenderContext) -> BTreeMap<String, SecretString>;
+    /// The Secret keys this format owns in a target, with their content for `key`. `existing` is
+    /// the Secret as read just before the write: a shared format merges into it.
+    fn render(
+        &self,
+        t: &SecretTarget,
+        key: &AccessKey,
+        ctx: &RenderContext,
+        existing: Option<&Secret>,
+    ) -> BTreeMap<String, SecretString>;
     /// The Secret keys this format owns (for removal and for "is it empty").
     fn owned_keys(&self, t: &SecretTarget) -> Vec<String>;
     /// Which key the Secret holds, read from the owned keys.
@@ -32,6 +39,17 @@ pub trait Format: Any + Sync {
     fn readable(&self) -> bool;
     /// Checks of the target's per-format fields, in the user's terms ("spec.secrets[i]…").
     fn validate(&self, i: usize, t: &SecretTarget) -> Result<(), String>;
+    /// Whether several resources may each own a part of one Secret key (render merges into what
+    /// is there). A read-modify-write races, so such a write carries the read's resourceVersion.
+    fn shared(&self) -> bool;
+    /// Annotations written with the key that claim the target's part of a shared key for
+    /// `resource`: field ownership cannot tell two owners of one key apart.
+    fn claims(&self, t: &SecretTarget, resource: &str) -> BTreeMap<String, String>;
+    /// Another rekey resource's claim on what this target writes, in the user's terms.
+    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String>;
+    /// The owned keys' content once the part `resource` wrote is taken out (deletionPolicy
+    /// Delete): a key left out is removed. Only a shared format keeps anything.
+    fn without(&self, t: &SecretTarget, s: &Secret, resource: &str) -> BTreeMap<String, SecretString>;
 }
 
 /// The only place a variant meets its implementation: being a `match`, a new variant without one
@@ -47,6 +65,20 @@ pub fn of(format: SecretFormat) -> &'static dyn Format {
 /// A Secret's value for `key` as text; None when absent or not UTF-8 (neither can hold a key).
 fn value(s: &Secret, key: &str) -> Option<String> {
     s.data.as_ref().and_then(|d| d.get(key)).and_then(|v| String::from_utf8(v.0.clone()).ok())
+}
+
+/// The conflict of a format whose keys belong to one resource alone: another rekey resource
+/// (a field manager `rekey/…` other than `own_manager`) owns one of them.
+fn keys_claimed(t: &SecretTarget, keys: &[String], s: &Secret, own_manager: &str) -> Option<String> {
+    let (manager, theirs) =
+        managers::key_owners(keys, s, own_manager).into_iter().find(|(m, _)| m.starts_with(managers::REKEY_PREFIX))?;
+    let other = manager.trim_start_matches(managers::REKEY_PREFIX);
+    let keys = theirs.into_iter().collect::<Vec<_>>().join(", ");
+    Some(format!(
+        "Secret {}: key(s) {keys} are also written by IamKeyRotation {other} (field manager {manager}); two resources \
+         must not write the same keys: give one of them another Secret or other key names",
+        t.name
+    ))
 }
 
 /// Kubernetes' Secret data key rule: `[-._a-zA-Z0-9]+`, at most 253 characters.
@@ -112,7 +144,7 @@ mod tests {
         assert!(!readable.is_empty());
         for format in readable {
             let t = target(format);
-            let s = secret_of(of(format).render(&t, &key(), &ctx));
+            let s = secret_of(of(format).render(&t, &key(), &ctx, None));
             assert_eq!(of(format).held(&t, &s), SecretState::Holds("AKIAEXAMPLE".into()), "{format:?}");
             let back = of(format).read_key(&t, &s).unwrap_or_else(|| panic!("{format:?} read back nothing"));
             assert_eq!(back.id, "AKIAEXAMPLE", "{format:?}");
@@ -127,8 +159,76 @@ mod tests {
             let mut t = target(format);
             t.template =
                 Some(BTreeMap::from([("k".to_owned(), "{{ .AccessKeyId }} {{ .SecretAccessKey }}".to_owned())]));
-            let s = secret_of(of(format).render(&t, &key(), &ctx));
+            let s = secret_of(of(format).render(&t, &key(), &ctx, None));
             assert!(of(format).read_key(&t, &s).is_none(), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn every_readable_format_renders_over_its_own_output_and_reads_the_new_key() {
+        let ctx = RenderContext::default();
+        let newer = AccessKey { id: "AKIANEWER".into(), secret: SecretString::from("n3w".to_owned()) };
+        for format in all_formats().into_iter().filter(|f| of(*f).readable()) {
+            let t = target(format);
+            let old = secret_of(of(format).render(&t, &key(), &ctx, None));
+            let s = secret_of(of(format).render(&t, &newer, &ctx, Some(&old)));
+            assert_eq!(of(format).held(&t, &s), SecretState::Holds("AKIANEWER".into()), "{format:?}");
+            assert_eq!(of(format).read_key(&t, &s).unwrap().secret.expose_secret(), "n3w", "{format:?}");
+        }
+    }
+
+    fn managed(entries: serde_json::Value) -> Secret {
+        serde_json::from_value(serde_json::json!({"metadata": {"managedFields": entries}})).unwrap()
+    }
+
+    fn owns(manager: &str, keys: &[&str]) -> serde_json::Value {
+        let fields: serde_json::Map<String, serde_json::Value> =
+            keys.iter().map(|k| (format!("f:{k}"), serde_json::json!({}))).collect();
+        serde_json::json!({"manager": manager, "operation": "Apply", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:data": fields}})
+    }
+
+    #[test]
+    fn a_key_conflict_is_another_rekey_resource_owning_one_of_the_targets_keys() {
+        let env = target(SecretFormat::Env);
+        let s = managed(serde_json::json!([
+            owns("rekey/mine", &[env::DEFAULT_ID_KEY, env::DEFAULT_SECRET_KEY]),
+            owns("rekey/other", &[env::DEFAULT_SECRET_KEY, "UNRELATED"]),
+        ]));
+        assert_eq!(
+            of(SecretFormat::Env).conflict(&env, &s, "rekey/mine").as_deref(),
+            Some(
+                "Secret s: key(s) AWS_SECRET_ACCESS_KEY are also written by IamKeyRotation other (field manager \
+                 rekey/other); two resources must not write the same keys: give one of them another Secret or \
+                 other key names"
+            )
+        );
+        let renamed = SecretTarget { secret_access_key_key: Some("OWN".into()), ..env.clone() };
+        assert_eq!(of(SecretFormat::Env).conflict(&renamed, &s, "rekey/mine"), None, "disjoint keys");
+        // Writers that are not rekey (a person, Helm) are a revert, not a claim: not this check's.
+        let human = managed(serde_json::json!([owns("kubectl-edit", &[env::DEFAULT_ID_KEY])]));
+        assert_eq!(of(SecretFormat::Env).conflict(&env, &human, "rekey/mine"), None);
+
+        let mut tmpl = target(SecretFormat::Template);
+        tmpl.template = Some(BTreeMap::from([("config.json".to_owned(), "{{ .SecretAccessKey }}".to_owned())]));
+        let s = managed(serde_json::json!([owns("rekey/other", &["config.json"])]));
+        let why = of(SecretFormat::Template).conflict(&tmpl, &s, "rekey/mine").unwrap();
+        assert!(why.starts_with("Secret s: key(s) config.json are also written by IamKeyRotation other"), "{why}");
+        assert_eq!(of(SecretFormat::Template).conflict(&tmpl, &s, "rekey/other"), None, "its own keys");
+    }
+
+    #[test]
+    fn only_a_shared_format_claims_by_annotation_or_keeps_anything_on_removal() {
+        for format in all_formats() {
+            let f = of(format);
+            let t = target(format);
+            if !f.shared() {
+                assert!(f.claims(&t, "r").is_empty(), "{format:?}");
+                let s = secret_of(f.render(&t, &key(), &RenderContext::default(), None));
+                assert!(f.without(&t, &s, "r").is_empty(), "{format:?}");
+            } else {
+                assert!(!f.claims(&t, "r").is_empty(), "{format:?}");
+            }
         }
     }
 

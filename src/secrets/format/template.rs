@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{Format, valid_secret_key, value};
+use super::{Format, keys_claimed, valid_secret_key, value};
 use crate::api::{ACCESS_KEY_ANNOTATION, SecretTarget};
 use crate::plan::snapshot::SecretState;
 use crate::secrets::{AccessKey, RenderContext};
@@ -16,7 +16,13 @@ pub const SECRET_PLACEHOLDER: &str = "{{ .SecretAccessKey }}";
 pub struct Template;
 
 impl Format for Template {
-    fn render(&self, t: &SecretTarget, key: &AccessKey, ctx: &RenderContext) -> BTreeMap<String, SecretString> {
+    fn render(
+        &self,
+        t: &SecretTarget,
+        key: &AccessKey,
+        ctx: &RenderContext,
+        _: Option<&Secret>,
+    ) -> BTreeMap<String, SecretString> {
         let secret = key.secret.expose_secret();
         let fill = |tmpl: &str| {
             tmpl.replace("{{ .AccessKeyId }}", &key.id)
@@ -70,6 +76,23 @@ impl Format for Template {
         }
         Ok(())
     }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn claims(&self, _: &SecretTarget, _: &str) -> BTreeMap<String, String> {
+        // Field ownership of the keys is the claim: no two resources may own one.
+        BTreeMap::new()
+    }
+
+    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String> {
+        keys_claimed(t, &self.owned_keys(t), s, own_manager)
+    }
+
+    fn without(&self, _: &SecretTarget, _: &Secret, _: &str) -> BTreeMap<String, SecretString> {
+        BTreeMap::new()
+    }
 }
 
 #[cfg(test)]
@@ -91,7 +114,7 @@ mod tests {
             "config.json",
             r#"{"id":"{{ .AccessKeyId }}","secret":"{{ .SecretAccessKey }}","user":"{{ .UserName }}","region":"{{ .Region }}"}"#,
         )]);
-        let rendered = Template.render(&t, &key(), &ctx);
+        let rendered = Template.render(&t, &key(), &ctx, None);
         assert_eq!(
             rendered["config.json"].expose_secret(),
             r#"{"id":"AKIAEXAMPLE","secret":"s3cr3t/+=","user":"u","region":"eu-west-1"}"#
