@@ -1045,11 +1045,9 @@ async fn cleanup_reports_a_failed_delete_and_goes_on() {
     assert_eq!((fx.read_id("a"), fx.staging().is_none()), (None, true));
 }
 
-/// deletionPolicy Delete on a target Secret a human deleted: `secrets::clear_target` applies an
-/// object without rekey's keys, and a server-side apply of a missing object creates it (its 404
-/// arm is never reached), so deleting the resource leaves an empty Secret nobody asked for.
+/// deletionPolicy Delete on a target Secret a human deleted: a server-side apply of a missing object
+/// would create it, so `secrets::clear_target` looks first and leaves a deleted Secret deleted.
 #[tokio::test]
-#[ignore = "bug: clear_target applies an empty object, and server-side apply creates a missing Secret"]
 async fn cleanup_does_not_recreate_a_target_secret_deleted_by_hand() {
     let mut fx = Fx::new();
     fx.idle().await;

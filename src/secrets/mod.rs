@@ -240,12 +240,13 @@ pub async fn clear_target(api: &Api<Secret>, resource: &str, t: &SecretTarget) -
     // Applying an object without the owned keys, under the same manager, removes exactly them.
     let release = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": t.name}});
     let f = format::of(t.format);
-    if !f.shared() {
-        return ignore_missing(apply(api, &t.name, resource, &release, true, false).await);
-    }
+    // A Secret deleted by hand stays deleted: an apply would create it, empty.
     let Some(s) = api.get_opt(&t.name).await.map_err(|e| summarise("read", &t.name, e))? else {
         return Ok(());
     };
+    if !f.shared() {
+        return ignore_missing(apply(api, &t.name, resource, &release, true, false).await);
+    }
     let kept = f.without(t, &s, resource);
     // Every owned key is written, an emptied one as "": this manager then owns it (whoever wrote it
     // last), and the release below removes it. Omitting the claim annotations drops them.
