@@ -129,6 +129,17 @@ impl<I: Iam> Context<I> {
             .collect()
     }
 
+    /// The names of the resources of namespace `ns` in the watch caches.
+    pub fn names_in(&self, ns: &str) -> std::collections::BTreeSet<String> {
+        let Ok(stores) = self.stores.lock() else { return Default::default() };
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.namespace().as_deref() == Some(ns))
+            .map(|o| o.name_any())
+            .collect()
+    }
+
     /// How many resources this replica watches.
     pub fn managed(&self) -> usize {
         self.stores.lock().map(|s| s.iter().map(|s| s.state().len()).sum::<usize>()).unwrap_or(0)

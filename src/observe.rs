@@ -32,13 +32,21 @@ pub fn requests(obj: &IamKeyRotation) -> Requests {
 }
 
 /// The Secrets and the staging Secret, read fresh from the apiserver.
-pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) -> Result<Observed, Error> {
+/// `live`: the names of the IamKeyRotations of this namespace (a field manager or claim of another
+/// is a conflict only while that resource exists).
+pub async fn basic(
+    client: &kube::Client,
+    obj: &IamKeyRotation,
+    now: Timestamp,
+    live: &BTreeSet<String>,
+) -> Result<Observed, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut states = Vec::new();
     let mut gitops_managed = Vec::new();
     let mut writers = BTreeMap::new();
     let mut immutable = Vec::new();
+    let mut conflicts = Vec::new();
     let own = secrets::field_manager(&obj.name_any());
     for t in &obj.spec.secrets {
         let s = get_secret(&api, &t.name).await?;
@@ -47,9 +55,10 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
         }
         if let Some(s) = &s {
             writers.insert(t.name.clone(), secrets::writers(t, s, &own));
-            if s.immutable == Some(true) {
+            if secrets::immutable(s) {
                 immutable.push(t.name.clone());
             }
+            conflicts.extend(secrets::conflict(t, s, &own, &|r| live.contains(r)));
         }
         states.push((t.name.clone(), secrets::held(t, s.as_ref())));
     }
@@ -70,6 +79,7 @@ pub async fn basic(client: &kube::Client, obj: &IamKeyRotation, now: Timestamp) 
         resources: None,
         gitops_managed,
         immutable,
+        conflicts,
         writers,
     })
 }

@@ -249,6 +249,10 @@ fn next_step(i: &Input) -> Step {
     if let Some(s) = user_changed(i) {
         return s;
     }
+    if !i.observed.conflicts.is_empty() {
+        // Two resources writing the same keys would take them from each other at every look.
+        return stall(StallReason::SecretConflict, i.observed.conflicts.join("; "));
+    }
     if let Some(s) = backing_off(i) {
         return s;
     }

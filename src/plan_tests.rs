@@ -59,6 +59,7 @@ impl Case {
                 resources: None,
                 gitops_managed: Vec::new(),
                 immutable: Vec::new(),
+                conflicts: Vec::new(),
                 writers: BTreeMap::new(),
             },
             identity,
@@ -892,4 +893,12 @@ fn a_claim_of_a_deleted_resource_of_this_cluster_blocks_nobody() {
     c.observed.resources = Some(["payments/billing".to_owned()].into());
     c.gates.watched = vec!["other".into()];
     assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::Conflict));
+}
+
+#[test]
+fn another_resource_owning_the_same_secret_keys_stalls_everything() {
+    let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2);
+    c.observed.conflicts = vec!["Secret a: keys AWS_ACCESS_KEY_ID are written by IamKeyRotation other".into()];
+    let s = c.decide();
+    assert_eq!(stall_reason(&s), Some(StallReason::SecretConflict), "{s:?}");
 }

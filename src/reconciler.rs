@@ -30,7 +30,7 @@ use crate::plan::cleanup::{CleanupInput, cleanup};
 use crate::plan::snapshot::{Observed, SecretState};
 use crate::plan::{self, Decision, Gates, StallReason, Step};
 use crate::status::{self, Verdict};
-use crate::validate::{ValidSpec, validate};
+use crate::validate::{ValidSpec, validate_for};
 
 /// One reconcile of one resource.
 pub struct Reconciler<'a, I: Iam> {
@@ -58,7 +58,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     pub async fn apply(self) -> Result<Action, Error> {
         let requests = crate::observe::requests(&self.obj);
         let mut st = status::prepare(&self.before, self.obj.metadata.generation, &requests, &self.obj.spec.user_name);
-        let valid = match validate(&self.obj.spec) {
+        let valid = match validate_for(&self.obj.spec, &self.identity.name) {
             Ok(v) => v,
             Err(e) => {
                 let stall =
@@ -67,7 +67,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             }
         };
         let iam = self.ctx.iam_for(&self.obj).await;
-        let observed = match crate::observe::basic(&self.ctx.client, &self.obj, self.now).await {
+        let live = self.ctx.names_in(&self.identity.namespace);
+        let observed = match crate::observe::basic(&self.ctx.client, &self.obj, self.now, &live).await {
             Ok(o) => o,
             Err(e) => return self.fail("Observe", e).await,
         };
@@ -235,15 +236,16 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     pub async fn cleanup(self) -> Result<Action, Error> {
         // The keys belong to the user status tracks, even if spec.userName was edited since.
         let user = self.before.user_name.clone().unwrap_or_else(|| self.obj.spec.user_name.clone());
-        let held = crate::observe::basic(&self.ctx.client, &self.obj, self.now).await.ok().map(|o| {
-            o.secrets
-                .into_iter()
-                .filter_map(|(_, s)| match s {
-                    SecretState::Holds(id) => Some(id),
-                    _ => None,
-                })
-                .collect()
-        });
+        let held =
+            crate::observe::basic(&self.ctx.client, &self.obj, self.now, &Default::default()).await.ok().map(|o| {
+                o.secrets
+                    .into_iter()
+                    .filter_map(|(_, s)| match s {
+                        SecretState::Holds(id) => Some(id),
+                        _ => None,
+                    })
+                    .collect()
+            });
         let mut problems = Vec::new();
         let iam = self.ctx.iam_for(&self.obj).await;
         let facts = match &iam {

@@ -4,8 +4,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
 use kube::ResourceExt as _;
+use kube::api::{Api, PostParams};
 
 use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
 use crate::error::Error;

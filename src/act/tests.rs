@@ -84,6 +84,7 @@ impl Fx {
             resources: None,
             gitops_managed: Vec::new(),
             immutable: Vec::new(),
+            conflicts: Vec::new(),
             writers: Default::default(),
         };
         let st = IamKeyRotationStatus::default();
@@ -1122,7 +1123,8 @@ async fn an_abandoned_request_stays_pending_for_another_attempt() {
         fx.st.last_rotate_request = Some("r1".into());
         fx.st.last_emergency_request = Some("e1".into());
         fx.st.failed_attempts = failed_before;
-        let step = Step::Abandon { delete_key: Some(new), reason: DegradeReason::VerificationFailed, message: "m".into() };
+        let step =
+            Step::Abandon { delete_key: Some(new), reason: DegradeReason::VerificationFailed, message: "m".into() };
         fx.run(&step).await.unwrap();
         let request = match trigger {
             Trigger::Emergency => &fx.st.last_emergency_request,

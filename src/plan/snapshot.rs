@@ -89,6 +89,9 @@ pub struct Observed {
     pub resources: Option<BTreeSet<String>>,
     /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
     pub gitops_managed: Vec<(String, &'static str)>,
+    /// Another IamKeyRotation owns keys (or the credentials profile) of a target Secret that this
+    /// one owns too: what it says, per Secret.
+    pub conflicts: Vec<String>,
     /// Target Secrets marked `immutable: true`: no write can ever change them.
     pub immutable: Vec<String>,
     /// Per target Secret, the field managers other than this resource that wrote the keys it owns.

@@ -66,8 +66,8 @@ async fn two_resources_writing_profiles_of_one_secret_both_survive() {
     assert_eq!(text(&s, "OTHER").as_deref(), Some("kept"));
     assert_eq!(annotation(&s, "rekey.dev/profile.a").as_deref(), Some("ra"));
     assert_eq!(annotation(&s, "rekey.dev/profile.b").as_deref(), Some("rb"));
-    assert_eq!(conflict(&a, &s, &field_manager("ra")), None);
-    assert!(conflict(&file_target("aws", "b"), &s, &field_manager("ra")).is_some(), "b is rb's");
+    assert_eq!(conflict(&a, &s, &field_manager("ra"), &|_| true), None);
+    assert!(conflict(&file_target("aws", "b"), &s, &field_manager("ra"), &|_| true).is_some(), "b is rb's");
     // Each write is a read, then an apply conditional on it.
     let last: Vec<_> = fake.requests().iter().rev().take(2).map(|r| (r.verb, r.force)).collect();
     assert_eq!(last, [("patch", true), ("get", false)]);

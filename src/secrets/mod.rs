@@ -97,8 +97,8 @@ pub fn readable(t: &SecretTarget) -> bool {
 /// already writes what it would: one of its keys (env, template: a field manager `rekey/…` other
 /// than `own_manager` owns it), or its profile (credentialsFile: the profile's annotation names
 /// another resource; the `credentials` key itself is legitimately shared).
-pub fn conflict(t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String> {
-    format::of(t.format).conflict(t, s, own_manager)
+pub fn conflict(t: &SecretTarget, s: &Secret, own_manager: &str, live: &dyn Fn(&str) -> bool) -> Option<String> {
+    format::of(t.format).conflict(t, s, own_manager, live)
 }
 
 /// PURE. Whether the Secret is immutable: the apiserver refuses any change to its data, so a
@@ -431,12 +431,12 @@ mod tests {
                 "fieldsV1": {"f:data": {"f:AWS_ACCESS_KEY_ID": {}, "f:credentials": {}}}}],
         }}))
         .unwrap();
-        assert!(conflict(&env, &s, "rekey/r").unwrap().contains("key(s) AWS_ACCESS_KEY_ID"));
+        assert!(conflict(&env, &s, "rekey/r", &|_| true).unwrap().contains("key(s) AWS_ACCESS_KEY_ID"));
         // A credentials file's key is shared; its profile's claim is what conflicts.
         let file = target(SecretFormat::CredentialsFile);
-        assert!(conflict(&file, &s, "rekey/r").unwrap().contains("profile default of key credentials"));
+        assert!(conflict(&file, &s, "rekey/r", &|_| true).unwrap().contains("profile default of key credentials"));
         let other_profile = SecretTarget { profile: Some("billing".into()), ..file };
-        assert_eq!(conflict(&other_profile, &s, "rekey/r"), None);
+        assert_eq!(conflict(&other_profile, &s, "rekey/r", &|_| true), None);
     }
 
     #[test]

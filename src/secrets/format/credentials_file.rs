@@ -184,9 +184,9 @@ impl Format for CredentialsFile {
         BTreeMap::from([(profile_annotation(profile(t)), resource.to_owned())])
     }
 
-    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String> {
+    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str, live: &dyn Fn(&str) -> bool) -> Option<String> {
         // Compared as field managers: a long resource name is hashed in the manager, not here.
-        let other = claimant(t, s).filter(|r| field_manager(r) != own_manager)?;
+        let other = claimant(t, s).filter(|r| field_manager(r) != own_manager && live(r))?;
         Some(format!(
             "Secret {}: profile {} of key {CREDENTIALS_KEY} is written by IamKeyRotation {other} (annotation {}); \
              resources sharing a credentials file must each use their own profile",
@@ -338,15 +338,19 @@ mod tests {
     fn a_conflict_is_the_profiles_annotation_naming_another_resource() {
         let t = profiled("billing");
         let s = claimed("", &[("billing", "other"), ("default", "mine")]);
-        let why = CredentialsFile.conflict(&t, &s, "rekey/mine").unwrap();
+        let why = CredentialsFile.conflict(&t, &s, "rekey/mine", &|_| true).unwrap();
         assert_eq!(
             why,
             "Secret s: profile billing of key credentials is written by IamKeyRotation other (annotation \
              rekey.dev/profile.billing); resources sharing a credentials file must each use their own profile"
         );
-        assert_eq!(CredentialsFile.conflict(&t, &s, "rekey/other"), None, "its own claim");
-        assert_eq!(CredentialsFile.conflict(&profiled("reports"), &s, "rekey/mine"), None, "an unclaimed profile");
-        assert_eq!(CredentialsFile.conflict(&profiled("default"), &s, "rekey/mine"), None);
+        assert_eq!(CredentialsFile.conflict(&t, &s, "rekey/other", &|_| true), None, "its own claim");
+        assert_eq!(
+            CredentialsFile.conflict(&profiled("reports"), &s, "rekey/mine", &|_| true),
+            None,
+            "an unclaimed profile"
+        );
+        assert_eq!(CredentialsFile.conflict(&profiled("default"), &s, "rekey/mine", &|_| true), None);
         assert_eq!(
             CredentialsFile.claims(&t, "mine"),
             BTreeMap::from([("rekey.dev/profile.billing".into(), "mine".into())])

@@ -46,7 +46,9 @@ pub trait Format: Any + Sync {
     /// `resource`: field ownership cannot tell two owners of one key apart.
     fn claims(&self, t: &SecretTarget, resource: &str) -> BTreeMap<String, String>;
     /// Another rekey resource's claim on what this target writes, in the user's terms.
-    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String>;
+    /// `live` says whether a resource of this namespace exists: a field manager or claim left by a
+    /// deleted one is no conflict.
+    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str, live: &dyn Fn(&str) -> bool) -> Option<String>;
     /// The owned keys' content once the part `resource` wrote is taken out (deletionPolicy
     /// Delete): a key left out is removed. Only a shared format keeps anything.
     fn without(&self, t: &SecretTarget, s: &Secret, resource: &str) -> BTreeMap<String, SecretString>;
@@ -69,9 +71,17 @@ fn value(s: &Secret, key: &str) -> Option<String> {
 
 /// The conflict of a format whose keys belong to one resource alone: another rekey resource
 /// (a field manager `rekey/…` other than `own_manager`) owns one of them.
-fn keys_claimed(t: &SecretTarget, keys: &[String], s: &Secret, own_manager: &str) -> Option<String> {
-    let (manager, theirs) =
-        managers::key_owners(keys, s, own_manager).into_iter().find(|(m, _)| m.starts_with(managers::REKEY_PREFIX))?;
+fn keys_claimed(
+    t: &SecretTarget,
+    keys: &[String],
+    s: &Secret,
+    own_manager: &str,
+    live: &dyn Fn(&str) -> bool,
+) -> Option<String> {
+    // A hashed (long) manager name cannot be traced back to its resource: it counts as live.
+    let (manager, theirs) = managers::key_owners(keys, s, own_manager)
+        .into_iter()
+        .find(|(m, _)| m.strip_prefix(managers::REKEY_PREFIX).is_some_and(|r| r.contains('~') || live(r)))?;
     let other = manager.trim_start_matches(managers::REKEY_PREFIX);
     let keys = theirs.into_iter().collect::<Vec<_>>().join(", ");
     Some(format!(
@@ -196,25 +206,27 @@ mod tests {
             owns("rekey/other", &[env::DEFAULT_SECRET_KEY, "UNRELATED"]),
         ]));
         assert_eq!(
-            of(SecretFormat::Env).conflict(&env, &s, "rekey/mine").as_deref(),
+            of(SecretFormat::Env).conflict(&env, &s, "rekey/mine", &|_| true).as_deref(),
             Some(
                 "Secret s: key(s) AWS_SECRET_ACCESS_KEY are also written by IamKeyRotation other (field manager \
                  rekey/other); two resources must not write the same keys: give one of them another Secret or \
                  other key names"
             )
         );
+        // The field manager of a resource that no longer exists (deleted, or renamed in Git) is none.
+        assert_eq!(of(SecretFormat::Env).conflict(&env, &s, "rekey/mine", &|r| r != "other"), None);
         let renamed = SecretTarget { secret_access_key_key: Some("OWN".into()), ..env.clone() };
-        assert_eq!(of(SecretFormat::Env).conflict(&renamed, &s, "rekey/mine"), None, "disjoint keys");
+        assert_eq!(of(SecretFormat::Env).conflict(&renamed, &s, "rekey/mine", &|_| true), None, "disjoint keys");
         // Writers that are not rekey (a person, Helm) are a revert, not a claim: not this check's.
         let human = managed(serde_json::json!([owns("kubectl-edit", &[env::DEFAULT_ID_KEY])]));
-        assert_eq!(of(SecretFormat::Env).conflict(&env, &human, "rekey/mine"), None);
+        assert_eq!(of(SecretFormat::Env).conflict(&env, &human, "rekey/mine", &|_| true), None);
 
         let mut tmpl = target(SecretFormat::Template);
         tmpl.template = Some(BTreeMap::from([("config.json".to_owned(), "{{ .SecretAccessKey }}".to_owned())]));
         let s = managed(serde_json::json!([owns("rekey/other", &["config.json"])]));
-        let why = of(SecretFormat::Template).conflict(&tmpl, &s, "rekey/mine").unwrap();
+        let why = of(SecretFormat::Template).conflict(&tmpl, &s, "rekey/mine", &|_| true).unwrap();
         assert!(why.starts_with("Secret s: key(s) config.json are also written by IamKeyRotation other"), "{why}");
-        assert_eq!(of(SecretFormat::Template).conflict(&tmpl, &s, "rekey/other"), None, "its own keys");
+        assert_eq!(of(SecretFormat::Template).conflict(&tmpl, &s, "rekey/other", &|_| true), None, "its own keys");
     }
 
     #[test]

@@ -86,8 +86,8 @@ impl Format for Template {
         BTreeMap::new()
     }
 
-    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str) -> Option<String> {
-        keys_claimed(t, &self.owned_keys(t), s, own_manager)
+    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str, live: &dyn Fn(&str) -> bool) -> Option<String> {
+        keys_claimed(t, &self.owned_keys(t), s, own_manager, live)
     }
 
     fn without(&self, _: &SecretTarget, _: &Secret, _: &str) -> BTreeMap<String, SecretString> {
