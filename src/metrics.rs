@@ -19,6 +19,14 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{IamKeyRotation, IamKeyRotationStatus};
 use crate::plan::Step;
+
+fn secs(t: Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
+}
+
+fn key_of(obj: &IamKeyRotation) -> (String, String) {
+    (obj.metadata.namespace.clone().unwrap_or_default(), obj.metadata.name.clone().unwrap_or_default())
+}
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -194,9 +202,9 @@ impl Metrics {
         self.reconcile_errors.get_or_create(&CategoryLabels { category: category.to_owned() }).inc();
     }
 
-    /// What one reconcile changed: the phase it left (its duration), the rotation it ended (its
-    /// result), and the resource's own figures.
-    pub fn record(
+    /// What one step changed: the phase it left (its duration) and the rotation it ended (its
+    /// result).
+    pub fn step(
         &self,
         obj: &IamKeyRotation,
         before: &IamKeyRotationStatus,
@@ -204,7 +212,6 @@ impl Metrics {
         step: &Step,
         now: Timestamp,
     ) {
-        let secs = |t: Timestamp| t.as_millisecond() as f64 / 1000.0;
         if before.phase != st.phase
             && let Some(since) = before.rotation.as_ref().map(|r| r.phase_since.0)
         {
@@ -217,18 +224,21 @@ impl Metrics {
             Step::Reactivate { .. } => Some("rolled_back"),
             _ => None,
         };
+        if let Some(i) = result.and_then(|r| RESULTS.iter().position(|x| *x == r)) {
+            self.resources.write().entry(key_of(obj)).or_default().rotations[i] += 1;
+        }
+    }
+
+    /// The resource's own figures, as its status now says.
+    pub fn resource(&self, obj: &IamKeyRotation, st: &IamKeyRotationStatus) {
         let mut all = self.resources.write();
-        let key = (obj.metadata.namespace.clone().unwrap_or_default(), obj.metadata.name.clone().unwrap_or_default());
-        let f = all.entry(key).or_default();
+        let f = all.entry(key_of(obj)).or_default();
         f.user.clone_from(&obj.spec.user_name);
         f.key_created = st.active_key.as_ref().and_then(|k| k.created_at.as_ref()).map(|t| secs(t.0));
         f.next_rotation = st.next_rotation_time.as_ref().map(|t| secs(t.0));
         f.max_key_age = crate::validate::validate(&obj.spec).ok().map(|v| v.max_key_age.as_secs_f64());
         for (slot, name) in f.conditions.iter_mut().zip(CONDITIONS) {
             *slot = st.conditions.iter().find(|c| c.type_ == name).map(|c| c.status == "True");
-        }
-        if let Some(i) = result.and_then(|r| RESULTS.iter().position(|x| *x == r)) {
-            f.rotations[i] += 1;
         }
     }
 

@@ -32,6 +32,51 @@ use crate::plan::{self, Decision, Gates, StallReason, Step};
 use crate::status::{self, Verdict};
 use crate::validate::{ValidSpec, validate_for};
 
+/// At most this many steps in one reconcile (a rotation's steps up to the restart are six).
+const MAX_STEPS: usize = 8;
+
+/// What the steps of one reconcile asked for, gathered until the status is written.
+#[derive(Default)]
+struct Progress {
+    /// Each step's Events, with the step's name.
+    events: Vec<(&'static str, act::Note)>,
+    precondition: bool,
+    requeue: Option<Duration>,
+}
+
+impl Progress {
+    fn add(&mut self, step: &'static str, out: Outcome) {
+        self.events.extend(out.events.into_iter().map(|n| (step, n)));
+        self.precondition |= out.precondition;
+        self.requeue = out.requeue;
+    }
+}
+
+/// Whether the next step follows in the same reconcile: the step asked to go on at once and is not
+/// the end of an attempt (a finished or abandoned rotation, adoption, a report).
+fn goes_on(step: &Step, out: &Outcome) -> bool {
+    out.requeue.is_some_and(|d| d.is_zero()) && !matches!(step, Step::Finish | Step::Abandon { .. } | Step::Adopt { .. })
+}
+
+/// The write-ahead points: committed before the step after them is performed.
+fn write_ahead(step: &Step) -> bool {
+    matches!(step, Step::Begin { .. } | Step::RenewMarker { .. } | Step::DeleteOrphan { .. })
+}
+
+/// Whether the step changed anything in IAM (then the IAM facts are read again).
+fn touches_iam(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::Create
+            | Step::DeleteOrphan { .. }
+            | Step::Abandon { .. }
+            | Step::Deactivate { .. }
+            | Step::Reactivate { .. }
+            | Step::Delete { .. }
+            | Step::Adopt { .. }
+    )
+}
+
 /// One reconcile of one resource.
 pub struct Reconciler<'a, I: Iam> {
     ctx: &'a Context<I>,
@@ -54,44 +99,124 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         Ok(Some(Self { ctx, api, obj, before, identity, now: Timestamp::now() }))
     }
 
-    /// The pipeline for a live resource.
-    pub async fn apply(self) -> Result<Action, Error> {
+    /// The pipeline for a live resource. Steps follow one another in the same reconcile while each
+    /// asks to go on at once (up to MAX_STEPS): their status changes are written once at the end,
+    /// except at a write-ahead point (the marker before CreateAccessKey), which is written before
+    /// the next step. Every step is decided on fresh reads of the Secrets (and of the workloads,
+    /// when the decision needs them); IAM facts are kept only across steps that changed nothing in IAM.
+    pub async fn apply(mut self) -> Result<Action, Error> {
         let requests = crate::observe::requests(&self.obj);
-        let mut st = status::prepare(&self.before, self.obj.metadata.generation, &requests, &self.obj.spec.user_name);
+        let st = status::prepare(&self.before, self.obj.metadata.generation, &requests, &self.obj.spec.user_name);
         let valid = match validate_for(&self.obj.spec, &self.identity.name) {
             Ok(v) => v,
             Err(e) => {
                 let stall =
                     Decision { step: Step::Stall { reason: StallReason::InvalidSpec, message: e.0 }, caveat: None };
-                return self.commit(st, &stall, Outcome::default()).await;
+                return self.commit(st, &stall, Progress::default()).await;
             }
         };
         let iam = self.ctx.iam_for(&self.obj).await;
+        self.run_steps(st, &valid, iam.as_ref()).await
+    }
+
+    async fn run_steps(
+        &mut self,
+        mut st: IamKeyRotationStatus,
+        valid: &ValidSpec,
+        iam: Option<&I>,
+    ) -> Result<Action, Error> {
+        let mut done = Progress::default();
+        let mut last: Option<Decision> = None;
+        let mut kept_iam: Option<Observed> = None;
+        for _ in 0..MAX_STEPS {
+            let (decision, observed) = match self.look(valid, &st, iam, kept_iam.take()).await {
+                Ok(d) => d,
+                Err((what, e)) => return self.stop(st, last, done, what, e).await,
+            };
+            let before_step = st.clone();
+            let out = match self.perform(valid, iam, &observed, &mut st, &decision.step).await {
+                Ok(out) => out,
+                Err(e) => return self.stop(st, last, done, decision.step.name(), e).await,
+            };
+            self.ctx.metrics.step(&self.obj, &before_step, &st, &decision.step, self.now);
+            let again = goes_on(&decision.step, &out);
+            done.add(decision.step.name(), out);
+            if again && write_ahead(&decision.step) {
+                // The marker must be in the apiserver before the call it stands for.
+                let ahead = std::mem::take(&mut done);
+                if let Err(e) = self.commit_progress(&st, &decision, ahead).await {
+                    return self.fail(decision.step.name(), e).await;
+                }
+            }
+            kept_iam = (again && !touches_iam(&decision.step)).then_some(observed);
+            last = Some(decision);
+            if !again {
+                break;
+            }
+        }
+        let Some(decision) = last else { return Err(Error::Internal("no step was decided".into())) };
+        self.commit(st, &decision, done).await
+    }
+
+    /// Reads the Secrets afresh and decides, gathering what the plan asks for.
+    async fn look(
+        &self,
+        valid: &ValidSpec,
+        st: &IamKeyRotationStatus,
+        iam: Option<&I>,
+        kept: Option<Observed>,
+    ) -> Result<(Decision, Observed), (&'static str, Error)> {
         let live = self.ctx.names_in(&self.identity.namespace);
-        let observed = match crate::observe::basic(&self.ctx.client, &self.obj, self.now, &live).await {
-            Ok(o) => o,
-            Err(e) => return self.fail("Observe", e).await,
-        };
-        let (decision, observed) = match self.decide(&valid, &st, iam.as_ref(), observed).await {
-            Ok(d) => d,
-            Err((what, e)) => return self.fail(what, e).await,
-        };
-        let iam = iam.unwrap_or_else(|| self.ctx.iam.clone());
+        let mut observed =
+            crate::observe::basic(&self.ctx.client, &self.obj, self.now, &live).await.map_err(|e| ("Observe", e))?;
+        if let Some(k) = kept {
+            observed.iam = k.iam;
+            observed.other_resource = k.other_resource;
+            observed.resources = k.resources;
+        }
+        self.decide(valid, st, iam, observed).await
+    }
+
+    /// Performs one step (act).
+    async fn perform(
+        &self,
+        valid: &ValidSpec,
+        iam: Option<&I>,
+        observed: &Observed,
+        st: &mut IamKeyRotationStatus,
+        step: &Step,
+    ) -> Result<Outcome, Error> {
+        let iam = iam.cloned().unwrap_or_else(|| self.ctx.iam.clone());
         let region = self.region();
         let env = Env {
             client: &self.ctx.client,
             iam: &iam,
             obj: &self.obj,
-            valid: &valid,
-            observed: &observed,
+            valid,
+            observed,
             identity: &self.identity,
             region: &region,
         };
-        info!(step = decision.step.name(), phase = %st.phase, "performing");
-        match act::perform(&env, &mut st, &decision.step).await {
-            Ok(out) => self.commit(st, &decision, out).await,
-            Err(e) => self.fail(decision.step.name(), e).await,
+        info!(step = step.name(), phase = %st.phase, "performing");
+        act::perform(&env, st, step).await
+    }
+
+    /// A step failed after others succeeded in this reconcile: what they did is written first, so
+    /// the failure record (and the retry) starts from it.
+    async fn stop(
+        &mut self,
+        st: IamKeyRotationStatus,
+        last: Option<Decision>,
+        done: Progress,
+        what: &str,
+        e: Error,
+    ) -> Result<Action, Error> {
+        if let Some(decision) = last
+            && let Err(we) = self.commit_progress(&st, &decision, done).await
+        {
+            warn!(error = %we, "could not record the steps done before a failure");
         }
+        self.fail(what, e).await
     }
 
     fn region(&self) -> String {
@@ -170,29 +295,39 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         crate::workloads::observe(&self.ctx.client, &self.identity.namespace, &w.targets, w.discover, &names, key).await
     }
 
-    /// The one way out: conditions from the verdict, metrics, the status write (when it changed),
-    /// then the step's Events, and when to look again.
-    async fn commit(&self, mut st: IamKeyRotationStatus, decision: &Decision, out: Outcome) -> Result<Action, Error> {
-        let verdict = Verdict::of(decision);
-        st.conditions = status::conditions(&st, &verdict, self.obj.metadata.generation, self.now);
-        self.ctx.metrics.record(&self.obj, &self.before, &st, &decision.step, self.now);
-        self.warn_on_change(&verdict, &decision.step).await;
-        if st != self.before {
-            status::write(&self.api, &self.obj, &st, out.precondition).await?;
-            crate::failpoint!("after-status");
-        }
-        for n in out.events {
-            self.ctx.events.publish(&self.obj, n.warning, &n.reason, n.message, decision.step.name());
-        }
-        Ok(match out.requeue {
+    /// The one way out: conditions from the verdict, the status write (when it changed), then the
+    /// steps' Events, and when to look again.
+    async fn commit(&mut self, st: IamKeyRotationStatus, decision: &Decision, done: Progress) -> Result<Action, Error> {
+        let requeue = done.requeue;
+        self.commit_progress(&st, decision, done).await?;
+        Ok(match requeue {
             Some(d) if d.is_zero() => Action::requeue(Duration::from_millis(100)),
             Some(d) => Action::requeue(d.min(plan::IDLE_RESYNC)),
             None => Action::requeue(plan::IDLE_RESYNC),
         })
     }
 
+    /// Writes the status with the conditions of `decision`, then publishes the Events; afterwards
+    /// this reconcile goes on from what was written.
+    async fn commit_progress(&mut self, st: &IamKeyRotationStatus, decision: &Decision, done: Progress) -> Result<(), Error> {
+        let mut st = st.clone();
+        let verdict = Verdict::of(decision);
+        st.conditions = status::conditions(&st, &verdict, self.obj.metadata.generation, self.now);
+        self.ctx.metrics.resource(&self.obj, &st);
+        self.warn_on_change(&verdict, &decision.step);
+        if st != self.before {
+            self.obj = status::write(&self.api, &self.obj, &st, done.precondition).await?;
+            self.before = st;
+            crate::failpoint!("after-status");
+        }
+        for (action, n) in done.events {
+            self.ctx.events.publish(&self.obj, n.warning, &n.reason, n.message, action);
+        }
+        Ok(())
+    }
+
     /// Warns once when a stall or degradation starts, not on every look.
-    async fn warn_on_change(&self, verdict: &Verdict, step: &Step) {
+    fn warn_on_change(&self, verdict: &Verdict, step: &Step) {
         let was = |t: &str| {
             self.before.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()))
         };
