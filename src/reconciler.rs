@@ -55,7 +55,8 @@ impl Progress {
 /// Whether the next step follows in the same reconcile: the step asked to go on at once and is not
 /// the end of an attempt (a finished or abandoned rotation, adoption, a report).
 fn goes_on(step: &Step, out: &Outcome) -> bool {
-    out.requeue.is_some_and(|d| d.is_zero()) && !matches!(step, Step::Finish | Step::Abandon { .. } | Step::Adopt { .. })
+    out.requeue.is_some_and(|d| d.is_zero())
+        && !matches!(step, Step::Finish | Step::Abandon { .. } | Step::Adopt { .. })
 }
 
 /// The write-ahead points: committed before the step after them is performed.
@@ -112,6 +113,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             Err(e) => {
                 let stall =
                     Decision { step: Step::Stall { reason: StallReason::InvalidSpec, message: e.0 }, caveat: None };
+                let mut st = st;
+                self.conclude(&mut st, &stall);
                 return self.commit(st, &stall, Progress::default()).await;
             }
         };
@@ -139,6 +142,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 Err(e) => return self.stop(st, last, done, decision.step.name(), e).await,
             };
             self.ctx.metrics.step(&self.obj, &before_step, &st, &decision.step, self.now);
+            self.conclude(&mut st, &decision);
             let again = goes_on(&decision.step, &out);
             done.add(decision.step.name(), out);
             if again && write_ahead(&decision.step) {
@@ -307,14 +311,25 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         })
     }
 
-    /// Writes the status with the conditions of `decision`, then publishes the Events; afterwards
-    /// this reconcile goes on from what was written.
-    async fn commit_progress(&mut self, st: &IamKeyRotationStatus, decision: &Decision, done: Progress) -> Result<(), Error> {
-        let mut st = st.clone();
+    /// What a step concluded, into the conditions (each step's in turn: a rollback's Degraded stands
+    /// beside the stall that follows it); a stall or degradation that starts is warned of once.
+    fn conclude(&self, st: &mut IamKeyRotationStatus, decision: &Decision) {
         let verdict = Verdict::of(decision);
-        st.conditions = status::conditions(&st, &verdict, self.obj.metadata.generation, self.now);
+        let was = st.conditions.clone();
+        st.conditions = status::conditions(st, &verdict, self.obj.metadata.generation, self.now);
+        self.warn_on_change(&was, &verdict, &decision.step);
+    }
+
+    /// Writes the status, then publishes the Events; afterwards this reconcile goes on from what
+    /// was written.
+    async fn commit_progress(
+        &mut self,
+        st: &IamKeyRotationStatus,
+        _decision: &Decision,
+        done: Progress,
+    ) -> Result<(), Error> {
+        let st = st.clone();
         self.ctx.metrics.resource(&self.obj, &st);
-        self.warn_on_change(&verdict, &decision.step);
         if st != self.before {
             self.obj = status::write(&self.api, &self.obj, &st, done.precondition).await?;
             self.before = st;
@@ -327,10 +342,13 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     }
 
     /// Warns once when a stall or degradation starts, not on every look.
-    fn warn_on_change(&self, verdict: &Verdict, step: &Step) {
-        let was = |t: &str| {
-            self.before.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()))
-        };
+    fn warn_on_change(
+        &self,
+        before: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        verdict: &Verdict,
+        step: &Step,
+    ) {
+        let was = |t: &str| before.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
         match verdict {
             Verdict::Stalled(r, m) if was("Stalled") != Some(("True".into(), r.to_string())) => {
                 self.ctx.events.publish(&self.obj, true, r.into(), m.clone(), "Stall");
