@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
@@ -94,6 +94,20 @@ pub fn deployment(name: &str, replicas: i32, secret: &str) -> anyhow::Result<Dep
     }))?)
 }
 
+/// A bare `apps/v1` ReplicaSet (no Deployment above it) whose pods read `secret` through envFrom,
+/// as an old manifest or another tool might have left one.
+pub fn bare_replicaset(name: &str, replicas: i32, secret: &str) -> anyhow::Result<ReplicaSet> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [
+                {"name": "app", "image": "app:1", "envFrom": [{"secretRef": {"name": secret}}]}]}},
+        }
+    }))?)
+}
+
 /// An env-format Secret holding `key`, as a team would have created it before rekey.
 pub fn key_secret(name: &str, key: &KeyPair) -> anyhow::Result<Secret> {
     Ok(serde_json::from_value(json!({
@@ -117,6 +131,18 @@ pub async fn deployment_ready(api: &Api<Deployment>, name: &str, timeout: Durati
 /// The status condition `type_` as (status, reason).
 pub fn condition(obj: &IamKeyRotation, type_: &str) -> Option<(String, String)> {
     obj.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// The message of status condition `type_`.
+pub fn message(o: &IamKeyRotation, type_: &str) -> Option<String> {
+    o.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone())
+}
+
+/// The access key id an env-format Secret holds, if it exists and holds one.
+pub async fn held_key(secrets: &Api<Secret>, name: &str) -> anyhow::Result<Option<String>> {
+    let s = secrets.get_opt(name).await?;
+    let id = s.and_then(|s| s.data).and_then(|d| d.get("AWS_ACCESS_KEY_ID").cloned());
+    Ok(id.map(|v| String::from_utf8_lossy(&v.0).into_owned()))
 }
 
 pub fn is_true(o: &IamKeyRotation, type_: &str, reason: &str) -> bool {
