@@ -52,6 +52,8 @@ pub struct Context<I: Iam> {
     /// The home account's IAM client; resources with spec.aws.roleArn get one of their own.
     pub iam: I,
     pub events: crate::events::Events,
+    /// Wakes in-flight rotations when their namespace's pods and workloads change.
+    pub nudger: crate::nudge::Nudger,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub health: Arc<crate::http::Health>,
     /// One client per (role, external id), so assumed credentials are reused until they expire.
@@ -68,6 +70,7 @@ impl<I: Iam> Context<I> {
         let reporter = Reporter { controller: "rekey".into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             events: crate::events::Events::new(client.clone(), reporter),
+            nudger: crate::nudge::Nudger::new(client.clone()),
             client,
             iam,
             config,

@@ -30,22 +30,24 @@ pub const RECONCILE_CONCURRENCY: u16 = 16;
 pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     let client = ctx.client.clone();
     // Cluster-wide, or one controller per watched namespace (namespaced RBAC: a Role in each).
-    let apis: Vec<Api<Cached>> = if ctx.config.namespaces.is_empty() {
-        vec![Api::all(client.clone())]
+    let apis: Vec<(Option<String>, Api<Cached>)> = if ctx.config.namespaces.is_empty() {
+        vec![(None, Api::all(client.clone()))]
     } else {
-        ctx.config.namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
+        ctx.config.namespaces.iter().map(|ns| (Some(ns.clone()), Api::namespaced(client.clone(), ns))).collect()
     };
     let mut stores = Vec::new();
     let runs: Vec<_> = apis
         .into_iter()
-        .map(|api| {
+        .map(|(scope, api)| {
             // No watch on Secrets: rekey may only get the Secrets a spec names (it cannot list them),
             // so their changes are seen on the next reconcile (see plan::IDLE_RESYNC).
             // A bounded number of reconciles at once: 1,000 resources due together must not hold
             // 1,000 working sets in memory; the AWS cap is the throughput limit anyway.
             // The cache holds `Cached` (crate::cache), not whole resources; reconcile reads afresh.
+            // In-flight rotations are also woken by changes of their namespace's pods (crate::nudge).
             let controller = Controller::new(api, watcher::Config::default())
-                .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
+                .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
+                .reconcile_on(ctx.nudger.route(scope));
             stores.push(controller.store());
             ctx.register_store(controller.store());
             controller.shutdown_on_signal().run(reconcile, error_policy, ctx.clone()).for_each(|res| async move {

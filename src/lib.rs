@@ -20,6 +20,7 @@ pub mod http;
 pub mod iam;
 pub mod leader;
 pub mod metrics;
+pub mod nudge;
 pub mod observe;
 pub mod ownership;
 pub mod plan;

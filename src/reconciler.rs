@@ -20,7 +20,7 @@ use kube::runtime::controller::Action;
 use tracing::{info, warn};
 
 use crate::act::{self, Env, Outcome};
-use crate::api::{IamKeyRotation, IamKeyRotationStatus};
+use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
 use crate::cache::Cached;
 use crate::context::Context;
 use crate::error::Error;
@@ -335,6 +335,9 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             self.before = st;
             crate::failpoint!("after-status");
         }
+        let waits_on_pods =
+            matches!(self.before.phase, Phase::RollingOut | Phase::Deactivating | Phase::Soaking | Phase::Deleting);
+        self.ctx.nudger.waiting(&self.identity.namespace, &self.identity.name, waits_on_pods);
         for (action, n) in done.events {
             self.ctx.events.publish(&self.obj, n.warning, &n.reason, n.message, action);
         }
@@ -440,6 +443,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         );
         self.ctx.events.publish(&self.obj, !problems.is_empty(), "Deleted", note, "Cleanup");
         self.ctx.metrics.forget(&self.identity.namespace, &self.identity.name);
+        self.ctx.nudger.waiting(&self.identity.namespace, &self.identity.name, false);
         // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
         Ok(Action::await_change())
     }
