@@ -59,7 +59,12 @@ impl Error {
             Error::Kube(_) => "KubeError",
             Error::SecretWrite(e) if e.code == 403 => "KubeForbidden",
             Error::SecretWrite(_) => "SecretWriteFailed",
-            Error::Iam { code, .. } if code == "AccessDenied" || code == "AccessDeniedException" => "IamAccessDenied",
+            // HTTP403: a refusal whose body carried no readable code (seen with moto) is one all the same.
+            Error::Iam { code, .. }
+                if matches!(code.as_str(), "AccessDenied" | "AccessDeniedException" | "HTTP403") =>
+            {
+                "IamAccessDenied"
+            }
             Error::Iam { code, .. } if code == "Throttling" => "IamThrottled",
             Error::Iam { .. } => "IamError",
             Error::Conflict => "Conflict",

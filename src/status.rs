@@ -93,6 +93,9 @@ impl Verdict {
                 Verdict::Waiting(format!("{}: the next step would be {}", why.describe(), step.name()))
             }
             Step::NeedIam | Step::NeedWorkloads | Step::TrackSoak { .. } => Verdict::Waiting(String::new()),
+            // Bookkeeping before the next attempt of a refused CreateAccessKey: not progress (the
+            // refusal's Degraded stands until a key is created).
+            Step::RenewMarker { .. } => Verdict::Waiting("trying CreateAccessKey again".into()),
             _ => Verdict::Progressed,
         }
     }

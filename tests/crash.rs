@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use rekey::api::Phase;
 use rekey_testenv::env::eventually;
 use serde_json::json;
@@ -144,5 +144,42 @@ async fn sigterm_lets_the_step_in_flight_finish_and_exits_cleanly() -> anyhow::R
     assert!(!log.contains("failpoint hit: exiting"), "{log}");
     let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
     converged(&f, 1).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_resource_whose_create_was_interrupted_deletes_the_orphan_and_keeps_the_rest() -> anyhow::Result<()>
+{
+    let f = Fixture::new("delorphan").await?;
+    let key = f.env.create_key(&f.user).await?;
+    f.secrets.create(&PostParams::default(), &key_secret("creds", &key)?).await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "deletionPolicy": "Retain"})).await?;
+    let op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
+    wait_ikr(&f.ikrs, "app", "adopted", |o| is_true(o, "Ready", "KeyInPlace")).await?;
+    drop(op);
+    let before = f.env.keys(&f.user).await?;
+    let mut op = Operator::start(&f.ns, &[("FAILPOINTS", "after-create=return"), FAST_LEASE]).await?;
+    f.rotate("app", "1").await?;
+    assert_eq!(op.exited(WAIT).await?, Some(137), "the failpoint ended the process");
+    // The new key exists in IAM, nobody has it, and status only has the write-ahead marker.
+    let after_crash = f.env.keys(&f.user).await?;
+    let orphan = after_crash.keys().find(|k| !before.contains_key(*k)).cloned().context("the orphan")?;
+    let o = f.ikrs.get("app").await?;
+    let pending = o.status.as_ref().and_then(|s| s.pending.as_ref()).context("pending marker")?;
+    assert!(pending.in_flight, "the create may have taken effect");
+    f.ikrs.delete("app", &DeleteParams::default()).await?;
+    let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
+    f.gone("app").await?;
+    assert_eq!(f.env.keys(&f.user).await?, before, "the orphan {orphan} was deleted, the key in use retained");
+    let secret = f.secrets.get("creds").await?;
+    let held = secret.data.as_ref().and_then(|d| d.get("AWS_ACCESS_KEY_ID")).map(|v| v.0.clone());
+    assert_eq!(held, Some(key.access_key_id.clone().into_bytes()), "the Secret is retained");
+    assert_eq!(f.claim(&key.access_key_id).await?, None, "Retain released the claim");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns)
+        .list(&Default::default())
+        .await?;
+    let deleted = events.items.iter().filter(|e| e.reason.as_deref() == Some("Deleted")).filter_map(|e| e.note.clone());
+    let notes: Vec<String> = deleted.collect();
+    assert!(notes.iter().any(|n| n.contains(&orphan)), "the deletion reports the orphan: {notes:?}");
     Ok(())
 }

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use rekey::api::{IamKeyRotation, Phase};
+use rekey::api::Phase;
 use rekey_testenv::env::eventually;
 use serde_json::json;
 use support::*;
@@ -15,29 +15,11 @@ fn rotate(v: &str) -> serde_json::Value {
     json!({"metadata": {"annotations": {"rekey.dev/rotate": v}}})
 }
 
-async fn gone(api: &Api<IamKeyRotation>, name: &str) -> anyhow::Result<()> {
-    eventually("resource deleted", WAIT, || async {
-        Ok(if api.get_opt(name).await?.is_none() { Ok(()) } else { Err("still there".into()) })
-    })
-    .await
-}
-
 async fn events_with_reason(f: &Fixture, reason: &str) -> anyhow::Result<usize> {
     let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns)
         .list(&Default::default())
         .await?;
     Ok(list.items.iter().filter(|e| e.reason.as_deref() == Some(reason)).count())
-}
-
-/// A Deployment whose pods never start (they need a Secret that does not exist).
-fn never_healthy(name: &str) -> anyhow::Result<Deployment> {
-    let mut d = deployment(name, 1, "creds")?;
-    if let Some(c) = d.spec.as_mut().and_then(|s| s.template.spec.as_mut()).map(|s| &mut s.containers[0]) {
-        c.env = Some(vec![serde_json::from_value(
-            json!({"name": "X", "valueFrom": {"secretKeyRef": {"name": "missing", "key": "k"}}}),
-        )?]);
-    }
-    Ok(d)
 }
 
 #[tokio::test]
@@ -52,7 +34,7 @@ async fn retain_mid_rotation_keeps_keys_and_secrets_and_drops_only_the_staging_s
     let o = wait_ikr(&f.ikrs, "app", "rolling out", |o| phase(o) == Phase::RollingOut).await?;
     let key = active_key(&o).context("key")?;
     f.ikrs.delete("app", &DeleteParams::default()).await?;
-    gone(&f.ikrs, "app").await?;
+    f.gone("app").await?;
     assert_eq!(f.env.keys(&f.user).await?.get(&key).map(String::as_str), Some("Active"), "key retained");
     let s = f.secrets.get("creds").await?;
     assert!(s.data.as_ref().is_some_and(|d| d.contains_key("AWS_SECRET_ACCESS_KEY")), "Secret retained");
@@ -74,7 +56,7 @@ async fn delete_policy_mid_rotation_deletes_the_keys_rekey_created_and_only_the_
     let _op = f.operator().await?;
     wait_ikr(&f.ikrs, "app", "rolling out", |o| phase(o) == Phase::RollingOut).await?;
     f.ikrs.delete("app", &DeleteParams::default()).await?;
-    gone(&f.ikrs, "app").await?;
+    f.gone("app").await?;
     assert!(f.env.keys(&f.user).await?.is_empty(), "the created key was deleted");
     let s = f.secrets.get("creds").await?;
     let keys: Vec<String> = s.data.unwrap_or_default().into_keys().collect();

@@ -47,6 +47,39 @@ impl Fixture {
     pub async fn operator(&self) -> anyhow::Result<Operator> {
         Operator::start(&self.ns, &[]).await
     }
+
+    /// Requests a rotation of `name` (annotation rekey.dev/rotate set to `value`).
+    pub async fn rotate(&self, name: &str, value: &str) -> anyhow::Result<()> {
+        let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": value}}});
+        self.ikrs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        Ok(())
+    }
+
+    /// Waits until the resource is gone (its finalizer done).
+    pub async fn gone(&self, name: &str) -> anyhow::Result<()> {
+        eventually(&format!("{name} deleted"), WAIT, || async {
+            Ok(if self.ikrs.get_opt(name).await?.is_none() { Ok(()) } else { Err("still there".into()) })
+        })
+        .await
+    }
+
+    /// The owner a key's claim tag on the user names (`rekey:<owner>`), if any.
+    pub async fn claim(&self, key_id: &str) -> anyhow::Result<Option<String>> {
+        let out = self.env.iam.list_user_tags().user_name(&self.user).send().await?;
+        Ok(out.tags().iter().find(|t| t.key() == key_id).map(|t| t.value().to_owned()))
+    }
+
+    /// Tags the user with a claim on `key_id`, as rekey tags the keys it created or adopted.
+    pub async fn set_claim(&self, key_id: &str, owner: &str) -> anyhow::Result<()> {
+        let tag = aws_sdk_iam::types::Tag::builder().key(key_id).value(format!("rekey:{owner}")).build()?;
+        self.env.iam.tag_user().user_name(&self.user).tags(tag).send().await?;
+        Ok(())
+    }
+
+    /// The owner string of resource `name` in this namespace (`<cluster>/<namespace>/<name>`).
+    pub fn owner(&self, name: &str) -> String {
+        format!("{CLUSTER}/{}/{name}", self.ns)
+    }
 }
 
 /// Installs the committed CRD (server-side apply) and waits until it is established.
@@ -108,6 +141,17 @@ pub fn bare_replicaset(name: &str, replicas: i32, secret: &str) -> anyhow::Resul
     }))?)
 }
 
+/// A Deployment whose pods never start (they also need a Secret that does not exist, `missing`).
+pub fn never_healthy(name: &str) -> anyhow::Result<Deployment> {
+    let mut d = deployment(name, 1, "creds")?;
+    if let Some(c) = d.spec.as_mut().and_then(|s| s.template.spec.as_mut()).map(|s| &mut s.containers[0]) {
+        c.env = Some(vec![serde_json::from_value(
+            json!({"name": "X", "valueFrom": {"secretKeyRef": {"name": "missing", "key": "k"}}}),
+        )?]);
+    }
+    Ok(d)
+}
+
 /// An env-format Secret holding `key`, as a team would have created it before rekey.
 pub fn key_secret(name: &str, key: &KeyPair) -> anyhow::Result<Secret> {
     Ok(serde_json::from_value(json!({
@@ -151,6 +195,11 @@ pub fn is_true(o: &IamKeyRotation, type_: &str, reason: &str) -> bool {
 
 pub fn phase(o: &IamKeyRotation) -> rekey::api::Phase {
     o.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+/// The message of status condition `type_`.
+pub fn message(o: &IamKeyRotation, type_: &str) -> Option<String> {
+    o.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone())
 }
 
 pub fn active_key(o: &IamKeyRotation) -> Option<String> {

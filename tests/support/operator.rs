@@ -21,6 +21,11 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(ns: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_watching(ns, &[ns], extra_env).await
+    }
+
+    /// An operator that watches `watched` (its Lease and log are `ns`'s).
+    pub async fn start_watching(ns: &str, watched: &[&str], extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{ns}.log"));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let log_start = file.metadata()?.len() as usize;
@@ -28,7 +33,7 @@ impl Operator {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey"));
         cmd.env("REKEY_METRICS_ADDRESS", format!("127.0.0.1:{port}"));
-        cmd.args(["run", "--cluster-name", CLUSTER, "--namespace", ns])
+        cmd.args(["run", "--cluster-name", CLUSTER, "--namespace", &watched.join(",")])
             .env("RUST_LOG", std::env::var("REKEY_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info".into()))
             // One Lease per test namespace: operators of different tests never wait for each other.
             .env("REKEY_LEASE_NAMESPACE", ns)
