@@ -197,11 +197,6 @@ pub fn phase(o: &IamKeyRotation) -> rekey::api::Phase {
     o.status.as_ref().map(|s| s.phase).unwrap_or_default()
 }
 
-/// The message of status condition `type_`.
-pub fn message(o: &IamKeyRotation, type_: &str) -> Option<String> {
-    o.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone())
-}
-
 pub fn active_key(o: &IamKeyRotation) -> Option<String> {
     o.status.as_ref()?.active_key.as_ref().map(|k| k.access_key_id.clone())
 }
