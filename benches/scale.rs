@@ -5,10 +5,14 @@
 //! kube-apiserver's audit log, where the operator is told apart by its own ServiceAccount (the
 //! shipped cluster-wide RBAC) and the plain script by kubectl's user agent.
 //! Sizes: REKEY_BENCH_RESOURCES (1000), REKEY_BENCH_LARGE (10000), REKEY_BENCH_UNRELATED (10000),
-//! REKEY_BENCH_IDLE_SECS (600), REKEY_BENCH_LATENCY_N (100), REKEY_BENCH_CALLS_PER_SECOND (100).
+//! REKEY_BENCH_IDLE_SECS (600), REKEY_BENCH_LATENCY_N (100), REKEY_BENCH_CALLS_PER_SECOND (100),
+//! REKEY_BENCH_ROUNDS (3: rounds of the exposure-window comparison).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "scale/retirement.rs"]
+mod retirement;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -230,6 +234,21 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
     Ok(())
 }
 
+/// The old key's exposure window, rekey beside the plain script (benches/scale/retirement.rs).
+async fn exposure(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow::Result<()> {
+    let n = size("REKEY_BENCH_ROUNDS", 3) as usize;
+    let mut rekey = Vec::new();
+    let mut script = Vec::new();
+    for round in 0..n {
+        rekey.push(retirement::rekey_round(env, kubeconfig, round).await?);
+        script.push(retirement::script_round(env).await?);
+    }
+    for (what, figure, target) in retirement::rows(&rekey, &script) {
+        t.row(what, figure, target);
+    }
+    Ok(())
+}
+
 /// create → Ready for a bootstrap with no workloads, one resource at a time.
 async fn latency(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow::Result<()> {
     let n = size("REKEY_BENCH_LATENCY_N", 100);
@@ -415,6 +434,9 @@ async fn main() -> anyhow::Result<()> {
     let mut t = Table(Vec::new());
     if wants("rotation") {
         one_rotation(&env, &kubeconfig, &mut t).await?;
+    }
+    if wants("retirement") {
+        exposure(&env, &kubeconfig, &mut t).await?;
     }
     if wants("latency") {
         latency(&env, &kubeconfig, &mut t).await?;

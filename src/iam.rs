@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use aws_config::retry::RetryConfig;
 use aws_credential_types::Credentials;
@@ -15,6 +17,7 @@ use aws_sdk_iam::types::StatusType;
 use k8s_openapi::jiff::Timestamp;
 use secrecy::{ExposeSecret as _, SecretString};
 
+use crate::budget::{Budget, Budgets};
 use crate::error::Error;
 use crate::plan::snapshot::IamKey;
 use crate::secrets::AccessKey;
@@ -48,9 +51,11 @@ pub trait Iam: Send + Sync + Clone {
     fn verify(&self, key: &AccessKey, region: &str) -> impl Future<Output = Result<Verification, Error>> + Send;
     /// The ARN the operator itself runs as.
     fn whoami(&self) -> impl Future<Output = Result<String, Error>> + Send;
+    /// The same operations, served before routine ones (an emergency rotation: a leaked key).
+    fn urgent(&self) -> Self {
+        self.clone()
+    }
 }
-
-type Limiter = governor::DefaultDirectRateLimiter;
 
 /// The AWS SDK implementation (aws-config's default chain; honours AWS_ENDPOINT_URL).
 #[derive(Clone)]
@@ -58,39 +63,54 @@ pub struct AwsIam {
     sdk: aws_config::SdkConfig,
     iam: aws_sdk_iam::Client,
     iam_once: aws_sdk_iam::Client,
-    /// One budget of calls per second for the whole operator, protecting the account's API quota.
-    limiter: std::sync::Arc<Limiter>,
-    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Calls per second, per AWS account, protecting each account's API quota (crate::budget).
+    budgets: Arc<Budgets>,
+    /// This client's account's IAM budget, and its STS one (verification: another service's quota).
+    account: Arc<Budget>,
+    sts: Arc<Budget>,
+    /// Served before routine calls.
+    urgent: bool,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl AwsIam {
-    pub fn new(sdk: aws_config::SdkConfig, calls_per_second: std::num::NonZeroU32) -> Self {
+    /// `per_account` calls per second to each AWS account, at most `ceiling` to all together.
+    pub fn new(sdk: aws_config::SdkConfig, per_account: NonZeroU32, ceiling: Option<NonZeroU32>) -> Self {
         let once = aws_sdk_iam::config::Builder::from(&sdk).retry_config(RetryConfig::disabled()).build();
-        // No burst: the cap holds in every one-second window, not just on average (a full bucket
-        // plus a second's refill let 169 calls through in one second at a cap of 100).
-        let quota = governor::Quota::per_second(calls_per_second).allow_burst(std::num::NonZeroU32::MIN);
-        let limiter = std::sync::Arc::new(Limiter::direct(quota));
+        let budgets = Arc::new(Budgets::new(per_account, ceiling));
         Self {
             iam: aws_sdk_iam::Client::new(&sdk),
             iam_once: aws_sdk_iam::Client::from_conf(once),
             sdk,
-            limiter,
+            account: budgets.account(""),
+            sts: budgets.account("sts:"),
+            budgets,
+            urgent: false,
             metrics: None,
         }
     }
 
     /// Standard retry (exponential backoff with jitter) for throttling and 5xx, 5 attempts.
-    pub async fn from_env(calls_per_second: std::num::NonZeroU32) -> Self {
+    pub async fn from_env(per_account: NonZeroU32, ceiling: Option<NonZeroU32>) -> Self {
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(5))
             .load()
             .await;
-        Self::new(sdk, calls_per_second)
+        Self::new(sdk, per_account, ceiling)
     }
 
-    /// One AWS call: waits for the rate limiter, then counts the outcome.
+    /// One IAM call: waits for the account's budget, then counts the outcome.
     async fn call<T>(&self, operation: &'static str, fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-        self.limiter.until_ready().await;
+        self.call_within(&self.account, operation, fut).await
+    }
+
+    async fn call_within<T>(
+        &self,
+        budget: &Budget,
+        operation: &'static str,
+        fut: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        self.budgets.acquire(budget, self.urgent).await;
         let result = fut.await;
         if let Some(m) = &self.metrics {
             let outcome = match &result {
@@ -104,7 +124,7 @@ impl AwsIam {
     }
 
     /// Counts every call in these metrics.
-    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -157,13 +177,21 @@ impl Iam for AwsIam {
             .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(provider))
             .build();
         let once = aws_sdk_iam::config::Builder::from(&sdk).retry_config(RetryConfig::disabled()).build();
+        let account = crate::budget::account_of(role_arn);
         Self {
             iam: aws_sdk_iam::Client::new(&sdk),
             iam_once: aws_sdk_iam::Client::from_conf(once),
             sdk,
-            limiter: self.limiter.clone(),
+            account: self.budgets.account(account),
+            sts: self.budgets.account(&format!("sts:{account}")),
+            budgets: self.budgets.clone(),
+            urgent: self.urgent,
             metrics: self.metrics.clone(),
         }
+    }
+
+    fn urgent(&self) -> Self {
+        Self { urgent: true, ..self.clone() }
     }
 
     async fn user_tags(&self, user: &str) -> Result<Option<BTreeMap<String, String>>, Error> {
@@ -293,7 +321,7 @@ impl Iam for AwsIam {
     }
 
     async fn verify(&self, key: &AccessKey, region: &str) -> Result<Verification, Error> {
-        self.call("GetCallerIdentity", async {
+        self.call_within(&self.sts, "GetCallerIdentity", async {
             let creds =
                 Credentials::new(key.id.clone(), key.secret.expose_secret().to_owned(), None, None, "rekey-new-key");
             let conf = aws_sdk_sts::config::Builder::from(&self.sdk)

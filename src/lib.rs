@@ -7,6 +7,7 @@
 
 pub mod act;
 pub mod api;
+pub mod budget;
 pub mod cache;
 pub mod cli;
 pub mod context;

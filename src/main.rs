@@ -37,9 +37,13 @@ struct RunArgs {
     region: String,
     #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Cap on AWS API calls per second, for the whole operator.
+    /// Cap on IAM API calls per second, per AWS account (IAM throttles per account: the home
+    /// account and each spec.aws.roleArn's account have a budget of their own).
     #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND", default_value = "10")]
     aws_calls_per_second: std::num::NonZeroU32,
+    /// Optional cap on AWS API calls per second over all accounts together.
+    #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND_TOTAL")]
+    aws_calls_per_second_total: Option<std::num::NonZeroU32>,
     /// At most this many rotations in flight at once.
     #[arg(long, env = "REKEY_MAX_CONCURRENT_ROTATIONS", default_value_t = 10)]
     max_concurrent_rotations: usize,
@@ -177,7 +181,9 @@ async fn operate(args: RunArgs) -> ExitCode {
         }
     };
     let metrics = Arc::new(rekey::metrics::Metrics::default());
-    let iam = rekey::iam::AwsIam::from_env(args.aws_calls_per_second).await.with_metrics(metrics.clone());
+    let iam = rekey::iam::AwsIam::from_env(args.aws_calls_per_second, args.aws_calls_per_second_total)
+        .await
+        .with_metrics(metrics.clone());
     let config = rekey::context::Config {
         cluster: args.cluster_name.clone(),
         region: args.region.clone(),

@@ -118,7 +118,10 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 return self.commit(st, &stall, Progress::default()).await;
             }
         };
-        let iam = self.ctx.iam_for(&self.obj).await;
+        // A leaked key's rotation goes before routine IAM calls, its reads included.
+        let emergency =
+            st.emergency() || (requests.emergency.is_some() && requests.emergency != st.last_emergency_request);
+        let iam = self.ctx.iam_for(&self.obj).await.map(|i| if emergency { i.urgent() } else { i });
         self.run_steps(st, &valid, iam.as_ref()).await
     }
 
