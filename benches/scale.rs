@@ -347,6 +347,8 @@ async fn scale(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow::Resul
         format!("≤ 180 s, rate ≤ {cap}/s"),
     );
 
+    emergencies(env, &ikrs, n, &cap, t).await?;
+
     // Up to `large` resources (the extra ones suspended: their first look costs two IAM reads, then
     // nothing), their Secrets, and Secrets rekey has nothing to do with.
     let extra = large.saturating_sub(n);
@@ -359,6 +361,59 @@ async fn scale(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow::Resul
         format!("operator RSS, {large} resources ({extra} suspended) + {unrelated} unrelated Secrets"),
         format!("{:.1} MiB", rss_mib(&op)?),
         "≤ 64 MiB",
+    );
+    Ok(())
+}
+
+/// Every key leaked at once: `n` emergency rotations requested together; when is every old key off?
+async fn emergencies(
+    env: &TestEnv,
+    ikrs: &Api<IamKeyRotation>,
+    n: usize,
+    cap: &str,
+    t: &mut Table,
+) -> anyhow::Result<()> {
+    env.proxy_control("reset", json!({})).await?;
+    let t0 = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let ikrs = ikrs.clone();
+            async move {
+                let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate-emergency": "1"}}});
+                ikrs.patch(&format!("app{i}"), &PatchParams::default(), &Patch::Merge(&patch)).await
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    // The leaked key is off once it is Inactive (the rotation may still be finishing) or deleted.
+    all(ikrs, "every leaked key off", n, |o| {
+        o.status.as_ref().is_some_and(|s| {
+            s.rotations >= 2 || s.retiring_key.as_ref().is_some_and(|r| r.state == rekey::api::KeyState::Inactive)
+        })
+    })
+    .await?;
+    let off = t0.elapsed();
+    let (calls, peak) = aws_calls(env).await?;
+    let abandoned = ikrs
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .filter(|o| {
+            o.status
+                .as_ref()
+                .is_some_and(|s| s.history.iter().any(|h| h.outcome == rekey::api::HistoryOutcome::Abandoned))
+        })
+        .count();
+    t.row(
+        format!("{n} emergency rotations requested at once (cap {cap} IAM calls/s): every leaked key off"),
+        format!(
+            "{:.0} s; {} AWS calls, highest rate {peak}/s; {abandoned} resources with an abandoned attempt",
+            off.as_secs_f64(),
+            total(&calls)
+        ),
+        "≤ 60 s",
     );
     Ok(())
 }
