@@ -360,6 +360,15 @@ fn refill(i: &Input) -> Option<Step> {
     if lacking.is_empty() {
         return None;
     }
+    if st.rotation.as_ref().is_some_and(|r| r.reverts > 0) {
+        // This rotation saw a Secret reverted: pods may have started on the reverted key since (a
+        // person emptying the Secret is how a revert is fixed). Written back with a restart.
+        let message = format!(
+            "Secret {} was refilled with the active key {active} after a revert in this rotation: the workloads are restarted, as pods may have started on the reverted key",
+            lacking.join(", ")
+        );
+        return Some(revert(i, active, lacking, message));
+    }
     match readable_holder(i, active) {
         Some(from) => Some(Step::Fill { from, to: lacking }),
         None if o.staging_key.as_ref() == Some(active) => {
@@ -390,7 +399,10 @@ fn reverted(i: &Input) -> Option<Step> {
     }
     let what = bad.iter().map(|n| written_by(o, n)).collect::<Vec<_>>().join(", ");
     if st.rotation.as_ref().map_or(0, |r| r.reverts) == 0 {
-        return Some(revert(i, active, bad, &what));
+        let message = format!(
+            "Secret {what} no longer held the active key {active}: rekey wrote it back and restarts the workloads; the old key is not retired until the Secrets keep the new one (make the writer leave the key alone: docs/gitops.md)"
+        );
+        return Some(revert(i, active, bad, message));
     }
     if let Some(r) = st.retiring_key.as_ref().filter(|r| r.state == KeyState::Inactive) {
         // Pods started from the reverted content hold the old key: it must work again.
@@ -412,7 +424,7 @@ fn written_by(o: &Observed, secret: &str) -> String {
     }
 }
 
-fn revert(i: &Input, active: &str, secrets: Vec<String>, what: &str) -> Step {
+fn revert(i: &Input, active: &str, secrets: Vec<String>, message: String) -> Step {
     let o = i.observed;
     let Some(w) = &o.workloads else { return Step::NeedWorkloads };
     let from = match o.staging_key.as_deref() == Some(active) {
@@ -423,7 +435,8 @@ fn revert(i: &Input, active: &str, secrets: Vec<String>, what: &str) -> Step {
                 return stall(
                     StallReason::SecretConflict,
                     format!(
-                        "Secret {what} no longer holds the active key {active}, and no readable copy of it is left to write back"
+                        "Secret {} does not hold the active key {active}, and no readable copy of it is left to write back",
+                        secrets.join(", ")
                     ),
                 );
             }
@@ -434,9 +447,7 @@ fn revert(i: &Input, active: &str, secrets: Vec<String>, what: &str) -> Step {
         from,
         secrets,
         workloads: w.items.iter().filter(|w| w.refused.is_none()).map(|w| w.id.clone()).collect(),
-        message: format!(
-            "Secret {what} no longer held the active key {active}: rekey wrote it back and restarts the workloads; the old key is not retired until the Secrets keep the new one (make the writer leave the key alone: docs/gitops.md)"
-        ),
+        message,
     }
 }
 

@@ -902,3 +902,20 @@ fn another_resource_owning_the_same_secret_keys_stalls_everything() {
     let s = c.decide();
     assert_eq!(stall_reason(&s), Some(StallReason::SecretConflict), "{s:?}");
 }
+
+#[test]
+fn a_secret_refilled_after_a_revert_restarts_the_workloads_too() {
+    // The fix for a second revert is emptying the Secret: pods started on the reverted key meanwhile
+    // must be restarted before the old key goes.
+    let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2);
+    c.observed.secrets[1].1 = SecretState::Empty;
+    c.observed.staging_key = Some(NEW.into());
+    assert!(matches!(c.decide(), Step::Fill { .. }), "without a revert, a plain refill");
+    c.status.rotation.as_mut().unwrap().reverts = 2;
+    match c.decide() {
+        Step::Revert { secrets, workloads, .. } => {
+            assert_eq!((secrets, workloads), (vec!["b".to_owned()], vec![wl("Deployment/web")]));
+        }
+        other => panic!("{other:?}"),
+    }
+}
