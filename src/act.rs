@@ -267,9 +267,11 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
             start::abandon(env, st, delete_key.as_deref(), reason.into(), message).await
         }
         Step::Distribute { key_id, secrets } => start::distribute(env, key_id, secrets).await,
-        Step::Revert { key_id, from, secrets, workloads, message } => {
-            retire::revert(env, st, key_id, from.as_deref(), secrets, workloads, message).await
+        Step::MarkRevert { message } => Ok(retire::mark_revert(env.now(), st, message)),
+        Step::Revert { key_id, from, secrets, workloads, .. } => {
+            retire::revert(env, st, key_id, from.as_deref(), secrets, workloads).await
         }
+        Step::Escalate => Ok(retire::escalate(env, st)),
         Step::Advance { to } => Ok(retire::advance(env, st, *to)),
         Step::Stamp { key_id, workloads } => retire::stamp(env, key_id, workloads).await,
         Step::Deactivate { key_id } => retire::deactivate(env, st, key_id).await,

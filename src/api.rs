@@ -365,6 +365,17 @@ pub struct RotationProgress {
     /// (rekey writes the active key back once; a second time it stops and asks a human).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reverts: u32,
+    /// A revert is being undone (write-ahead: set before the active key is written back and the
+    /// workloads restarted, cleared once both are done).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reverting: bool,
+    /// The value of the workloads' `rekey.dev/restarted-at` after the last revert: a pod without it
+    /// may have started on the reverted key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
+    /// When every target Secret last received the active key: a pod created later reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_over_at: Option<Time>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -382,6 +393,9 @@ impl RotationProgress {
             below_since: BTreeMap::new(),
             verify_attempts: 0,
             reverts: 0,
+            reverting: false,
+            restart: None,
+            handed_over_at: None,
         }
     }
 }

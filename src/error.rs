@@ -83,7 +83,18 @@ impl Error {
                 !(code.starts_with("HTTP5")
                     || matches!(
                         code.as_str(),
-                        "Timeout" | "NotSent" | "Unknown" | "ServiceFailure" | "ServiceUnavailable" | "InternalFailure"
+                        "Timeout"
+                            | "NotSent"
+                            | "Unknown"
+                            | "ServiceFailure"
+                            | "ServiceFailureException"
+                            | "ServiceUnavailable"
+                            | "ServiceUnavailableException"
+                            | "InternalFailure"
+                            | "InternalError"
+                            | "InternalServerError"
+                            | "RequestTimeout"
+                            | "RequestTimeoutException"
                     ))
             }
             _ => false,

@@ -115,6 +115,11 @@ pub enum Step {
     /// active key back (from the staging Secret, or from the readable target `from`), restart every
     /// workload (pods may have started from the reverted content), and roll out again.
     Revert { key_id: String, from: Option<String>, secrets: Vec<String>, workloads: Vec<WorkloadRef>, message: String },
+    /// A revert was found: the write-ahead record (reverts, the restart token, phase RollingOut)
+    /// committed before the active key is written back and the workloads restarted (`Revert`).
+    MarkRevert { message: String },
+    /// An emergency was requested mid-rotation: the rotation becomes one (status only).
+    Escalate,
     /// Restart these workloads onto the key.
     Stamp { key_id: String, workloads: Vec<WorkloadRef> },
     /// UpdateAccessKey Inactive on the retiring key.
@@ -151,6 +156,8 @@ impl Step {
                 | Step::TrackSoak { .. }
                 | Step::RecordNewKey { .. }
                 | Step::RenewMarker { .. }
+                | Step::MarkRevert { .. }
+                | Step::Escalate
                 | Step::Withhold { .. }
         )
     }
@@ -256,6 +263,9 @@ fn next_step(i: &Input) -> Step {
     if let Some(s) = backing_off(i) {
         return s;
     }
+    if st.phase != Phase::Idle && !st.emergency() && emergency_requested(i) {
+        return Step::Escalate;
+    }
     match st.phase {
         Phase::Idle => idle(i),
         Phase::Creating => creating(i),
@@ -360,14 +370,19 @@ fn refill(i: &Input) -> Option<Step> {
     if lacking.is_empty() {
         return None;
     }
+    if st.rotation.as_ref().is_some_and(|r| r.reverting) {
+        // A revert is being carried out: it writes these back too (`reverted`).
+        return None;
+    }
     if st.rotation.as_ref().is_some_and(|r| r.reverts > 0) {
         // This rotation saw a Secret reverted: pods may have started on the reverted key since (a
         // person emptying the Secret is how a revert is fixed). Written back with a restart.
-        let message = format!(
-            "Secret {} was refilled with the active key {active} after a revert in this rotation: the workloads are restarted, as pods may have started on the reverted key",
-            lacking.join(", ")
-        );
-        return Some(revert(i, active, lacking, message));
+        return Some(Step::MarkRevert {
+            message: format!(
+                "Secret {} is refilled with the active key {active} after a revert in this rotation: the workloads are restarted, as pods may have started on the reverted key",
+                lacking.join(", ")
+            ),
+        });
     }
     match readable_holder(i, active) {
         Some(from) => Some(Step::Fill { from, to: lacking }),
@@ -387,22 +402,34 @@ fn reverted(i: &Input) -> Option<Step> {
     let bad: Vec<String> = o
         .secrets
         .iter()
-        .filter(|(_, s)| match s {
-            SecretState::Holds(id) => id != active,
+        .filter(|(name, s)| match s {
+            // A template cannot be read back: another writer of its keys since rekey's last write
+            // (managedFields) is the revert.
+            SecretState::Holds(id) => {
+                id != active || (!readable(i, name) && o.writers.get(name).is_some_and(|w| !w.is_empty()))
+            }
             SecretState::Unreadable(_) => true,
             SecretState::Missing | SecretState::Empty => false,
         })
         .map(|(n, _)| n.clone())
         .collect();
+    let rotation = st.rotation.as_ref();
+    if rotation.is_some_and(|r| r.reverting) {
+        // Marked before: finish writing back and restarting (again, after a crash or a failure).
+        let mut secrets = bad;
+        secrets.extend(lacking(o));
+        return Some(revert(i, active, secrets, "the revert marked before is carried out".into()));
+    }
     if bad.is_empty() {
         return None;
     }
     let what = bad.iter().map(|n| written_by(o, n)).collect::<Vec<_>>().join(", ");
-    if st.rotation.as_ref().map_or(0, |r| r.reverts) == 0 {
-        let message = format!(
-            "Secret {what} no longer held the active key {active}: rekey wrote it back and restarts the workloads; the old key is not retired until the Secrets keep the new one (make the writer leave the key alone: docs/gitops.md)"
-        );
-        return Some(revert(i, active, bad, message));
+    if rotation.map_or(0, |r| r.reverts) == 0 {
+        return Some(Step::MarkRevert {
+            message: format!(
+                "Secret {what} no longer held the active key {active}: rekey writes it back and restarts the workloads; the old key is not retired until the Secrets keep the new one (make the writer leave the key alone: docs/gitops.md)"
+            ),
+        });
     }
     if let Some(r) = st.retiring_key.as_ref().filter(|r| r.state == KeyState::Inactive) {
         // Pods started from the reverted content hold the old key: it must work again.
@@ -412,9 +439,13 @@ fn reverted(i: &Input) -> Option<Step> {
     Some(stall(
         StallReason::SecretConflict,
         format!(
-            "Secret {what} was reverted again after rekey wrote the active key {active} back: the old key stays Active and rekey writes nothing until the writer stops (docs/gitops.md); then clear the Secret's key fields (rekey refills them) or set annotation rekey.dev/retire to a new value"
+            "Secret {what} was reverted again after rekey wrote the active key {active} back: the old key stays Active and rekey writes nothing until the writer stops (docs/gitops.md); then clear the Secret's key fields, and rekey refills them and restarts the workloads"
         ),
     ))
+}
+
+fn readable(i: &Input, name: &str) -> bool {
+    i.spec.secrets.iter().any(|t| t.name == name && crate::secrets::readable(t))
 }
 
 fn written_by(o: &Observed, secret: &str) -> String {
@@ -453,11 +484,10 @@ fn revert(i: &Input, active: &str, secrets: Vec<String>, message: String) -> Ste
 
 /// A target Secret that holds `key` in a format it can be copied back out of.
 fn readable_holder(i: &Input, key: &str) -> Option<String> {
-    let readable = |name: &str| i.spec.secrets.iter().any(|t| t.name == name && crate::secrets::readable(t));
     i.observed
         .secrets
         .iter()
-        .find(|(n, s)| matches!(s, SecretState::Holds(id) if id == key) && readable(n))
+        .find(|(n, s)| matches!(s, SecretState::Holds(id) if id == key) && readable(i, n))
         .map(|(n, _)| n.clone())
 }
 
@@ -514,7 +544,7 @@ fn immutable(o: &Observed) -> Option<Step> {
         stall(
             StallReason::SecretImmutable,
             format!(
-                "Secret {} is immutable (immutable: true), so rekey can never write a new key into it: delete and re-create it without immutable, or remove it from spec.secrets",
+                "Secret {} is immutable (immutable: true), so rekey can never write a new key into it: delete it and re-create it without immutable (its consumers keep the key they started with)",
                 o.immutable.join(", ")
             ),
         )
@@ -677,7 +707,7 @@ fn begin(i: &Input, trigger: Trigger) -> Step {
             requeue: backoff(st.failed_attempts + 1),
         };
     }
-    if !i.gates.slot_free {
+    if !i.gates.slot_free && trigger != Trigger::Emergency {
         return wait(
             Some(Duration::from_secs(15)),
             format!("waiting for a rotation slot (at most {} rotations at once)", i.gates.max_rotations),
@@ -729,6 +759,11 @@ fn creating(i: &Input) -> Step {
             if let Some(s) = iam_gate(i, iam) {
                 return s;
             }
+            // The last attempt failed without an answer and made no key: the next one gets a
+            // marker of its own, so the orphan window stays short.
+            if st.last_failure_time.as_ref().is_some_and(|f| f.0 > pending.started_at.0) {
+                return Step::RenewMarker { known_key_ids: iam.keys.iter().map(|k| k.id.clone()).collect() };
+            }
             Step::Create
         }
         [k] => match not_an_orphan(k, pending, &held_ids_lenient(o), &iam.tags, &i.identity.owner()) {
@@ -761,13 +796,18 @@ pub fn not_an_orphan(
     tags: &BTreeMap<String, String>,
     owner: &str,
 ) -> Option<&'static str> {
-    let floor = pending.started_at.0.checked_sub(SignedDuration::try_from(ORPHAN_CLOCK_SLACK).unwrap_or_default());
+    let slack = SignedDuration::try_from(ORPHAN_CLOCK_SLACK).unwrap_or_default();
+    let floor = pending.started_at.0.checked_sub(slack);
+    // The call follows its marker within seconds (the AWS call budget may queue it for a while).
+    let ceiling = pending.started_at.0.checked_add(slack.saturating_mul(2));
     if held.contains(&k.id) {
         Some("a target Secret holds it")
     } else if claims(tags).get(&k.id).is_some_and(|c| !is_own_claim(c, owner)) {
         Some("another owner claims it")
     } else if floor.is_ok_and(|f| k.created < f) {
         Some("it is older than the rotation")
+    } else if ceiling.is_ok_and(|c| k.created > c) {
+        Some("it was created long after rekey's attempt")
     } else {
         None
     }
@@ -898,6 +938,11 @@ fn rolling_out(i: &Input) -> Step {
     wait(Some(POLL), format!("waiting for the rollout of {}", waiting.join("; ")))
 }
 
+/// A new rekey.dev/rotate-emergency value: the key is leaked.
+fn emergency_requested(i: &Input) -> bool {
+    i.observed.requests.emergency.as_ref().is_some_and(|v| i.status.last_emergency_request.as_ref() != Some(v))
+}
+
 fn retire_requested(i: &Input) -> bool {
     i.observed.requests.retire.as_ref().is_some_and(|v| i.status.last_retire_request.as_ref() != Some(v))
 }
@@ -908,12 +953,21 @@ fn deactivating(i: &Input) -> Step {
     if r.state == KeyState::Inactive {
         return Step::Advance { to: Phase::Soaking };
     }
+    if emergency(i) {
+        // A leaked key goes as soon as the Secrets hold the new one, whoever else still uses it.
+        return Step::Deactivate { key_id: r.access_key_id.clone() };
+    }
     let since = phase_since(i);
     let ready_at = add(since, i.valid.deactivate_after);
     if o.now < ready_at {
         return wait(Some(until(o.now, ready_at)), format!("deactivateAfter: waiting until {ready_at}"));
     }
     let Some(w) = &o.workloads else { return Step::NeedWorkloads };
+    // Looked at again on the fresh census: a workload may have restarted since RollingOut.
+    let waiting = incomplete(w);
+    if !waiting.is_empty() {
+        return wait(Some(POLL), format!("waiting for the rollout of {}", waiting.join("; ")));
+    }
     if let Some(s) = census(i, w, &r.access_key_id, "deactivated") {
         return s;
     }

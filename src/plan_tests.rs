@@ -114,6 +114,9 @@ impl Case {
             below_since: BTreeMap::new(),
             verify_attempts: 0,
             reverts: 0,
+            reverting: false,
+            restart: None,
+            handed_over_at: None,
         });
         self
     }
@@ -790,24 +793,44 @@ fn a_secret_reverted_after_the_handover_is_written_back_and_the_workloads_restar
         let c = reverted_by_helm(
             rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2).with_phase(phase),
         );
-        let d = c.decision();
-        match &d.step {
-            Step::Revert { key_id, from, secrets, workloads, message } => {
-                assert_eq!((key_id.as_str(), from, secrets.as_slice()), (NEW, &None, &["b".to_owned()][..]), "{phase}");
-                assert_eq!(workloads, &vec![wl("Deployment/web")]);
-                assert!(message.contains("b (written by helm)"), "{message}");
+        // First the write-ahead record of the revert...
+        match c.decide() {
+            Step::MarkRevert { message } => assert!(message.contains("b (written by helm)"), "{message}"),
+            other => panic!("{phase}: {other:?}"),
+        }
+        // ...then, with it committed, the write back and the restart.
+        let mut c = c;
+        c.status.rotation.as_mut().unwrap().reverts = 1;
+        c.status.rotation.as_mut().unwrap().reverting = true;
+        match c.decide() {
+            Step::Revert { key_id, from, secrets, workloads, .. } => {
+                assert_eq!((key_id.as_str(), from, secrets.as_slice()), (NEW, None, &["b".to_owned()][..]), "{phase}");
+                assert_eq!(workloads, vec![wl("Deployment/web")]);
             }
             other => panic!("{phase}: {other:?}"),
         }
     }
     // Without the staging Secret, the copy comes from a target that still holds the active key.
     let mut c = reverted_by_helm(rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2));
+    c.status.rotation.as_mut().unwrap().reverting = true;
     c.observed.staging_key = None;
     assert!(matches!(c.decide(), Step::Revert { from: Some(ref a), .. } if a == "a"));
     // The workloads to restart are known first.
-    let mut c = reverted_by_helm(rolling(now(), Trigger::Scheduled));
     c.observed.workloads = None;
     assert_eq!(c.decide(), Step::NeedWorkloads);
+}
+
+#[test]
+fn a_template_target_written_by_another_manager_is_a_revert() {
+    // A template's content cannot be read back: the annotation rekey wrote still names the new key.
+    let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2);
+    c.spec.secrets[1] = serde_json::from_value(serde_json::json!({
+        "name": "b", "format": "template", "template": {"k": "{{ .SecretAccessKey }}"},
+    }))
+    .unwrap();
+    assert!(!matches!(c.decide(), Step::MarkRevert { .. }), "rekey alone wrote it");
+    c.observed.writers.insert("b".into(), vec!["helm".into()]);
+    assert!(matches!(c.decide(), Step::MarkRevert { .. }));
 }
 
 #[test]
@@ -912,10 +935,55 @@ fn a_secret_refilled_after_a_revert_restarts_the_workloads_too() {
     c.observed.staging_key = Some(NEW.into());
     assert!(matches!(c.decide(), Step::Fill { .. }), "without a revert, a plain refill");
     c.status.rotation.as_mut().unwrap().reverts = 2;
+    assert!(matches!(c.decide(), Step::MarkRevert { .. }));
+    c.status.rotation.as_mut().unwrap().reverting = true;
     match c.decide() {
         Step::Revert { secrets, workloads, .. } => {
             assert_eq!((secrets, workloads), (vec!["b".to_owned()], vec![wl("Deployment/web")]));
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_emergency_requested_mid_rotation_escalates_it_and_skips_the_waits() {
+    let mut c = deactivating(now() - secs(10));
+    c.observed.workloads.as_mut().unwrap().uncovered = vec!["Pod/adhoc (no controller)".into()];
+    c.observed.requests.emergency = Some("leak".into());
+    assert_eq!(c.decide(), Step::Escalate);
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    c.status.last_emergency_request = Some("leak".into());
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() }, "a leaked key does not wait for consumers");
+}
+
+#[test]
+fn an_emergency_does_not_wait_for_a_rotation_slot() {
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now()).key(OLD, true, now());
+    c.gates.slot_free = false;
+    c.observed.requests.emergency = Some("leak".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Emergency });
+}
+
+#[test]
+fn deactivation_waits_for_a_workload_that_restarted_since_the_rollout() {
+    let c = rolling(now(), Trigger::Scheduled)
+        .workload("Deployment/web", Some(NEW), false, 1)
+        .with_phase(Phase::Deactivating);
+    assert!(matches!(c.decide(), Step::Wait { ref why, .. } if why.contains("rollout of Deployment/web")));
+}
+
+#[test]
+fn an_orphan_is_only_a_key_created_close_to_its_attempt() {
+    // Created an hour after the marker: a person's, not the attempt's.
+    let c = creating(&[OLD]).key(OLD, true, now() - secs(86_400)).key(FOREIGN, true, now() + secs(3_600));
+    assert_eq!(stall_reason(&c.decide()), Some(StallReason::UnknownKey));
+}
+
+#[test]
+fn after_an_unanswered_failure_the_next_attempt_gets_a_marker_of_its_own() {
+    let mut c = creating(&[OLD]).key(OLD, true, now() - secs(86_400));
+    c.status.failed_attempts = 1;
+    c.status.last_failure_time = Some(Time(now() - secs(20)));
+    c.status.pending.as_mut().unwrap().started_at = Time(now() - secs(30));
+    assert_eq!(c.decide(), Step::RenewMarker { known_key_ids: vec![OLD.into()] });
 }

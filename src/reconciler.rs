@@ -61,7 +61,7 @@ fn goes_on(step: &Step, out: &Outcome) -> bool {
 
 /// The write-ahead points: committed before the step after them is performed.
 fn write_ahead(step: &Step) -> bool {
-    matches!(step, Step::Begin { .. } | Step::RenewMarker { .. } | Step::DeleteOrphan { .. })
+    matches!(step, Step::Begin { .. } | Step::RenewMarker { .. } | Step::DeleteOrphan { .. } | Step::MarkRevert { .. })
 }
 
 /// Whether the step changed anything in IAM (then the IAM facts are read again).
@@ -296,10 +296,16 @@ impl<'a, I: Iam> Reconciler<'a, I> {
 
     /// TOUCHES THE CLUSTER (reads).
     async fn gather_workloads(&self, st: &IamKeyRotationStatus) -> Result<plan::WorkloadsState, Error> {
-        let key = st.active_key.as_ref().map(|k| k.access_key_id.as_str());
+        let rotation = st.rotation.as_ref();
+        let key = crate::workloads::KeyFacts {
+            id: st.active_key.as_ref().map(|k| k.access_key_id.as_str()),
+            restart: rotation.and_then(|r| r.restart.as_deref()),
+            handed_over: rotation.and_then(|r| r.handed_over_at.as_ref()).map(|t| t.0),
+        };
         let w = &self.obj.spec.workloads;
         let names = crate::observe::secret_names(&self.obj);
-        crate::workloads::observe(&self.ctx.client, &self.identity.namespace, &w.targets, w.discover, &names, key).await
+        crate::workloads::observe(&self.ctx.client, &self.identity.namespace, &w.targets, w.discover, &names, &key)
+            .await
     }
 
     /// The one way out: conditions from the verdict, the status write (when it changed), then the
@@ -338,8 +344,9 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             self.before = st;
             crate::failpoint!("after-status");
         }
-        let waits_on_pods =
-            matches!(self.before.phase, Phase::RollingOut | Phase::Deactivating | Phase::Soaking | Phase::Deleting);
+        // The soak is timed (deleteAfter) and polled each second while a workload is below its
+        // baseline: no watch through its hour.
+        let waits_on_pods = matches!(self.before.phase, Phase::RollingOut | Phase::Deactivating | Phase::Deleting);
         self.ctx.nudger.waiting(&self.identity.namespace, &self.identity.name, waits_on_pods);
         for (action, n) in done.events {
             self.ctx.events.publish(&self.obj, n.warning, &n.reason, n.message, action);

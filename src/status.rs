@@ -86,7 +86,9 @@ impl Verdict {
                 DegradeReason::RolledBack,
                 format!("key {key_id} was reactivated: {} broke after it was deactivated", broken.join(", ")),
             ),
-            Step::Revert { message, .. } => Verdict::Degraded(DegradeReason::SecretReverted, message.clone()),
+            Step::MarkRevert { message } => Verdict::Degraded(DegradeReason::SecretReverted, message.clone()),
+            // Carrying out the revert marked before: its Degraded stands.
+            Step::Revert { .. } => Verdict::Waiting(String::new()),
             Step::Retry { why, .. } => Verdict::Retrying(why.clone()),
             Step::Wait { why, .. } => Verdict::Waiting(why.clone()),
             Step::Withhold { why, step } => {

@@ -153,8 +153,9 @@ pub async fn observe(
     targets: &[WorkloadRef],
     discover: bool,
     secrets: &BTreeSet<String>,
-    key_id: Option<&str>,
+    key: &KeyFacts<'_>,
 ) -> Result<WorkloadsState, Error> {
+    let key_id = key.id;
     let lp = ListParams::default();
     let mut seen: Vec<Seen> = Vec::new();
     seen.extend(Api::<Deployment>::namespaced(client.clone(), ns).list(&lp).await?.items.into_iter().map(deployment));
@@ -170,11 +171,11 @@ pub async fn observe(
         let unstamped = pods
             .iter()
             .filter(|p| census.owner_of(p) == Some(&r))
-            .filter(|p| key_id.is_none_or(|k| stamp_of_pod(p) != Some(k)))
+            .filter(|p| key_id.is_none_or(|k| stamp_of_pod(p) != Some(k)) || restarted_before(p, key.restart))
             .count();
         items.push(state(r, s, if key_id.is_some() { unstamped } else { 0 }));
     }
-    let outsiders = census.outsiders(&pods, secrets, key_id);
+    let outsiders = census.outsiders(&pods, secrets, key_id, key.handed_over);
     Ok(WorkloadsState { items, uncovered: outsiders.uncovered, jobs: outsiders.jobs })
 }
 
@@ -221,6 +222,23 @@ fn state(id: WorkloadRef, s: Seen, unstamped: usize) -> WorkloadState {
         progressing: s.progressing || unstamped > 0,
         progress,
     }
+}
+
+/// What the rotation knows of the active key, for telling old pods from new ones.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyFacts<'a> {
+    /// The active key (pods stamped with another started before the restart onto it).
+    pub id: Option<&'a str>,
+    /// The restart token of the last revert: a pod without it may have started on the reverted key.
+    pub restart: Option<&'a str>,
+    /// When every target Secret last received the active key: a pod created later read it.
+    pub handed_over: Option<k8s_openapi::jiff::Timestamp>,
+}
+
+/// Whether a pod started before the restart that followed a revert (it may hold the reverted key).
+fn restarted_before(p: &Pod, token: Option<&str>) -> bool {
+    let restart = p.metadata.annotations.as_ref().and_then(|a| a.get(RESTART_ANNOTATION)).map(String::as_str);
+    token.is_some_and(|t| restart != Some(t))
 }
 
 fn stamp_of_pod(p: &Pod) -> Option<&str> {

@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::{
     DRY_RUN_RECHECK, Env, Note, Outcome, active_id, enter, history, next_rotation, park, require_active, reset_to_idle,
 };
-use crate::api::{HistoryOutcome, IamKeyRotationStatus, KeyState, Phase, RetiringKey, WorkloadRef};
+use crate::api::{HistoryOutcome, IamKeyRotationStatus, KeyState, Phase, RetiringKey, Trigger, WorkloadRef};
 use crate::error::Error;
 use crate::iam::Iam;
 use crate::plan::{self, Step, Withheld};
@@ -48,6 +48,9 @@ pub fn advance<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, to: Phas
         }
         st.active_key = Some(new);
         next_rotation(st, env.valid);
+        if let Some(r) = st.rotation.as_mut() {
+            r.handed_over_at = Some(Time(env.now()));
+        }
     }
     if to == Phase::Deactivating {
         st.last_retire_request.clone_from(&env.observed.requests.retire);
@@ -69,8 +72,20 @@ pub async fn stamp<I: Iam>(env: &Env<'_, I>, key_id: &str, ids: &[WorkloadRef]) 
     ))
 }
 
+/// The write-ahead record of a revert: counted, a restart token chosen, back to RollingOut; the
+/// active key is written back and the workloads restarted only once this is committed.
+pub fn mark_revert(env_now: Timestamp, st: &mut IamKeyRotationStatus, message: &str) -> Outcome {
+    if let Some(r) = st.rotation.as_mut() {
+        r.reverts += 1;
+        r.reverting = true;
+        r.restart = Some(env_now.to_string());
+    }
+    enter(st, Phase::RollingOut, env_now);
+    Outcome::next().committed().event(true, "SecretReverted", message.to_owned())
+}
+
 /// Writes the active key back into target Secrets another writer changed, restarts the workloads
-/// (pods may have started from the reverted content) and rolls out again.
+/// with the recorded token (pods may have started from the reverted content), and rolls out again.
 pub async fn revert<I: Iam>(
     env: &Env<'_, I>,
     st: &mut IamKeyRotationStatus,
@@ -78,22 +93,36 @@ pub async fn revert<I: Iam>(
     from: Option<&str>,
     names: &[String],
     ids: &[WorkloadRef],
-    message: &str,
 ) -> Result<Outcome, Error> {
     let key = match from {
         None => env.staged_key(key_id).await?,
         Some(src) => env.target_key(src, key_id).await?,
     };
     env.write_targets(names, &key, false).await?;
-    let at = env.now().to_string();
+    let token = st.rotation.as_ref().and_then(|r| r.restart.clone()).unwrap_or_else(|| env.now().to_string());
     for id in ids {
-        workloads::restart(env.client, &env.identity.namespace, id, key_id, &at, &env.manager()).await?;
+        workloads::restart(env.client, &env.identity.namespace, id, key_id, &token, &env.manager()).await?;
     }
     if let Some(r) = st.rotation.as_mut() {
-        r.reverts += 1;
+        r.reverting = false;
+        r.restart = Some(token);
+        r.handed_over_at = Some(Time(env.now()));
     }
-    enter(st, Phase::RollingOut, env.now());
-    Ok(Outcome::requeue(plan::POLL).committed().event(true, "SecretReverted", message.to_owned()))
+    Ok(Outcome::requeue(plan::POLL).committed())
+}
+
+/// An emergency requested mid-rotation: from now on the old key goes as soon as it may.
+pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outcome {
+    if let Some(r) = st.rotation.as_mut() {
+        r.trigger = Trigger::Emergency;
+    }
+    st.last_emergency_request.clone_from(&env.observed.requests.emergency);
+    Outcome::next().committed().event(
+        true,
+        "Emergency",
+        "EMERGENCY rotation requested mid-rotation: the old key is retired as soon as the Secrets hold the new one"
+            .into(),
+    )
 }
 
 /// UpdateAccessKey Inactive on the retiring key, after the fresh-list checks.
@@ -107,7 +136,8 @@ pub async fn deactivate<I: Iam>(
     // Never leave the user without an Active key, and never deactivate the key in the Secrets.
     require_active(&keys, active_id(st), "deactivate", key_id)?;
     env.require_targets_hold(active_id(st)).await?;
-    if keys.iter().any(|k| k.id == key_id && k.active) {
+    let switched_now = keys.iter().any(|k| k.id == key_id && k.active);
+    if switched_now {
         crate::failpoint!("before-deactivate");
         env.iam.set_key_active(env.user(), key_id, false).await?;
     }
@@ -120,8 +150,12 @@ pub async fn deactivate<I: Iam>(
         let baseline: BTreeMap<String, i32> =
             env.observed.workloads.iter().flat_map(|w| w.items.iter()).map(|w| (w.id.to_string(), w.ready)).collect();
         if let Some(r) = st.rotation.as_mut() {
-            r.baseline = baseline;
-            r.below_since.clear();
+            // Replayed after a lost status write (the key was Inactive already): the baseline taken
+            // then stands; one taken now could count pods that broke since.
+            if switched_now || r.baseline.is_empty() {
+                r.baseline = baseline;
+                r.below_since.clear();
+            }
         }
         enter(st, Phase::Soaking, now);
     }

@@ -226,9 +226,11 @@ pub async fn abandon<I: Iam>(
     let old = active_id(st).map(str::to_owned);
     history(st, old, delete_key.map(str::to_owned), HistoryOutcome::Abandoned, now);
     // A person asked for this rotation (a leaked key, perhaps): a failed attempt does not use the
-    // request up. It is tried again after the backoff, until MAX_REQUEST_RETRIES attempts failed.
+    // request up. It is tried again after the backoff, until MAX_REQUEST_RETRIES attempts in a row
+    // were abandoned (counted in the history, apart from other failures).
     st.failed_attempts += 1;
-    if st.failed_attempts < MAX_REQUEST_RETRIES {
+    let abandoned = st.history.iter().rev().take_while(|h| h.outcome == HistoryOutcome::Abandoned).count();
+    if abandoned < MAX_REQUEST_RETRIES as usize {
         match st.rotation.as_ref().map(|r| r.trigger) {
             Some(Trigger::Requested) => st.last_rotate_request = None,
             Some(Trigger::Emergency) => st.last_emergency_request = None,

@@ -1114,7 +1114,7 @@ async fn the_old_key_is_not_retired_when_a_target_was_reverted_since_the_decisio
 /// after the backoff, until it failed MAX_REQUEST_RETRIES times.
 #[tokio::test]
 async fn an_abandoned_request_stays_pending_for_another_attempt() {
-    for (trigger, failed_before, pending) in
+    for (trigger, abandoned_before, pending) in
         [(Trigger::Emergency, 0, true), (Trigger::Requested, 0, true), (Trigger::Requested, 4, false)]
     {
         let mut fx = Fx::new();
@@ -1122,7 +1122,17 @@ async fn an_abandoned_request_stays_pending_for_another_attempt() {
         fx.st.rotation.as_mut().unwrap().trigger = trigger;
         fx.st.last_rotate_request = Some("r1".into());
         fx.st.last_emergency_request = Some("e1".into());
-        fx.st.failed_attempts = failed_before;
+        // Other failures do not count against the request: only abandoned attempts in a row.
+        fx.st.failed_attempts = 7;
+        for _ in 0..abandoned_before {
+            fx.st.history.push(crate::api::HistoryEntry {
+                old_key_id: None,
+                new_key_id: None,
+                started_at: Time(fx.now()),
+                ended_at: Time(fx.now()),
+                outcome: crate::api::HistoryOutcome::Abandoned,
+            });
+        }
         let step =
             Step::Abandon { delete_key: Some(new), reason: DegradeReason::VerificationFailed, message: "m".into() };
         fx.run(&step).await.unwrap();
@@ -1130,6 +1140,6 @@ async fn an_abandoned_request_stays_pending_for_another_attempt() {
             Trigger::Emergency => &fx.st.last_emergency_request,
             _ => &fx.st.last_rotate_request,
         };
-        assert_eq!(request.is_none(), pending, "{trigger} after {failed_before} failures");
+        assert_eq!(request.is_none(), pending, "{trigger} after {abandoned_before} abandoned attempts");
     }
 }

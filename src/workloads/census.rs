@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{ACCESS_KEY_ANNOTATION, WorkloadKind, WorkloadRef};
 
@@ -60,10 +61,21 @@ impl Census {
     }
 
     /// The pods that read a target Secret, hold a key other than `key_id`, and are not controlled
-    /// by a workload of this rotation. Terminating pods count: they run until they are gone.
-    pub fn outsiders(&self, pods: &[Pod], secrets: &BTreeSet<String>, key_id: Option<&str>) -> Outsiders {
+    /// by a workload of this rotation. Terminating pods count: they run until they are gone. A pod
+    /// created after `handed_over` (every target Secret held the active key from then on) read it.
+    pub fn outsiders(
+        &self,
+        pods: &[Pod],
+        secrets: &BTreeSet<String>,
+        key_id: Option<&str>,
+        handed_over: Option<Timestamp>,
+    ) -> Outsiders {
         let mut out = Outsiders::default();
         for p in pods {
+            let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            if handed_over.is_some_and(|h| created.is_some_and(|c| c > h)) {
+                continue;
+            }
             let finished = matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
             let reads = p.spec.as_ref().is_some_and(|s| pod_references(s, secrets));
             let stamp = p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str);
@@ -146,7 +158,7 @@ mod tests {
             pod("job", Some(("batch/v1", "Job", "j-1")), env_from()),
             pod("unrelated", None, json!({"containers": [{"name": "a"}]})),
         ];
-        let out = c.outsiders(&pods, &secrets(), Some("AKIANEW"));
+        let out = c.outsiders(&pods, &secrets(), Some("AKIANEW"), None);
         let names: Vec<&str> = out.uncovered.iter().map(|s| s.split(' ').next().unwrap()).collect();
         assert_eq!(names, ["Pod/bare-rs", "Pod/other-deploy", "Pod/wrong-kind", "Pod/rollout", "Pod/bare"]);
         assert_eq!(out.jobs, ["Pod/job"]);
@@ -164,7 +176,7 @@ mod tests {
         ];
         for spec in ways {
             let p = pod("p", None, spec.clone());
-            assert_eq!(census().outsiders(&[p], &secrets(), Some("AKIANEW")).uncovered.len(), 1, "{spec}");
+            assert_eq!(census().outsiders(&[p], &secrets(), Some("AKIANEW"), None).uncovered.len(), 1, "{spec}");
         }
     }
 
@@ -174,6 +186,19 @@ mod tests {
         done.status = Some(serde_json::from_value(json!({"phase": "Succeeded"})).unwrap());
         let mut stamped = pod("stamped", None, env_from());
         stamped.metadata.annotations = Some([(ACCESS_KEY_ANNOTATION.to_owned(), "AKIANEW".to_owned())].into());
-        assert_eq!(census().outsiders(&[done, stamped], &secrets(), Some("AKIANEW")), Outsiders::default());
+        assert_eq!(census().outsiders(&[done, stamped], &secrets(), Some("AKIANEW"), None), Outsiders::default());
+    }
+
+    #[test]
+    fn a_pod_created_after_the_handover_read_the_new_key() {
+        let mut late = pod("late", Some(("argoproj.io/v1alpha1", "Rollout", "r-1")), env_from());
+        late.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-06-01T12:00:10Z".parse().unwrap()));
+        let handed_over: Timestamp = "2026-06-01T12:00:00Z".parse().unwrap();
+        assert!(
+            census().outsiders(&[late.clone()], &secrets(), Some("AKIANEW"), Some(handed_over)).uncovered.is_empty()
+        );
+        let before: Timestamp = "2026-06-01T12:00:20Z".parse().unwrap();
+        assert_eq!(census().outsiders(&[late], &secrets(), Some("AKIANEW"), Some(before)).uncovered.len(), 1);
     }
 }
