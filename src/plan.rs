@@ -966,6 +966,18 @@ fn deactivating(i: &Input) -> Step {
     // Looked at again on the fresh census: a workload may have restarted since RollingOut.
     let waiting = incomplete(w);
     if !waiting.is_empty() {
+        if o.now >= add(since, i.valid.rollout_timeout) {
+            return Step::Degrade {
+                reason: DegradeReason::RolloutStalled,
+                message: format!(
+                    "{} not rolled out onto key {} after {}; both keys stay Active and rekey keeps waiting",
+                    waiting.join("; "),
+                    st.active_key.as_ref().map_or("?", |k| k.access_key_id.as_str()),
+                    i.spec.workloads.rollout_timeout
+                ),
+                requeue: POLL,
+            };
+        }
         return wait(Some(POLL), format!("waiting for the rollout of {}", waiting.join("; ")));
     }
     if let Some(s) = census(i, w, &r.access_key_id, "deactivated") {

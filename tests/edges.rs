@@ -117,11 +117,17 @@ async fn a_human_deactivating_the_new_key_never_leaves_the_user_without_an_activ
     let o = wait_ikr(&f.ikrs, "app", "deactivating", |o| phase(o) == Phase::Deactivating).await?;
     let new = active_key(&o).context("new key")?;
     f.env.set_key_status(&f.user, &new, false).await?;
-    eventually("the unsafe deactivation refused", WAIT, || async {
-        let n = events_with_reason(&f, "SafetyCheckFailed").await?;
-        Ok(if n > 0 { Ok(()) } else { Err("no refusal yet".into()) })
+    // The pods on the new key break: rekey either waits for them (the fresh census before
+    // deactivating finds the rollout incomplete) or, if it tries, its fresh IAM list refuses.
+    eventually("the unsafe deactivation held back", WAIT, || async {
+        let refused = events_with_reason(&f, "SafetyCheckFailed").await? > 0;
+        let o = f.ikrs.get("app").await?;
+        let waiting = message(&o, "Rotating").is_some_and(|m| m.contains("waiting for the rollout"));
+        Ok(if refused || waiting { Ok(()) } else { Err("neither waiting nor refused yet".into()) })
     })
     .await?;
+    let o = f.ikrs.get("app").await?;
+    assert_eq!(phase(&o), Phase::Deactivating, "the old key is not retired");
     let keys = f.env.keys(&f.user).await?;
     assert_eq!(keys.get(&key.access_key_id).map(String::as_str), Some("Active"), "{keys:?}");
     Ok(())
