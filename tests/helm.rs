@@ -96,6 +96,27 @@ impl Helm {
     }
 }
 
+/// Uninstalls a release when a test fails before its own `helm uninstall` (the control plane is
+/// shared: a failed run leaves no Deployment or cluster-wide object behind).
+struct ReleaseGuard<'a> {
+    helm: &'a Helm,
+    release: String,
+    armed: bool,
+}
+
+impl Drop for ReleaseGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::process::Command::new(&self.helm.bin)
+                .args(["uninstall", &self.release, "--namespace", &self.release])
+                .env("HELM_CACHE_HOME", self.helm.home.join("cache"))
+                .env("HELM_CONFIG_HOME", self.helm.home.join("config"))
+                .env("HELM_DATA_HOME", self.helm.home.join("data"))
+                .output();
+        }
+    }
+}
+
 /// `values` (JSON is YAML) in a file of its own, for `--values`.
 fn values_file(values: &Value) -> anyhow::Result<String> {
     let path =
@@ -552,6 +573,7 @@ async fn install_rotate_upgrade_uninstall(helm: &Helm) -> anyhow::Result<()> {
     let rel_ns = rekey_testenv::env::unique(&format!("helm{major}-rel"));
     let release = rel_ns.as_str();
     let full = format!("{release}-rekey");
+    let mut guard = ReleaseGuard { helm, release: release.to_owned(), armed: true };
     let t0 = std::time::Instant::now();
     helm.sh(&format!(
         "install {release} CHART --namespace {release} --create-namespace --set clusterName={CLUSTER} \
@@ -634,6 +656,7 @@ async fn install_rotate_upgrade_uninstall(helm: &Helm) -> anyhow::Result<()> {
     // in IAM and in the Secret stay.
     drop(op);
     helm.ok(&["uninstall", release, "--namespace", release, "--wait", "--timeout", "3m"]).await?;
+    guard.armed = false;
     eventually("the release's objects deleted", WAIT, || async {
         let left = [
             deployments.get_opt(&full).await?.is_some(),
