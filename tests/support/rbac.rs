@@ -111,19 +111,26 @@ pub async fn operator_identity_in(
 /// A copy of $KUBECONFIG that authenticates with the token of ServiceAccount `name` in
 /// [`OPERATOR_NS`].
 async fn service_account_kubeconfig(env: &TestEnv, name: &str) -> anyhow::Result<PathBuf> {
+    service_account_kubeconfig_in(env, OPERATOR_NS, name).await
+}
+
+/// A copy of $KUBECONFIG that authenticates with the token of ServiceAccount `ns`/`name` (the Helm
+/// chart's, installed in a release namespace of the test's choosing).
+pub async fn service_account_kubeconfig_in(env: &TestEnv, ns: &str, name: &str) -> anyhow::Result<PathBuf> {
     // Kubernetes 1.20 mints a token Secret for every ServiceAccount.
-    let sas: Api<ServiceAccount> = Api::namespaced(env.kube.clone(), OPERATOR_NS);
+    let sas: Api<ServiceAccount> = Api::namespaced(env.kube.clone(), ns);
     let secret_name = eventually("ServiceAccount token", WAIT, || async {
         let sa = sas.get(name).await?;
         Ok(sa.secrets.and_then(|s| s.into_iter().next()).and_then(|r| r.name).ok_or_else(|| "no token yet".to_owned()))
     })
     .await?;
-    let token_secret: Secret = Api::<Secret>::namespaced(env.kube.clone(), OPERATOR_NS).get(&secret_name).await?;
+    let token_secret: Secret = Api::<Secret>::namespaced(env.kube.clone(), ns).get(&secret_name).await?;
     let token = token_secret.data.and_then(|d| d.get("token").cloned()).context("token")?;
     let mut kubeconfig: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").context("KUBECONFIG")?)?)?;
     kubeconfig["users"][0]["user"] = serde_yaml::to_value(json!({"token": String::from_utf8(token.0)?}))?;
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubeconfig-{name}"));
+    let file = if ns == OPERATOR_NS { format!("kubeconfig-{name}") } else { format!("kubeconfig-{ns}-{name}") };
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(file);
     std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
     Ok(path)
 }
