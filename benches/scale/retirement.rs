@@ -80,6 +80,15 @@ impl Sampler {
         Ok(Self { seen, task })
     }
 
+    /// Waits (at most a minute) until the safe moment was seen: the old pods are gone.
+    async fn settle(&self) {
+        let _ = rekey_testenv::env::eventually("old pods gone", Duration::from_secs(60), || async {
+            let safe = self.seen.lock().map(|r| r.safe.is_some()).unwrap_or(true);
+            Ok(if safe { Ok(()) } else { Err("old pods still there".into()) })
+        })
+        .await;
+    }
+
     fn stop(self) -> Round {
         self.task.abort();
         self.seen.lock().map(|r| r.clone()).unwrap_or_default()
@@ -141,6 +150,7 @@ pub async fn script_round(env: &TestEnv) -> anyhow::Result<Round> {
     anyhow::ensure!(out.status.success(), "the plain script failed: {}", String::from_utf8_lossy(&out.stderr));
     // Pods started on the deleted key break a moment later: give the kubelet's next look a chance.
     deployment_ready(&deployments, "web", Duration::from_secs(20)).await.ok();
+    sampler.settle().await;
     let mut r = sampler.stop();
     r.lost = broke.stop().len();
     Ok(r)
