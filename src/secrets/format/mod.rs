@@ -41,17 +41,27 @@ pub trait Format: Any + Sync {
     fn validate(&self, i: usize, t: &SecretTarget) -> Result<(), String>;
     /// Whether several resources may each own a part of one Secret key (render merges into what
     /// is there). A read-modify-write races, so such a write carries the read's resourceVersion.
-    fn shared(&self) -> bool;
+    /// The defaults below are those of a format whose keys belong to one resource alone.
+    fn shared(&self) -> bool {
+        false
+    }
     /// Annotations written with the key that claim the target's part of a shared key for
-    /// `resource`: field ownership cannot tell two owners of one key apart.
-    fn claims(&self, t: &SecretTarget, resource: &str) -> BTreeMap<String, String>;
+    /// `resource`: field ownership cannot tell two owners of one key apart. None for a format
+    /// whose keys one resource owns: field ownership of the keys is the claim.
+    fn claims(&self, _t: &SecretTarget, _resource: &str) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
     /// Another rekey resource's claim on what this target writes, in the user's terms.
     /// `live` says whether a resource of this namespace exists: a field manager or claim left by a
     /// deleted one is no conflict.
-    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str, live: &dyn Fn(&str) -> bool) -> Option<String>;
+    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str, live: &dyn Fn(&str) -> bool) -> Option<String> {
+        keys_claimed(t, &self.owned_keys(t), s, own_manager, live)
+    }
     /// The owned keys' content once the part `resource` wrote is taken out (deletionPolicy
     /// Delete): a key left out is removed. Only a shared format keeps anything.
-    fn without(&self, t: &SecretTarget, s: &Secret, resource: &str) -> BTreeMap<String, SecretString>;
+    fn without(&self, _t: &SecretTarget, _s: &Secret, _resource: &str) -> BTreeMap<String, SecretString> {
+        BTreeMap::new()
+    }
 }
 
 /// The only place a variant meets its implementation: being a `match`, a new variant without one

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{Format, keys_claimed, valid_secret_key, value};
+use super::{Format, valid_secret_key, value};
 use crate::api::{ACCESS_KEY_ANNOTATION, SecretTarget};
 use crate::plan::snapshot::SecretState;
 use crate::secrets::{AccessKey, RenderContext};
@@ -75,23 +75,6 @@ impl Format for Template {
             return Err(format!("spec.secrets[{i}].template: {key:?} is not a valid Secret key"));
         }
         Ok(())
-    }
-
-    fn shared(&self) -> bool {
-        false
-    }
-
-    fn claims(&self, _: &SecretTarget, _: &str) -> BTreeMap<String, String> {
-        // Field ownership of the keys is the claim: no two resources may own one.
-        BTreeMap::new()
-    }
-
-    fn conflict(&self, t: &SecretTarget, s: &Secret, own_manager: &str, live: &dyn Fn(&str) -> bool) -> Option<String> {
-        keys_claimed(t, &self.owned_keys(t), s, own_manager, live)
-    }
-
-    fn without(&self, _: &SecretTarget, _: &Secret, _: &str) -> BTreeMap<String, SecretString> {
-        BTreeMap::new()
     }
 }
 
