@@ -7,6 +7,6 @@ fn committed_crd_matches_the_types() {
         .expect("read crds/iamkeyrotation.yaml");
     assert!(
         generated == committed,
-        "crds/iamkeyrotation.yaml is stale: run `cargo run -- crd > crds/iamkeyrotation.yaml` and commit it"
+        "crds/iamkeyrotation.yaml is stale: run `cargo run -- crd > crds/iamkeyrotation.yaml`, copy it to deploy/chart/rekey/crds/, and commit both"
     );
 }
