@@ -25,7 +25,16 @@ async fn killing_the_leader_mid_rotation_hands_over_without_a_double_create() ->
     wait_ikr(&f.ikrs, "app", "bootstrapped", |o| phase(o) == Phase::Idle && active_key(o).is_some()).await?;
     let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
     f.ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    wait_ikr(&f.ikrs, "app", "rotation under way", |o| phase(o) != Phase::Idle).await?;
+    // Past the new key's creation (committed): a second CreateAccessKey could then only come from
+    // two replicas acting at once. (A kill inside the create window is the crash tests' subject:
+    // the orphan is found and deleted, and the create repeated.)
+    wait_ikr(&f.ikrs, "app", "rotation past Creating", |o| {
+        matches!(
+            phase(o),
+            Phase::Verifying | Phase::Distributing | Phase::RollingOut | Phase::Deactivating | Phase::Soaking
+        )
+    })
+    .await?;
     // Kill whichever replica holds the Lease.
     let leases: Api<Lease> = Api::namespaced(f.env.kube.clone(), &f.ns);
     let holder = leases.get("rekey").await?.spec.and_then(|s| s.holder_identity).unwrap_or_default();
