@@ -115,7 +115,10 @@ async fn killed_after_every_status_write_a_rotation_still_completes() -> anyhow:
     }
     let kills = kills.get();
     eprintln!("operator killed after {kills} status writes");
-    assert!(kills >= 6, "the operator died at {kills} phase boundaries");
+    // A rotation's status writes: the marker before CreateAccessKey, the end of the steps up to the
+    // restart, the deactivation, the deletion (steps chain between them; more writes come from
+    // conditions changing while it waits).
+    assert!(kills >= 4, "the operator died at {kills} phase boundaries");
     let _op = Operator::start(&f.ns, &[FAST_LEASE]).await?;
     converged(&f, 1).await?;
     Ok(())
