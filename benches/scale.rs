@@ -205,16 +205,7 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
     env.proxy_control("reset", json!({})).await?;
     let from = audit_offset()?;
     let t0 = Instant::now();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-plain-rotation");
-    let out = tokio::process::Command::new(script)
-        .args([ns2.as_str(), user2.as_str(), "creds", "web"])
-        .env("AWS_ENDPOINT_URL", &env.proxy_url)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", std::env::var("REKEY_TEST_ADMIN_ACCESS_KEY_ID")?)
-        .env("AWS_SECRET_ACCESS_KEY", std::env::var("REKEY_TEST_ADMIN_SECRET_ACCESS_KEY")?)
-        .output()
-        .await?;
-    anyhow::ensure!(out.status.success(), "the plain script failed: {}", String::from_utf8_lossy(&out.stderr));
+    plain_script(env, &ns2, &user2).await?;
     let script_secs = t0.elapsed().as_secs_f64();
     let (calls2, _) = aws_calls(env).await?;
     let writes2 = audit_writes(from, by_kubectl)?;
@@ -326,17 +317,7 @@ async fn scale(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow::Resul
 
     env.proxy_control("reset", json!({})).await?;
     let t0 = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let ikrs = ikrs.clone();
-            async move {
-                let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
-                ikrs.patch(&format!("app{i}"), &PatchParams::default(), &Patch::Merge(&patch)).await
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<_>>()
-        .await?;
+    request_all(&ikrs, n, "rekey.dev/rotate").await?;
     all(&ikrs, "all rotated", n, |o| o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle))
         .await?;
     let took = t0.elapsed();
@@ -375,17 +356,7 @@ async fn emergencies(
 ) -> anyhow::Result<()> {
     env.proxy_control("reset", json!({})).await?;
     let t0 = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let ikrs = ikrs.clone();
-            async move {
-                let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate-emergency": "1"}}});
-                ikrs.patch(&format!("app{i}"), &PatchParams::default(), &Patch::Merge(&patch)).await
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<_>>()
-        .await?;
+    request_all(ikrs, n, "rekey.dev/rotate-emergency").await?;
     // The leaked key is off once it is Inactive (the rotation may still be finishing) or deleted.
     all(ikrs, "every leaked key off", n, |o| {
         o.status.as_ref().is_some_and(|s| {
@@ -415,6 +386,36 @@ async fn emergencies(
         ),
         "≤ 60 s",
     );
+    Ok(())
+}
+
+/// Sets annotation `annotation` to "1" on resources app0..app{n}, PARALLEL at a time.
+async fn request_all(ikrs: &Api<IamKeyRotation>, n: usize, annotation: &str) -> anyhow::Result<()> {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let ikrs = ikrs.clone();
+            let patch = json!({"metadata": {"annotations": {annotation: "1"}}});
+            async move { ikrs.patch(&format!("app{i}"), &PatchParams::default(), &Patch::Merge(&patch)).await }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+/// Runs scripts/bench-plain-rotation on namespace `ns` (Secret creds, Deployment web) with the
+/// administrator's key, through the counting proxy.
+async fn plain_script(env: &TestEnv, ns: &str, user: &str) -> anyhow::Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-plain-rotation");
+    let out = tokio::process::Command::new(script)
+        .args([ns, user, "creds", "web"])
+        .env("AWS_ENDPOINT_URL", &env.proxy_url)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", std::env::var("REKEY_TEST_ADMIN_ACCESS_KEY_ID")?)
+        .env("AWS_SECRET_ACCESS_KEY", std::env::var("REKEY_TEST_ADMIN_SECRET_ACCESS_KEY")?)
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "the plain script failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 

@@ -106,18 +106,7 @@ impl Case {
 
     fn phase(mut self, phase: Phase, since: Timestamp, trigger: Trigger) -> Self {
         self.status.phase = phase;
-        self.status.rotation = Some(RotationProgress {
-            trigger,
-            started_at: Time(since),
-            phase_since: Time(since),
-            baseline: BTreeMap::new(),
-            below_since: BTreeMap::new(),
-            verify_attempts: 0,
-            reverts: 0,
-            reverting: false,
-            restart: None,
-            handed_over_at: None,
-        });
+        self.status.rotation = Some(RotationProgress::start(trigger, since));
         self
     }
 

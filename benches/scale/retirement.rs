@@ -138,16 +138,7 @@ pub async fn script_round(env: &TestEnv) -> anyhow::Result<Round> {
     let broke = KeyBreakWatch::start(env, &ns);
     let t0 = Instant::now();
     let sampler = Sampler::start(env, &ns, &user, &key.access_key_id, t0).await?;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-plain-rotation");
-    let out = tokio::process::Command::new(script)
-        .args([ns.as_str(), user.as_str(), "creds", "web"])
-        .env("AWS_ENDPOINT_URL", &env.proxy_url)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", std::env::var("REKEY_TEST_ADMIN_ACCESS_KEY_ID")?)
-        .env("AWS_SECRET_ACCESS_KEY", std::env::var("REKEY_TEST_ADMIN_SECRET_ACCESS_KEY")?)
-        .output()
-        .await?;
-    anyhow::ensure!(out.status.success(), "the plain script failed: {}", String::from_utf8_lossy(&out.stderr));
+    crate::plain_script(env, &ns, &user).await?;
     // Pods started on the deleted key break a moment later: give the kubelet's next look a chance.
     deployment_ready(&deployments, "web", Duration::from_secs(20)).await.ok();
     sampler.settle().await;
