@@ -14,6 +14,9 @@ mod support;
 #[path = "scale/retirement.rs"]
 mod retirement;
 
+#[path = "scale/burst.rs"]
+mod burst;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -433,13 +436,28 @@ async fn create_resources(
     first: usize,
     suspend: bool,
 ) -> anyhow::Result<()> {
+    create_resources_with(api, users, first, json!({"suspend": suspend})).await
+}
+
+/// Resources app{first}.. for `users`, each with Secret creds{i}, deleteAfter 0s and `extra`'s
+/// fields in its spec.
+async fn create_resources_with(
+    api: &Api<IamKeyRotation>,
+    users: &[String],
+    first: usize,
+    extra: serde_json::Value,
+) -> anyhow::Result<()> {
     futures::stream::iter(users.iter().enumerate())
         .map(|(i, user)| {
             let api = api.clone();
+            let extra = extra.clone();
             async move {
                 let i = first + i;
-                let spec = json!({"userName": user, "secrets": [{"name": format!("creds{i}")}],
-                                  "retirement": {"deleteAfter": "0s"}, "suspend": suspend});
+                let mut spec = json!({"userName": user, "secrets": [{"name": format!("creds{i}")}],
+                                      "retirement": {"deleteAfter": "0s"}});
+                for (k, v) in extra.as_object().into_iter().flatten() {
+                    spec[k] = v.clone();
+                }
                 api.create(&PostParams::default(), &ikr(&format!("app{i}"), spec)?).await?;
                 anyhow::Ok(())
             }
@@ -496,6 +514,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("latency") {
         latency(&env, &kubeconfig, &mut t).await?;
+    }
+    if wants("burst") {
+        burst::burst(&env, &kubeconfig, &mut t).await?;
     }
     if wants("scale") {
         scale(&env, &kubeconfig, &mut t).await?;

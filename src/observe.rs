@@ -48,8 +48,10 @@ pub async fn basic(
     let mut immutable = Vec::new();
     let mut conflicts = Vec::new();
     let own = secrets::field_manager(&obj.name_any());
+    let mut written_at = Some(Timestamp::UNIX_EPOCH);
     for t in &obj.spec.secrets {
         let s = get_secret(&api, &t.name).await?;
+        written_at = written_at.zip(s.as_ref().and_then(secrets::last_write)).map(|(a, b)| a.max(b));
         if let Some(tool) = s.as_ref().and_then(secrets::gitops_tool) {
             gitops_managed.push((t.name.clone(), tool));
         }
@@ -81,6 +83,7 @@ pub async fn basic(
         immutable,
         conflicts,
         writers,
+        written_at,
     })
 }
 

@@ -61,6 +61,7 @@ impl Case {
                 immutable: Vec::new(),
                 conflicts: Vec::new(),
                 writers: BTreeMap::new(),
+                written_at: None,
             },
             identity,
             gates: Gates::default(),

@@ -266,7 +266,9 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                     observed.resources = Some(self.ctx.resource_names());
                 }
                 (Step::NeedWorkloads, _) if observed.workloads.is_none() => {
-                    observed.workloads = Some(self.gather_workloads(st).await.map_err(|e| ("ObserveWorkloads", e))?);
+                    observed.workloads = Some(
+                        self.gather_workloads(st, observed.written_at).await.map_err(|e| ("ObserveWorkloads", e))?,
+                    );
                 }
                 _ => return Ok((decision, observed)),
             }
@@ -294,13 +296,19 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         .await
     }
 
-    /// TOUCHES THE CLUSTER (reads).
-    async fn gather_workloads(&self, st: &IamKeyRotationStatus) -> Result<plan::WorkloadsState, Error> {
+    /// TOUCHES THE CLUSTER (reads). `written_at`: when the targets were last written, by the
+    /// apiserver's clock — the one pods' creation times are in (the operator's may be skewed).
+    async fn gather_workloads(
+        &self,
+        st: &IamKeyRotationStatus,
+        written_at: Option<k8s_openapi::jiff::Timestamp>,
+    ) -> Result<plan::WorkloadsState, Error> {
         let rotation = st.rotation.as_ref();
+        let handed_over = rotation.and_then(|r| r.handed_over_at.as_ref());
         let key = crate::workloads::KeyFacts {
             id: st.active_key.as_ref().map(|k| k.access_key_id.as_str()),
             restart: rotation.and_then(|r| r.restart.as_deref()),
-            handed_over: rotation.and_then(|r| r.handed_over_at.as_ref()).map(|t| t.0),
+            handed_over: handed_over.and(written_at),
         };
         let w = &self.obj.spec.workloads;
         let names = crate::observe::secret_names(&self.obj);

@@ -231,7 +231,8 @@ pub struct KeyFacts<'a> {
     pub id: Option<&'a str>,
     /// The restart token of the last revert: a pod without it may have started on the reverted key.
     pub restart: Option<&'a str>,
-    /// When every target Secret last received the active key: a pod created later read it.
+    /// After the handover, when the target Secrets (holding the active key) were last written, by
+    /// the apiserver's clock: a pod created later read it.
     pub handed_over: Option<k8s_openapi::jiff::Timestamp>,
 }
 

@@ -86,6 +86,7 @@ impl Fx {
             immutable: Vec::new(),
             conflicts: Vec::new(),
             writers: Default::default(),
+            written_at: None,
         };
         let st = IamKeyRotationStatus::default();
         Self { iam, kube, client, obj, valid, identity, observed, region: "us-east-1".into(), st }

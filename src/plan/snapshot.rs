@@ -96,4 +96,7 @@ pub struct Observed {
     pub immutable: Vec<String>,
     /// Per target Secret, the field managers other than this resource that wrote the keys it owns.
     pub writers: BTreeMap<String, Vec<String>>,
+    /// When the last of the target Secrets was last written, by the apiserver's clock (`None` when
+    /// one is missing or carries no managedFields): a pod created later read what they hold now.
+    pub written_at: Option<Timestamp>,
 }

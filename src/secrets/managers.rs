@@ -33,6 +33,12 @@ pub fn gitops_tool(s: &Secret) -> Option<&'static str> {
     None
 }
 
+/// When the Secret was last written, by the apiserver's clock: the newest time among its field
+/// managers (the apiserver stamps each write's manager with it). `None` without managedFields.
+pub fn last_write(s: &Secret) -> Option<k8s_openapi::jiff::Timestamp> {
+    s.metadata.managed_fields.iter().flatten().filter_map(|f| f.time.as_ref().map(|t| t.0)).max()
+}
+
 /// What every rekey field manager starts with (`rekey/<resource>`, see `field_manager`).
 pub const REKEY_PREFIX: &str = "rekey/";
 
@@ -106,5 +112,16 @@ mod tests {
              "fieldsV1": {"f:data": {"f:UNRELATED": {}}}},
         ]}));
         assert_eq!(writers(&t, &s, "rekey/billing"), ["helm"]);
+    }
+
+    #[test]
+    fn the_last_write_is_the_newest_manager_time_by_the_apiservers_clock() {
+        let s = secret(json!({"managedFields": [
+            {"manager": "rekey/billing", "operation": "Apply", "time": "2026-06-01T12:00:05Z"},
+            {"manager": "helm", "operation": "Update", "time": "2026-06-01T12:00:09Z"},
+            {"manager": "kubectl", "operation": "Update"},
+        ]}));
+        assert_eq!(last_write(&s), Some("2026-06-01T12:00:09Z".parse().unwrap()));
+        assert_eq!(last_write(&secret(json!({}))), None, "no managedFields: no time to excuse a pod by");
     }
 }

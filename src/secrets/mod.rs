@@ -28,7 +28,7 @@ use crate::plan::snapshot::SecretState;
 pub mod format;
 mod managers;
 
-pub use managers::{gitops_tool, writers};
+pub use managers::{gitops_tool, last_write, writers};
 
 pub use format::credentials_file::{CREDENTIALS_KEY, profile_annotation};
 pub use format::env::{DEFAULT_ID_KEY, DEFAULT_SECRET_KEY};
