@@ -106,8 +106,9 @@ pub async fn begin<I: Iam>(
 async fn preflight<I: Iam>(env: &Env<'_, I>) -> Result<(), Error> {
     let api = env.secrets();
     let owner = env.obj.controller_owner_ref(&()).ok_or_else(|| Error::Internal("resource has no uid".into()))?;
-    secrets::ensure_staging(&api, env.name(), owner).await?;
-    secrets::clear_staging(&api, env.name()).await?;
+    if secrets::ensure_staging(&api, env.name(), owner).await? {
+        secrets::clear_staging(&api, env.name()).await?;
+    }
     let probe = AccessKey { id: "AKIAPREFLIGHTPROBE00".into(), secret: SecretString::from("preflight".to_owned()) };
     secrets::write_staging(&api, env.name(), &probe, true).await?;
     let all: Vec<String> = env.obj.spec.secrets.iter().map(|t| t.name.clone()).collect();

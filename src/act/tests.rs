@@ -409,6 +409,18 @@ async fn begin_commits_the_marker_after_a_preflight_that_persists_nothing() {
     assert!(fx.iam.operations().is_empty(), "begin makes no IAM call");
 }
 
+/// No write that changes nothing: a staging Secret created empty by the preflight is not cleared.
+#[tokio::test]
+async fn begin_writes_the_staging_secret_only_to_create_it_when_there_is_no_leftover() {
+    let mut fx = Fx::new();
+    fx.idle().await;
+    fx.observe().await;
+    fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
+    let persisted: Vec<_> = fx.writes().into_iter().filter(|(_, _, dry)| !dry).map(|(verb, _, _)| verb).collect();
+    assert_eq!(persisted, ["create"], "the staging Secret created, and no clearing patch");
+    assert_eq!(secrets::held(&fx.target("staging"), fx.staging().as_ref()), SecretState::Empty);
+}
+
 /// Safety re-check 10: a target that cannot take the key fails the step while failing is free.
 #[tokio::test]
 async fn begin_fails_before_any_iam_call_when_a_target_refuses_writes() {

@@ -201,12 +201,15 @@ fn meta_has_owner(s: &Secret) -> bool {
 async fn rekeys_own_staging_secret_is_accepted_again_and_deleted() {
     let (fake, client) = FakeKube::new();
     let api: Api<Secret> = Api::default_namespaced(client);
-    ensure_staging(&api, "r", owner("u-1")).await.unwrap();
+    assert!(!ensure_staging(&api, "r", owner("u-1")).await.unwrap(), "created empty: nothing to clear");
     write_staging(&api, "r", &key("AKIASTAGED"), false).await.unwrap();
-    // A second attempt finds it (409) and accepts it as its own, without changing it.
+    // A second attempt finds it (409) and accepts it as its own, without changing it, and says it
+    // holds a leftover to clear.
     let before = stored(&fake, &staging_name("r"));
-    ensure_staging(&api, "r", owner("u-1")).await.unwrap();
+    assert!(ensure_staging(&api, "r", owner("u-1")).await.unwrap());
     assert_eq!(stored(&fake, &staging_name("r")), before);
+    clear_staging(&api, "r").await.unwrap();
+    assert!(!ensure_staging(&api, "r", owner("u-1")).await.unwrap(), "cleared: nothing left to clear");
     delete_staging(&api, "r").await.unwrap();
     assert!(fake.object::<Secret>("default", &staging_name("r")).is_none());
     delete_staging(&api, "r").await.unwrap();

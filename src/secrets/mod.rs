@@ -279,8 +279,13 @@ fn not_own_staging(verb: &'static str, name: &str) -> SecretWriteError {
 /// TOUCHES THE CLUSTER. Creates the staging Secret empty, owned by the resource, if missing; one
 /// that exists is accepted only if it is rekey's own for this resource (`owner` holds its uid).
 /// `clear_staging` and `write_staging` are called only after this succeeded, which is what makes
-/// the staging Secret they patch rekey's.
-pub async fn ensure_staging(api: &Api<Secret>, resource: &str, owner: OwnerReference) -> Result<(), SecretWriteError> {
+/// the staging Secret they patch rekey's. Answers whether it holds anything (a leftover to clear):
+/// a write that would change nothing is not made.
+pub async fn ensure_staging(
+    api: &Api<Secret>,
+    resource: &str,
+    owner: OwnerReference,
+) -> Result<bool, SecretWriteError> {
     let name = staging_name(resource);
     let uid = owner.uid.clone();
     let secret: Secret = serde_json::from_value(json!({
@@ -289,10 +294,10 @@ pub async fn ensure_staging(api: &Api<Secret>, resource: &str, owner: OwnerRefer
     }))
     .map_err(|_| SecretWriteError { verb: "build", name: name.clone(), reason: "Invalid".into(), code: 0 })?;
     match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(false),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             match api.get_opt(&name).await.map_err(|e| summarise("read", &name, e))? {
-                Some(s) if is_own_staging(&s, resource, Some(&uid)) => Ok(()),
+                Some(s) if is_own_staging(&s, resource, Some(&uid)) => Ok(holds_anything(&s)),
                 Some(_) => Err(not_own_staging("create", &name)),
                 // Deleted since the create: a quick retry creates it.
                 None => Err(SecretWriteError { verb: "create", name, reason: "Conflict".into(), code: 409 }),
@@ -300,6 +305,11 @@ pub async fn ensure_staging(api: &Api<Secret>, resource: &str, owner: OwnerRefer
         }
         Err(e) => Err(summarise("create", &name, e)),
     }
+}
+
+fn holds_anything(s: &Secret) -> bool {
+    let annotated = s.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ACCESS_KEY_ANNOTATION));
+    annotated || s.data.as_ref().is_some_and(|d| !d.is_empty())
 }
 
 /// TOUCHES THE CLUSTER. Puts the new key into the staging Secret: the one write between
