@@ -347,7 +347,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     ) -> Result<(), Error> {
         let st = st.clone();
         self.ctx.metrics.resource(&self.obj, &st);
-        if st != self.before {
+        if status::worth_writing(&self.before, &st) {
             self.obj = status::write(&self.api, &self.obj, &st, done.precondition).await?;
             self.before = st;
             crate::failpoint!("after-status");

@@ -230,6 +230,35 @@ fn rotating(c: &mut Vec<Condition>, st: &IamKeyRotationStatus, why: &str, genera
 /// Conflict instead of repeating or undoing a step); without, a conflict with a concurrent edit of
 /// spec or metadata is retried on a fresh read.
 ///
+/// Whether `after` says anything `before` does not: a condition message whose counts alone moved
+/// ("1 of 2 updated" → "2 of 2 updated") is live progress, not worth a status write of its own;
+/// it goes out with the next change that is.
+pub fn worth_writing(before: &IamKeyRotationStatus, after: &IamKeyRotationStatus) -> bool {
+    if before == after {
+        return false;
+    }
+    let skeleton = |st: &IamKeyRotationStatus| {
+        let mut st = st.clone();
+        for c in &mut st.conditions {
+            c.message = without_counts(&c.message);
+        }
+        st
+    };
+    skeleton(before) != skeleton(after)
+}
+
+fn without_counts(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for c in message.chars() {
+        match (c.is_ascii_digit(), out.ends_with('#')) {
+            (true, true) => {}
+            (true, false) => out.push('#'),
+            (false, _) => out.push(c),
+        }
+    }
+    out
+}
+
 /// A replace of the status subresource, not server-side apply: on the 1.20 apiserver, applying a
 /// status without a nested object rekey owned (e.g. `rotation` at the end of a rotation) leaves an
 /// empty shell of it behind that fails schema validation.
@@ -348,5 +377,32 @@ mod tests {
             r.message,
             "rotation in phase RollingOut; waiting for the rollout of Deployment/api: 1 of 2 updated, 1 ready"
         );
+    }
+
+    #[test]
+    fn a_message_whose_counts_alone_moved_is_not_worth_a_write() {
+        let with = |message: &str| {
+            let mut st = status(Phase::RollingOut, true);
+            st.conditions = vec![Condition {
+                type_: "Rotating".into(),
+                status: "True".into(),
+                reason: "RollingOut".into(),
+                message: message.into(),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+                observed_generation: Some(1),
+            }];
+            st
+        };
+        let at = |m: &str| with(&format!("waiting for the rollout of Deployment/web: {m}"));
+        assert!(!worth_writing(&at("9 of 10 updated, 8 ready"), &at("10 of 10 updated, 10 ready")));
+        assert!(!worth_writing(&at("1 of 2 updated"), &at("1 of 2 updated")));
+        assert!(worth_writing(&at("2 of 2 updated"), &at("2 of 2 updated, 1 pod(s) of the old template left")));
+        assert!(worth_writing(
+            &at("2 of 2 updated"),
+            &with("waiting for a rotation slot (at most 10 rotations at once)")
+        ));
+        let mut moved = at("2 of 2 updated");
+        moved.phase = Phase::Deactivating;
+        assert!(worth_writing(&at("1 of 2 updated"), &moved), "anything besides the counts is written");
     }
 }
