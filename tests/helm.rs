@@ -342,6 +342,7 @@ async fn lint_and_schema(helm: &Helm) -> anyhow::Result<()> {
     rejected(json!({"clusterName": "prod", "image": {"pullPolicy": "Sometimes"}}), "pullPolicy").await?;
     rejected(json!({"clusterName": "prod", "mode": "namespaced"}), "watchNamespaces").await?;
     rejected(json!({"clusterName": "prod", "serviceAccount": {"roleArn": "my-role"}}), "roleArn").await?;
+    rejected(json!({"clusterName": "prod", "monitoring": {"runbookBaseUrl": "docs.md#x"}}), "runbookBaseUrl").await?;
     // clusterName: the template's message when it is left empty (values.yaml's default), the
     // schema's when it is removed (null).
     let err = rejected(json!({}), "clusterName is required: set it to this cluster's name").await?;
