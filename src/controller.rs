@@ -28,6 +28,9 @@ pub const RECONCILE_CONCURRENCY: u16 = 16;
 
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
+    // This future runs only once this replica leads (crate::leader) or leader election is off, and
+    // the process exits when leadership is lost: leading is exactly while it runs.
+    ctx.metrics.leader.set(1);
     let client = ctx.client.clone();
     // Cluster-wide, or one controller per watched namespace (namespaced RBAC: a Role in each).
     let apis: Vec<(Option<String>, Api<Cached>)> = if ctx.config.namespaces.is_empty() {
@@ -81,6 +84,7 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     futures::future::join_all(runs).await;
     synced.abort();
     counting.abort();
+    ctx.metrics.leader.set(0);
     ctx.health.set(crate::http::Lifecycle::Dead);
 }
 

@@ -25,6 +25,7 @@ pub mod nudge;
 pub mod observe;
 pub mod ownership;
 pub mod plan;
+pub mod process_metrics;
 pub mod reconciler;
 pub mod secrets;
 pub mod status;

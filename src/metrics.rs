@@ -1,5 +1,10 @@
 //! Prometheus metrics. Labels are bounded: namespace, name, user, phase, operation, outcome and
 //! error category — never an error's text, never a key.
+//!
+//! The per-resource series carry the resource's own `namespace` label; the ServiceMonitor scrapes
+//! with `honorLabels: true` so that it survives scraping (docs/operations.md, "Metrics"). Every
+//! family is exported from the start, labelled counters with their known label values at 0, so
+//! that `rate()`/`increase()` and the alerts see the first increment.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -29,6 +34,19 @@ fn key_of(obj: &IamKeyRotation) -> (String, String) {
 }
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
+/// The commit rekey was built from: a build step may set REKEY_GIT_COMMIT; a plain `cargo build`
+/// (also from a source tarball without .git) says "unknown".
+pub const GIT_COMMIT: &str = match option_env!("REKEY_GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    pub commit: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: String,
@@ -49,6 +67,23 @@ pub struct AwsLabels {
 pub const CONDITIONS: [&str; 5] = ["Ready", "Rotating", "Degraded", "Stalled", "Reconciling"];
 /// The results of `rekey_rotations_total{result}`, in [`ResourceFigures::rotations`] order.
 pub const RESULTS: [&str; 3] = ["completed", "abandoned", "rolled_back"];
+/// The AWS operations rekey calls (src/iam.rs), exported from 0 with the outcomes the alerts use.
+pub const AWS_OPERATIONS: [&str; 9] = [
+    "CreateAccessKey",
+    "DeleteAccessKey",
+    "GetAccessKeyLastUsed",
+    "GetCallerIdentity",
+    "ListAccessKeys",
+    "ListUserTags",
+    "TagUser",
+    "UntagUser",
+    "UpdateAccessKey",
+];
+/// The phases of a rotation in flight (`crate::api::Phase` but Idle), timed when left.
+pub const ROTATION_PHASES: [&str; 7] =
+    ["Creating", "Verifying", "Distributing", "RollingOut", "Deactivating", "Soaking", "Deleting"];
+/// The outcomes of `rekey_aws_calls_total` present from the start (others appear when first met).
+pub const AWS_OUTCOMES: [&str; 2] = ["ok", "AccessDenied"];
 
 /// What the per-resource series say of one resource. Kept as one small record per resource and
 /// written out at scrape time: a label set per series (three strings, six series a resource) cost
@@ -84,8 +119,16 @@ impl Collector for Resources {
         let all = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = unix_now();
         type Value = fn(&ResourceFigures, f64) -> Option<f64>;
-        let gauges: [(&str, &str, Value); 3] = [
+        let gauges: [(&str, &str, Value); 5] = [
             ("key_age_seconds", "Age of the key the Secrets hold", |f, now| f.key_created.map(|c| now - c)),
+            ("key_created_timestamp_seconds", "When the key the Secrets hold was created (Unix time)", |f, _| {
+                f.key_created
+            }),
+            (
+                "key_expiration_timestamp_seconds",
+                "When the key the Secrets hold reaches spec.maxKeyAge (Unix time)",
+                |f, _| Some(f.key_created? + f.max_key_age?),
+            ),
             ("next_rotation_timestamp_seconds", "When the next rotation starts (Unix time)", |f, _| f.next_rotation),
             ("max_key_age_seconds", "spec.maxKeyAge: the age a key must never reach", |f, _| f.max_key_age),
         ];
@@ -111,11 +154,10 @@ impl Collector for Resources {
         let mut family =
             encoder.encode_descriptor("rotations", "Rotations finished, by result", None, MetricType::Counter)?;
         for ((ns, n), f) in all.iter() {
+            // Every result from 0: increase() does not count a series' first sample.
             for (result, count) in RESULTS.iter().zip(f.rotations) {
-                if count > 0 {
-                    let labels = [("namespace", ns.as_str()), ("name", n.as_str()), ("result", result)];
-                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
-                }
+                let labels = [("namespace", ns.as_str()), ("name", n.as_str()), ("result", result)];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -126,10 +168,22 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 18))
 }
 
+/// Phases last from milliseconds (Creating) to the soak (`deleteAfter`, 1 h by default, days when
+/// set so) and a stalled rollout's wait: buckets up to a week.
+pub const PHASE_BUCKETS: [f64; 17] = [
+    0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0, 86400.0, 259200.0,
+    604800.0,
+];
+
+fn phase_histogram() -> Histogram {
+    Histogram::new(PHASE_BUCKETS)
+}
+
 /// Every metric rekey exports.
 pub struct Metrics {
     pub registry: Registry,
-    /// Per-resource figures (key age, next rotation, maxKeyAge, conditions, rotations).
+    /// Per-resource figures (key age and timestamps, next rotation, maxKeyAge, conditions,
+    /// rotations).
     pub resources: Arc<Resources>,
     pub phase_duration_seconds: Family<PhaseLabels, Histogram, fn() -> Histogram>,
     pub reconcile_duration_seconds: Histogram,
@@ -138,51 +192,75 @@ pub struct Metrics {
     pub aws_throttles: Counter,
     pub last_reconcile_timestamp_seconds: Gauge<f64, AtomicU64>,
     pub managed_resources: Gauge,
+    /// 1 while this replica leads (runs the controller), else 0.
+    pub leader: Gauge,
+    pub build_info: Family<BuildLabels, Gauge>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("rekey");
         let m = Self {
             resources: Arc::default(),
-            phase_duration_seconds: Family::new_with_constructor(seconds_histogram),
+            phase_duration_seconds: Family::new_with_constructor(phase_histogram),
             reconcile_duration_seconds: seconds_histogram(),
             reconcile_errors: Family::default(),
             aws_calls: Family::default(),
             aws_throttles: Counter::default(),
             last_reconcile_timestamp_seconds: Gauge::default(),
             managed_resources: Gauge::default(),
+            leader: Gauge::default(),
+            build_info: Family::default(),
             registry: Registry::default(),
         };
-        registry.register_collector(Box::new(m.resources.clone()));
-        registry.register("phase_duration_seconds", "Time spent in each phase", m.phase_duration_seconds.clone());
-        registry.register(
-            "reconcile_duration_seconds",
-            "Duration of one reconcile",
-            m.reconcile_duration_seconds.clone(),
-        );
-        registry.register("reconcile_errors", "Failed reconciles, by error category", m.reconcile_errors.clone());
-        registry.register("aws_calls", "AWS calls by operation and outcome", m.aws_calls.clone());
-        registry.register("aws_throttles", "AWS calls answered with throttling", m.aws_throttles.clone());
-        registry.register(
-            "last_reconcile_timestamp_seconds",
-            "When a reconcile last finished (Unix time)",
-            m.last_reconcile_timestamp_seconds.clone(),
-        );
-        registry.register(
-            "managed_resources",
-            "IamKeyRotations in this replica's cache (0 on a standby)",
-            m.managed_resources.clone(),
-        );
-        // Errors by category from 0, so rate() and alerts see a series before the first error.
-        for category in crate::error::Error::CATEGORIES {
-            let _created = m.reconcile_errors.get_or_create(&CategoryLabels { category: category.into() });
-        }
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        m.register(registry.sub_registry_with_prefix("rekey"));
+        m.preregister();
         Self { registry, ..m }
     }
 }
 
 impl Metrics {
+    fn register(&self, r: &mut Registry) {
+        r.register_collector(Box::new(self.resources.clone()));
+        r.register("phase_duration_seconds", "Time spent in each phase", self.phase_duration_seconds.clone());
+        r.register("reconcile_duration_seconds", "Duration of one reconcile", self.reconcile_duration_seconds.clone());
+        r.register("reconcile_errors", "Failed reconciles, by error category", self.reconcile_errors.clone());
+        r.register("aws_calls", "AWS calls by operation and outcome", self.aws_calls.clone());
+        r.register("aws_throttles", "AWS calls answered with throttling", self.aws_throttles.clone());
+        r.register(
+            "last_reconcile_timestamp_seconds",
+            "When a reconcile last finished (Unix time)",
+            self.last_reconcile_timestamp_seconds.clone(),
+        );
+        r.register(
+            "managed_resources",
+            "IamKeyRotations in this replica's cache (0 on a standby)",
+            self.managed_resources.clone(),
+        );
+        r.register("leader", "1 while this replica leads (holds the Lease and acts), else 0", self.leader.clone());
+        r.register("build_info", "Always 1; the labels say which rekey this is", self.build_info.clone());
+    }
+
+    /// The label values known in advance, at 0 (1 for build_info), so alerts see a series before
+    /// the first event.
+    fn preregister(&self) {
+        for category in crate::error::Error::CATEGORIES {
+            let _created = self.reconcile_errors.get_or_create(&CategoryLabels { category: category.into() });
+        }
+        for operation in AWS_OPERATIONS {
+            for outcome in AWS_OUTCOMES {
+                let _created =
+                    self.aws_calls.get_or_create(&AwsLabels { operation: operation.into(), outcome: outcome.into() });
+            }
+        }
+        for phase in ROTATION_PHASES {
+            let _created = self.phase_duration_seconds.get_or_create(&PhaseLabels { phase: phase.into() });
+        }
+        let build = BuildLabels { version: env!("CARGO_PKG_VERSION").into(), commit: GIT_COMMIT.into() };
+        self.build_info.get_or_create(&build).set(1);
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -300,5 +378,59 @@ mod tests {
         assert!(!text.contains("rekey_next_rotation_timestamp_seconds{"), "{text}");
         assert!(!text.contains("rekey_condition{"), "{text}");
         assert!(text.contains("# TYPE rekey_rotations counter"), "{text}");
+    }
+
+    #[test]
+    fn every_family_is_there_from_the_start() {
+        let text = Metrics::default().encode();
+        for want in [
+            "rekey_aws_calls_total{operation=\"CreateAccessKey\",outcome=\"AccessDenied\"} 0",
+            "rekey_aws_calls_total{operation=\"GetCallerIdentity\",outcome=\"ok\"} 0",
+            "rekey_phase_duration_seconds_count{phase=\"Soaking\"} 0",
+            "rekey_leader 0",
+            "rekey_managed_resources 0",
+            "rekey_aws_throttles_total 0",
+            &format!("rekey_build_info{{version=\"{}\",commit=\"{GIT_COMMIT}\"}} 1", env!("CARGO_PKG_VERSION")),
+        ] {
+            assert!(text.contains(want), "{want} missing from {text}");
+        }
+        #[cfg(target_os = "linux")]
+        for want in [
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_start_time_seconds ",
+            "process_open_fds ",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(want)), "{want} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn a_new_resource_has_its_rotation_counters_at_zero_and_its_key_expiry() {
+        let m = Metrics::default();
+        let f = ResourceFigures {
+            user: "u".into(),
+            key_created: Some(1000.0),
+            max_key_age: Some(500.0),
+            ..Default::default()
+        };
+        m.resources.write().insert(("ns".into(), "a".into()), f);
+        let text = m.encode();
+        for result in RESULTS {
+            let want = format!("rekey_rotations_total{{namespace=\"ns\",name=\"a\",result=\"{result}\"}} 0");
+            assert!(text.contains(&want), "{want} missing from {text}");
+        }
+        let labels = "{namespace=\"ns\",name=\"a\",user=\"u\"}";
+        assert!(text.contains(&format!("rekey_key_created_timestamp_seconds{labels} 1000.0")), "{text}");
+        assert!(text.contains(&format!("rekey_key_expiration_timestamp_seconds{labels} 1500.0")), "{text}");
+    }
+
+    #[test]
+    fn phase_buckets_cover_a_soak_of_a_day_and_more() {
+        let m = Metrics::default();
+        m.phase_duration_seconds.get_or_create(&PhaseLabels { phase: "Soaking".into() }).observe(3600.0 * 30.0);
+        let text = m.encode();
+        assert!(text.contains("rekey_phase_duration_seconds_bucket{le=\"86400.0\",phase=\"Soaking\"} 0"), "{text}");
+        assert!(text.contains("rekey_phase_duration_seconds_bucket{le=\"259200.0\",phase=\"Soaking\"} 1"), "{text}");
     }
 }

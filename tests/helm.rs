@@ -342,6 +342,7 @@ async fn lint_and_schema(helm: &Helm) -> anyhow::Result<()> {
     rejected(json!({"clusterName": "prod", "image": {"pullPolicy": "Sometimes"}}), "pullPolicy").await?;
     rejected(json!({"clusterName": "prod", "mode": "namespaced"}), "watchNamespaces").await?;
     rejected(json!({"clusterName": "prod", "serviceAccount": {"roleArn": "my-role"}}), "roleArn").await?;
+    rejected(json!({"clusterName": "prod", "monitoring": {"runbookBaseUrl": "docs.md#x"}}), "runbookBaseUrl").await?;
     // clusterName: the template's message when it is left empty (values.yaml's default), the
     // schema's when it is removed (null).
     let err = rejected(json!({}), "clusterName is required: set it to this cluster's name").await?;
@@ -390,8 +391,10 @@ fn everything_values(watched: &[&str]) -> Value {
         "podDisruptionBudget": {"maxUnavailable": 2},
         "networkPolicy": {"enabled": true, "egressHttpsPorts": [443], "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
         "monitoring": {
-            "serviceMonitor": {"enabled": true, "interval": "1m", "labels": {"release": "kube-prometheus-stack"}},
-            "prometheusRule": {"enabled": true, "labels": {"release": "kube-prometheus-stack"}},
+            "labels": {"release": "kube-prometheus-stack"},
+            "runbookBaseUrl": "https://wiki.example.com/rekey/runbooks",
+            "serviceMonitor": {"enabled": true, "interval": "1m", "labels": {"scraped-by": "platform"}},
+            "prometheusRule": {"enabled": true, "labels": {"team": "sre"}},
             "grafanaDashboard": {"enabled": true},
         },
     })
@@ -469,12 +472,17 @@ async fn every_option_renders_and_is_accepted(helm: &Helm) -> anyhow::Result<()>
         }
     }
     assert!(!objects.iter().any(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding"));
-    for kind in ["ServiceMonitor", "PrometheusRule"] {
-        assert_eq!(
-            find(&objects, kind)?["metadata"]["labels"]["release"],
-            "kube-prometheus-stack",
-            "{kind}'s extra labels"
-        );
+    // monitoring.labels on both (kube-prometheus-stack selects by `release`), each one's own too.
+    for (kind, own, value) in [("ServiceMonitor", "scraped-by", "platform"), ("PrometheusRule", "team", "sre")] {
+        let labels = &find(&objects, kind)?["metadata"]["labels"];
+        assert_eq!(labels["release"], "kube-prometheus-stack", "{kind}'s monitoring.labels");
+        assert_eq!(labels[own], value, "{kind}'s own labels");
+    }
+    let rules = &find(&objects, "PrometheusRule")?["spec"]["groups"][0]["rules"];
+    for rule in rules.as_array().context("rules")? {
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_default();
+        let anchor = rule["alert"].as_str().unwrap_or_default().to_lowercase();
+        assert_eq!(url, format!("https://wiki.example.com/rekey/runbooks#{anchor}"), "monitoring.runbookBaseUrl");
     }
     assert_eq!(find(&objects, "ServiceMonitor")?["spec"]["endpoints"][0]["interval"], "1m");
     assert_eq!(find(&objects, "ConfigMap")?["metadata"]["labels"]["grafana_dashboard"], "1");

@@ -27,7 +27,12 @@ async fn readiness_follows_the_cache_and_metrics_describe_the_rotation() -> anyh
     for want in [
         format!("rekey_key_age_seconds{{{labels},user=\"{}\"}}", f.user),
         format!("rekey_next_rotation_timestamp_seconds{{{labels},user=\"{}\"}}", f.user),
+        format!("rekey_key_expiration_timestamp_seconds{{{labels},user=\"{}\"}}", f.user),
         format!("rekey_rotations_total{{{labels},result=\"completed\"}} 1"),
+        format!("rekey_rotations_total{{{labels},result=\"rolled_back\"}} 0"),
+        "rekey_leader 1".to_owned(),
+        "rekey_build_info{version=".to_owned(),
+        "process_resident_memory_bytes ".to_owned(),
         "rekey_aws_calls_total{operation=\"CreateAccessKey\",outcome=\"ok\"} 2".to_owned(),
         "rekey_phase_duration_seconds_count{phase=\"Soaking\"}".to_owned(),
         "rekey_reconcile_duration_seconds_count".to_owned(),
