@@ -325,7 +325,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     fn conclude(&self, st: &mut IamKeyRotationStatus, decision: &Decision) {
         let verdict = Verdict::of(decision);
         let was = st.conditions.clone();
-        st.conditions = status::conditions(st, &verdict, self.obj.metadata.generation, self.now);
+        let max_key_age = self.obj.spec.max_key_age.parse().ok();
+        st.conditions = status::conditions(st, &verdict, max_key_age, self.obj.metadata.generation, self.now);
         self.warn_on_change(&was, &verdict, &decision.step);
     }
 
@@ -385,7 +386,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 p.in_flight = false;
             }
             let v = Verdict::of_failure(what, &e, failed.failed_attempts);
-            failed.conditions = status::conditions(&failed, &v, self.obj.metadata.generation, self.now);
+            let max_key_age = self.obj.spec.max_key_age.parse().ok();
+            failed.conditions = status::conditions(&failed, &v, max_key_age, self.obj.metadata.generation, self.now);
             self.ctx.events.publish(&self.obj, true, e.category(), format!("{what} failed: {e}"), what);
             if let Err(we) = status::write(&self.api, &self.obj, &failed, false).await {
                 warn!(error = %we, "could not record the failure in status");
