@@ -511,7 +511,8 @@ pub struct IamKeyRotationStatus {
 fn drop_time_boilerplate(schema: &mut schemars::Schema) {
     use schemars::transform::{RecursiveTransform, Transform as _};
     let mut drop = RecursiveTransform(|s: &mut schemars::Schema| {
-        let boilerplate = s.get("description").and_then(|d| d.as_str()).is_some_and(|d| d.starts_with("Time is a wrapper"));
+        let boilerplate =
+            s.get("description").and_then(|d| d.as_str()).is_some_and(|d| d.starts_with("Time is a wrapper"));
         if boilerplate {
             s.remove("description");
         }

@@ -167,6 +167,14 @@ pub fn expired(key: &KeyRef, max_key_age: Option<Duration>, now: Timestamp) -> O
     })
 }
 
+/// How long until the key passes maxKeyAge; None once it has, or when its age or the limit is
+/// unknown (pure).
+pub fn until_expiry(key: &KeyRef, max_key_age: Option<Duration>, now: Timestamp) -> Option<Duration> {
+    let (created, max) = (key.created_at.as_ref()?.0, max_key_age?);
+    let age = Duration::try_from(now.duration_since(created)).unwrap_or_default();
+    max.checked_sub(age).filter(|d| !d.is_zero())
+}
+
 /// The conditions after a reconcile (pure). `max_key_age` is spec.maxKeyAge (None if invalid).
 pub fn conditions(
     st: &IamKeyRotationStatus,
@@ -295,7 +303,13 @@ mod tests {
 
     #[test]
     fn ready_stays_true_during_a_rotation_and_rotating_names_the_phase() {
-        let c = conditions(&status(Phase::Soaking, true), &Verdict::Waiting(String::new()), None, Some(3), Timestamp::now());
+        let c = conditions(
+            &status(Phase::Soaking, true),
+            &Verdict::Waiting(String::new()),
+            None,
+            Some(3),
+            Timestamp::now(),
+        );
         assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
         assert_eq!(cond(&c, "Rotating"), ("True", "Soaking"));
         assert_eq!(cond(&c, "Reconciling").0, "False");
@@ -393,6 +407,10 @@ mod tests {
         assert_eq!(cond(&conditions(&st, &Verdict::Progressed, None, None, now), "Ready").0, "True");
         st.active_key.as_mut().unwrap().created_at = None;
         assert_eq!(cond(&conditions(&st, &Verdict::Progressed, max, None, now), "Ready").0, "True");
+        // The reconcile looks again when the key expires.
+        let key = KeyRef { access_key_id: "AKIA1".into(), created_at: created(29) };
+        assert_eq!(until_expiry(&key, max, now), Some(Duration::from_secs(86_400)));
+        assert_eq!(until_expiry(&KeyRef { created_at: created(31), ..key }, max, now), None);
     }
 
     fn jiff_days(days: i64) -> k8s_openapi::jiff::SignedDuration {

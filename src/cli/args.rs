@@ -242,6 +242,9 @@ mod tests {
         assert!(r.is_err());
         let c = Cli::try_parse_from(["rekey", "status", "-o", "wide", "-l", "team=a", "--context", "prod"]).unwrap();
         let Command::Status(s) = c.command else { panic!("{c:?}") };
-        assert_eq!((s.output, s.selector.as_deref(), s.kube.context.as_deref()), (Output::Wide, Some("team=a"), Some("prod")));
+        assert_eq!(
+            (s.output, s.selector.as_deref(), s.kube.context.as_deref()),
+            (Output::Wide, Some("team=a"), Some("prod"))
+        );
     }
 }

@@ -36,9 +36,11 @@ pub fn crd_finding(installed: Option<&CustomResourceDefinition>) -> Finding {
     let Some(crd) = installed else {
         return finding("CRD", false, format!("{name} is not installed: kubectl apply -f crds/"));
     };
-    let established = crd.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-        cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
-    });
+    let established = crd
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
     let version = IamKeyRotation::version(&());
     let served = crd.spec.versions.iter().find(|v| v.name == version && v.served);
     let storage = crd.spec.versions.iter().find(|v| v.storage).map(|v| v.name.as_str()).unwrap_or("-");
@@ -64,7 +66,11 @@ pub fn lease_finding(lease: Option<&Lease>, where_: &str, now: Timestamp) -> Fin
             let ago = now.duration_since(t.0).as_secs();
             let fresh = ago <= i64::from(secs);
             let state = if fresh { "valid" } else { "EXPIRED: the leader is gone" };
-            finding("Leader", fresh, format!("Lease {where_} held by {h}, renewed {ago}s ago ({state}; duration {secs}s)"))
+            finding(
+                "Leader",
+                fresh,
+                format!("Lease {where_} held by {h}, renewed {ago}s ago ({state}; duration {secs}s)"),
+            )
         }
         _ => finding("Leader", false, format!("Lease {where_} has no holder: no replica leads")),
     }
@@ -123,7 +129,7 @@ async fn metrics(conn: &Connection, args: &CheckArgs) -> Finding {
 /// Prints one line per check; Err(Unhealthy) if any failed.
 pub async fn run(conn: &Connection, args: &CheckArgs) -> Result<(), CliError> {
     let crds: Api<CustomResourceDefinition> = Api::all(conn.client.clone());
-    let crd = crds.get_opt(&IamKeyRotation::crd_name()).await?;
+    let crd = crds.get_opt(IamKeyRotation::crd_name()).await?;
     let leases: Api<Lease> = Api::namespaced(conn.client.clone(), &args.operator_namespace);
     let lease = leases.get_opt(&args.lease_name).await?;
     let where_ = format!("{}/{}", args.operator_namespace, args.lease_name);
@@ -164,7 +170,9 @@ mod tests {
     fn the_crd_this_binary_generates_is_healthy_once_established() {
         let mut crd = IamKeyRotation::crd();
         assert!(!crd_finding(Some(&crd)).ok, "not established yet");
-        crd.status = serde_json::from_value(serde_json::json!({"conditions": [{"type": "Established", "status": "True"}]})).unwrap();
+        crd.status =
+            serde_json::from_value(serde_json::json!({"conditions": [{"type": "Established", "status": "True"}]}))
+                .unwrap();
         let f = crd_finding(Some(&crd));
         assert!(f.ok && f.detail.contains("storage version v1alpha1") && f.detail.contains("schema matches"), "{f:?}");
         assert!(!crd_finding(None).ok);
@@ -175,6 +183,9 @@ mod tests {
         assert!(metrics_finding(Ok("# HELP x\nrekey_managed_resources 1\n".into()), "u").ok);
         assert!(!metrics_finding(Ok("go_goroutines 1\n".into()), "u").ok);
         assert!(!metrics_finding(Err("connection refused".into()), "u").ok);
-        assert_eq!(proxy_path("rekey-system", "rekey-metrics:metrics"), "/api/v1/namespaces/rekey-system/services/rekey-metrics:metrics/proxy/metrics");
+        assert_eq!(
+            proxy_path("rekey-system", "rekey-metrics:metrics"),
+            "/api/v1/namespaces/rekey-system/services/rekey-metrics:metrics/proxy/metrics"
+        );
     }
 }

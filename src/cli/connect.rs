@@ -63,7 +63,8 @@ mod tests {
 
     #[test]
     fn the_namespace_flag_wins_then_all_namespaces_then_the_context() {
-        let a = |namespace: Option<&str>, all| ScopeArgs { namespace: namespace.map(String::from), all_namespaces: all };
+        let a =
+            |namespace: Option<&str>, all| ScopeArgs { namespace: namespace.map(String::from), all_namespaces: all };
         assert_eq!(scope(&a(Some("x"), false), "ctx"), Scope::One("x".into()));
         assert_eq!(scope(&a(None, true), "ctx"), Scope::All);
         assert_eq!(scope(&a(None, false), "ctx"), Scope::One("ctx".into()));
@@ -79,7 +80,8 @@ mod tests {
             "apiVersion: v1\nkind: Config\ncurrent-context: a\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:1'}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: a\n  context: {cluster: c, user: u, namespace: team-a}\n- name: b\n  context: {cluster: c, user: u}\n",
         )
         .unwrap();
-        let args = |context: Option<&str>| KubeArgs { kubeconfig: Some(path.clone()), context: context.map(String::from) };
+        let args =
+            |context: Option<&str>| KubeArgs { kubeconfig: Some(path.clone()), context: context.map(String::from) };
         assert_eq!(connect(&args(None), None).await.unwrap().default_namespace, "team-a");
         assert_eq!(connect(&args(Some("b")), None).await.unwrap().default_namespace, "default");
         assert!(matches!(connect(&args(Some("nope")), None).await, Err(CliError::Config(_))));

@@ -30,9 +30,7 @@ pub fn condition_true(o: &IamKeyRotation, t: &str) -> Option<(String, String)> {
 
 /// What needs attention, worst first: Stalled, then Degraded (`Type/Reason`, message).
 pub fn problem(o: &IamKeyRotation) -> Option<(String, String)> {
-    ["Stalled", "Degraded"]
-        .iter()
-        .find_map(|t| condition_true(o, t).map(|(r, m)| (format!("{t}/{r}"), m)))
+    ["Stalled", "Degraded"].iter().find_map(|t| condition_true(o, t).map(|(r, m)| (format!("{t}/{r}"), m)))
 }
 
 fn condition(o: &IamKeyRotation, t: &str) -> Option<(String, String, String)> {
@@ -162,7 +160,8 @@ mod tests {
 
     #[test]
     fn json_and_yaml_print_the_object_or_a_list_without_managed_fields() {
-        let one: serde_json::Value = serde_json::from_str(&document(&[billing()], true, Output::Json).unwrap()).unwrap();
+        let one: serde_json::Value =
+            serde_json::from_str(&document(&[billing()], true, Output::Json).unwrap()).unwrap();
         assert_eq!((one["kind"].as_str(), one["metadata"].get("managedFields")), (Some("IamKeyRotation"), None));
         let list: serde_json::Value =
             serde_yaml::from_str(&document(&[billing(), billing()], false, Output::Yaml).unwrap()).unwrap();

@@ -123,7 +123,11 @@ async fn follow(
         let mut i = 0;
         while i < waits.len() {
             let (o, r) = &waits[i];
-            let name = if prefix { format!("{}/{}: ", o.namespace().unwrap_or_default(), o.name_any()) } else { String::new() };
+            let name = if prefix {
+                format!("{}/{}: ", o.namespace().unwrap_or_default(), o.name_any())
+            } else {
+                String::new()
+            };
             let now = api_for(conn, o).get(&o.name_any()).await?;
             let line = progress(&now);
             if line != last[i] {
@@ -204,7 +208,9 @@ mod tests {
 
     #[test]
     fn done_once_the_request_was_acted_on_and_a_rotation_completed() {
-        let o = ikr(serde_json::json!({"phase": "Idle", "rotations": 2, "lastRotateRequest": "100", "activeKey": {"accessKeyId": "AKIA2"}}));
+        let o = ikr(
+            serde_json::json!({"phase": "Idle", "rotations": 2, "lastRotateRequest": "100", "activeKey": {"accessKeyId": "AKIA2"}}),
+        );
         assert_eq!(outcome(&o, &request()), Some(Outcome::Done("AKIA2".into())));
         let o = ikr(serde_json::json!({"phase": "Soaking", "rotations": 1, "lastRotateRequest": "100"}));
         assert_eq!(outcome(&o, &request()), None);
@@ -221,7 +227,9 @@ mod tests {
         assert_eq!(outcome(&o, &request()), None);
         let o = ikr(serde_json::json!({"phase": "Idle", "conditions": degraded("KeyQuotaExhausted", later)}));
         assert_eq!(outcome(&o, &request()), Some(Outcome::Ended("Degraded/KeyQuotaExhausted: m".into())));
-        let o = ikr(serde_json::json!({"phase": "Idle", "conditions": degraded("KeyQuotaExhausted", "2025-12-01T00:00:00Z")}));
+        let o = ikr(
+            serde_json::json!({"phase": "Idle", "conditions": degraded("KeyQuotaExhausted", "2025-12-01T00:00:00Z")}),
+        );
         assert_eq!(outcome(&o, &request()), None, "a condition from before the request is not its outcome");
     }
 

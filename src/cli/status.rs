@@ -20,7 +20,9 @@ pub async fn fetch(
     let api: Api<IamKeyRotation> = match scope {
         Scope::One(ns) => Api::namespaced(conn.client.clone(), ns),
         Scope::All if names.is_empty() => Api::all(conn.client.clone()),
-        Scope::All => return Err(CliError::Usage("a resource cannot be retrieved by name across all namespaces".into())),
+        Scope::All => {
+            return Err(CliError::Usage("a resource cannot be retrieved by name across all namespaces".into()));
+        }
     };
     if !names.is_empty() {
         if selector.is_some() {
