@@ -12,6 +12,9 @@
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
+# The commit `rekey version` prints: the build context has no .git (.dockerignore), so build.rs
+# says "unknown" unless given it: docker build --build-arg REKEY_GIT_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG REKEY_GIT_COMMIT=""
 RUN cargo build --release --locked
 
 FROM gcr.io/distroless/cc-debian12:nonroot

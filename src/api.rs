@@ -39,12 +39,17 @@ pub const FINALIZER: &str = "rekey.dev/cleanup";
     shortname = "ikr",
     category = "rekey",
     status = "IamKeyRotationStatus",
+    doc = "An IamKeyRotation keeps one AWS IAM user's access key fresh: before the key in use reaches spec.maxKeyAge, rekey creates a new key, verifies it, writes it into spec.secrets, restarts the workloads that read them, and retires the old key once nothing uses it. status.conditions say how it stands (Ready, Rotating, Degraded, Stalled).",
     printcolumn = r#"{"name":"User","type":"string","jsonPath":".spec.userName"}"#,
     printcolumn = r#"{"name":"Active Key","type":"string","jsonPath":".status.activeKey.accessKeyId"}"#,
     printcolumn = r#"{"name":"Key Age","type":"date","jsonPath":".status.activeKey.createdAt"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationTime"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
+    // Custom columns replace the default ones: Age comes back only if listed.
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IamKeyRotationSpec {
@@ -61,8 +66,9 @@ pub struct IamKeyRotationSpec {
     #[serde(default = "default_rotate_before")]
     pub rotate_before: SpecDuration,
 
-    /// The Secrets of this namespace that receive the key (1 to 16).
+    /// The Secrets of this namespace that receive the key (1 to 16), each named once.
     #[schemars(length(min = 1, max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub secrets: Vec<SecretTarget>,
 
     /// What consumes the key in this namespace, restarted onto each new key.
@@ -292,7 +298,9 @@ pub enum Phase {
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyRef {
+    /// The access key id (the secret access key is only ever in the Secrets).
     pub access_key_id: String,
+    /// When IAM created the key: its age, compared with maxKeyAge, counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<Time>,
 }
@@ -307,8 +315,11 @@ pub enum KeyState {
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RetiringKey {
+    /// The access key id.
     pub access_key_id: String,
+    /// Active until rekey deactivates it, then Inactive until it is deleted.
     pub state: KeyState,
+    /// When rekey deactivated it: retirement.deleteAfter counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deactivated_at: Option<Time>,
 }
@@ -348,7 +359,10 @@ pub enum Trigger {
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationProgress {
+    /// Why it started: Bootstrap (no key yet), Scheduled (maxKeyAge - rotateBefore reached),
+    /// Requested (rekey.dev/rotate) or Emergency (rekey.dev/rotate-emergency).
     pub trigger: Trigger,
+    /// When it started.
     pub started_at: Time,
     /// When the current phase began (rollout timeout, deactivateAfter and the soak count from it).
     pub phase_since: Time,
@@ -404,11 +418,15 @@ impl RotationProgress {
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
+    /// The key that was in use when the rotation started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old_key_id: Option<String>,
+    /// The key the rotation created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_key_id: Option<String>,
+    /// When the rotation started.
     pub started_at: Time,
+    /// When it ended.
     pub ended_at: Time,
     pub outcome: HistoryOutcome,
 }
@@ -426,9 +444,12 @@ pub enum HistoryOutcome {
 
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = drop_time_boilerplate)]
 pub struct IamKeyRotationStatus {
+    /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Where the rotation in flight stands; Idle when none is.
     #[serde(default)]
     pub phase: Phase,
     /// The IAM user whose keys this status tracks: spec.userName as it was when they were created
@@ -448,14 +469,19 @@ pub struct IamKeyRotationStatus {
     pub pending: Option<Pending>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<RotationProgress>,
+    /// When the last rotation ended with its new key in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_time: Option<Time>,
+    /// When the next scheduled rotation starts: the active key's creation + maxKeyAge - rotateBefore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_time: Option<Time>,
+    /// Rotations completed.
     #[serde(default)]
     pub rotations: u32,
+    /// Failed attempts in a row: the retry backoff (10 s doubling, at most 10 min) counts from them.
     #[serde(default)]
     pub failed_attempts: u32,
+    /// When a step last failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<Time>,
     /// The last rekey.dev/rotate value acted on.
@@ -473,8 +499,25 @@ pub struct IamKeyRotationStatus {
     /// The last 10 rotations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
+    /// Ready (a verified key is in place and younger than maxKeyAge), Rotating, Degraded (something
+    /// is wrong but the Secrets work), Stalled (rekey needs a person), Reconciling (no key yet).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// k8s-openapi's `Time` brings its Go doc ("Time is a wrapper around time.Time ...") to every field
+/// of that type; `kubectl explain` would repeat it a dozen times. The fields say what they mean.
+fn drop_time_boilerplate(schema: &mut schemars::Schema) {
+    use schemars::transform::{RecursiveTransform, Transform as _};
+    let mut drop = RecursiveTransform(|s: &mut schemars::Schema| {
+        let boilerplate =
+            s.get("description").and_then(|d| d.as_str()).is_some_and(|d| d.starts_with("Time is a wrapper"));
+        if boilerplate {
+            s.remove("description");
+        }
+    });
+    drop.transform(schema);
 }
 
 impl IamKeyRotationStatus {

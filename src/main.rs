@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::FromArgMatches as _;
+use rekey::cli::args::{Cli, Command, LogFormat, RunArgs};
 
 /// mimalloc instead of glibc malloc: after a burst of reconciles glibc kept its per-thread arenas
 /// (143 MiB resident for 1,000 resources); mimalloc hands freed memory back.
@@ -11,116 +12,21 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[cfg(not(feature = "system-allocator"))]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
-#[command(name = "rekey", version, about = "Rotates AWS IAM user access keys stored in Kubernetes Secrets")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// `rekey run`: the operator's flags.
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Name of this cluster: the value the consent tag rekey.dev/allow/<namespace> must carry,
-    /// and part of every key's owner claim.
-    #[arg(long, env = "REKEY_CLUSTER_NAME")]
-    cluster_name: String,
-    /// Default AWS region (IAM is global): where new keys are verified with STS, and the
-    /// template's {{ .Region }}; a resource's spec.aws.region overrides it.
-    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
-    region: String,
-    #[arg(long, env = "REKEY_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// Cap on IAM API calls per second, per AWS account (IAM throttles per account: the home
-    /// account and each spec.aws.roleArn's account have a budget of their own).
-    #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND", default_value = "10")]
-    aws_calls_per_second: std::num::NonZeroU32,
-    /// Optional cap on AWS API calls per second over all accounts together.
-    #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND_TOTAL")]
-    aws_calls_per_second_total: Option<std::num::NonZeroU32>,
-    /// At most this many rotations in flight at once.
-    #[arg(long, env = "REKEY_MAX_CONCURRENT_ROTATIONS", default_value_t = 10)]
-    max_concurrent_rotations: usize,
-    /// Role ARN patterns (comma-separated, `*` wildcard) that spec.aws.roleArn may name; none by default.
-    #[arg(long, env = "REKEY_ALLOWED_ROLE_ARNS", value_delimiter = ',')]
-    allowed_role_arns: Vec<String>,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "REKEY_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
-    metrics_address: std::net::SocketAddr,
-    /// Elect a leader on a Lease so that only one replica acts (default on).
-    #[arg(long, env = "REKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
-    leader_election: bool,
-    /// Namespace of the Lease (default: the pod's namespace, else rekey-system).
-    #[arg(long, env = "REKEY_LEASE_NAMESPACE")]
-    lease_namespace: Option<String>,
-    /// Name of the Lease.
-    #[arg(long, env = "REKEY_LEASE_NAME", default_value = "rekey")]
-    lease_name: String,
-    /// Seconds a leader's lock stays valid after its last renewal.
-    #[arg(long, env = "REKEY_LEASE_DURATION_SECONDS", default_value_t = 15)]
-    lease_duration_seconds: u64,
-    /// Watch only these namespaces (comma-separated; default: every namespace). With a list,
-    /// the RBAC can be a Role per namespace (deploy/namespaced/).
-    #[arg(long = "namespace", env = "REKEY_NAMESPACES", value_delimiter = ',')]
-    namespaces: Vec<String>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the controller.
-    Run(RunArgs),
-    /// Show IamKeyRotations: user, active key and age, phase, next rotation, last failure.
-    Status {
-        /// Namespace (default: all namespaces).
-        #[arg(short, long)]
-        namespace: Option<String>,
-        name: Option<String>,
-    },
-    /// Request an on-demand rotation (the rekey.dev/rotate annotation).
-    Rotate {
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
-        name: String,
-        /// The key leaked: retire it as soon as the Secrets hold the new one, no soak.
-        #[arg(long)]
-        emergency: bool,
-        /// Follow the rotation to its end; exit non-zero if it ends Degraded or Stalled.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
-        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
-    },
-    /// After a rollback or an uncovered consumer was fixed: retire the old key again.
-    Retire {
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
-        name: String,
-    },
-    /// Print the IamKeyRotation CustomResourceDefinition as YAML (the source of crds/).
-    Crd,
-    /// Print the version.
-    Version,
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Status { namespace, name } => cli_run(|client| async move {
-            rekey::cli::status(client, namespace.as_deref(), name.as_deref()).await.map(|t| print!("{t}"))
-        }),
-        Command::Rotate { namespace, name, emergency, wait, timeout } => cli_run(|client| async move {
-            rekey::cli::rotate(client, &namespace, &name, emergency, wait.then_some(timeout)).await
-        }),
-        Command::Retire { namespace, name } => {
-            cli_run(|client| async move { rekey::cli::retire(client, &namespace, &name).await })
+    let argv0 = std::env::args_os().next();
+    let mut command = rekey::cli::args::command(argv0.as_deref());
+    // clap's own exit code for a usage error is 2, which rekey's exit codes give to "ended
+    // Degraded or Stalled": a wrong flag is an error (1), as kubectl has it.
+    let parsed = command.clone().try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(rekey::cli::exit::ERROR) } else { ExitCode::SUCCESS };
         }
+    };
+    match cli.command {
+        Command::Run(args) => run(*args),
         Command::Crd => match rekey::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -131,11 +37,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Version => {
-            println!("rekey {}", env!("CARGO_PKG_VERSION"));
+        Command::Completion { shell } => {
+            let name = command.get_bin_name().unwrap_or("rekey").replace(' ', "-");
+            clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Run(args) => run(args),
+        client => cli_run(client),
     }
 }
 
@@ -235,33 +142,13 @@ async fn operate(args: RunArgs) -> ExitCode {
     }
 }
 
-/// Runs a client subcommand on a small runtime; its error goes to stderr with exit code 1.
-fn cli_run<F, Fut>(f: F) -> ExitCode
-where
-    F: FnOnce(kube::Client) -> Fut,
-    Fut: std::future::Future<Output = Result<(), rekey::cli::CliError>>,
-{
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
+/// Runs a client subcommand on a small runtime (`rekey::cli::dispatch` sets the exit code).
+fn cli_run(command: Command) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(rekey::cli::dispatch(command)),
         Err(e) => {
             eprintln!("rekey: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    rt.block_on(async move {
-        let client = match kube::Client::try_default().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("rekey: no Kubernetes client: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        match f(client).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("rekey: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    }
 }

@@ -49,7 +49,7 @@ pub enum StallReason {
 }
 
 /// What is wrong while the Secrets still work (the Degraded condition's reason).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::Display, strum::IntoStaticStr)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::Display, strum::IntoStaticStr, strum::EnumString)]
 pub enum DegradeReason {
     RolloutStalled,
     RolledBack,
@@ -59,6 +59,16 @@ pub enum DegradeReason {
     GitOpsManagedSecret,
     UncoveredConsumers,
     SecretReverted,
+}
+
+impl DegradeReason {
+    /// Only a person clears it: rekey waits for someone to delete a foreign key, to settle who
+    /// owns the user or the Secret, or to deal with uncovered pods. The other reasons rekey works
+    /// through on its own (a slow rollout, a retried verification, a revert written back; a
+    /// rollback parks the rotation as Stalled).
+    pub fn needs_a_person(self) -> bool {
+        matches!(self, Self::KeyQuotaExhausted | Self::Conflict | Self::GitOpsManagedSecret | Self::UncoveredConsumers)
+    }
 }
 
 /// Why a step that writes is held back.

@@ -319,13 +319,14 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     /// The one way out: conditions from the verdict, the status write (when it changed), then the
     /// steps' Events, and when to look again.
     async fn commit(&mut self, st: IamKeyRotationStatus, decision: &Decision, done: Progress) -> Result<Action, Error> {
-        let requeue = done.requeue;
+        // Ready turns False the moment the key passes maxKeyAge, even if nothing else happens then
+        // (suspended, or a rotation stuck): look again at that moment.
+        let max_key_age = self.obj.spec.max_key_age.parse().ok();
+        let expiry = st.active_key.as_ref().and_then(|k| status::until_expiry(k, max_key_age, self.now));
+        let requeue = done.requeue.unwrap_or(plan::IDLE_RESYNC).min(plan::IDLE_RESYNC);
+        let requeue = expiry.map_or(requeue, |e| requeue.min(e + Duration::from_secs(1)));
         self.commit_progress(&st, decision, done).await?;
-        Ok(match requeue {
-            Some(d) if d.is_zero() => Action::requeue(Duration::from_millis(100)),
-            Some(d) => Action::requeue(d.min(plan::IDLE_RESYNC)),
-            None => Action::requeue(plan::IDLE_RESYNC),
-        })
+        Ok(if requeue.is_zero() { Action::requeue(Duration::from_millis(100)) } else { Action::requeue(requeue) })
     }
 
     /// What a step concluded, into the conditions (each step's in turn: a rollback's Degraded stands
@@ -333,7 +334,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     fn conclude(&self, st: &mut IamKeyRotationStatus, decision: &Decision) {
         let verdict = Verdict::of(decision);
         let was = st.conditions.clone();
-        st.conditions = status::conditions(st, &verdict, self.obj.metadata.generation, self.now);
+        let max_key_age = self.obj.spec.max_key_age.parse().ok();
+        st.conditions = status::conditions(st, &verdict, max_key_age, self.obj.metadata.generation, self.now);
         self.warn_on_change(&was, &verdict, &decision.step);
     }
 
@@ -393,7 +395,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 p.in_flight = false;
             }
             let v = Verdict::of_failure(what, &e, failed.failed_attempts);
-            failed.conditions = status::conditions(&failed, &v, self.obj.metadata.generation, self.now);
+            let max_key_age = self.obj.spec.max_key_age.parse().ok();
+            failed.conditions = status::conditions(&failed, &v, max_key_age, self.obj.metadata.generation, self.now);
             self.ctx.events.publish(&self.obj, true, e.category(), format!("{what} failed: {e}"), what);
             if let Err(we) = status::write(&self.api, &self.obj, &failed, false).await {
                 warn!(error = %we, "could not record the failure in status");

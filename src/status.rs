@@ -7,7 +7,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
 use kube::api::{Api, PostParams};
 
-use crate::api::{IamKeyRotation, IamKeyRotationStatus, Phase};
+use std::time::Duration;
+
+use crate::api::{IamKeyRotation, IamKeyRotationStatus, KeyRef, Phase};
 use crate::error::Error;
 use crate::plan::{Decision, DegradeReason, Requests, StallReason, Step};
 
@@ -149,10 +151,35 @@ pub fn failed(before: &IamKeyRotationStatus, generation: Option<i64>, now: Times
     st
 }
 
-/// The conditions after a reconcile (pure).
+/// Why a key in place is not good enough: it is older than spec.maxKeyAge (cert-manager's Ready
+/// goes False for an expired certificate the same way). None while it is younger, or when its age
+/// or the limit is unknown (an invalid spec is Stalled already).
+pub fn expired(key: &KeyRef, max_key_age: Option<Duration>, now: Timestamp) -> Option<String> {
+    let (created, max) = (key.created_at.as_ref()?.0, max_key_age?);
+    let age = Duration::try_from(now.duration_since(created)).ok()?;
+    (age >= max).then(|| {
+        format!(
+            "key {} is {} old, past maxKeyAge ({}): rotate it, or see Degraded/Stalled for why rekey has not",
+            key.access_key_id,
+            crate::duration::format(Duration::from_secs(age.as_secs())),
+            crate::duration::format(max)
+        )
+    })
+}
+
+/// How long until the key passes maxKeyAge; None once it has, or when its age or the limit is
+/// unknown (pure).
+pub fn until_expiry(key: &KeyRef, max_key_age: Option<Duration>, now: Timestamp) -> Option<Duration> {
+    let (created, max) = (key.created_at.as_ref()?.0, max_key_age?);
+    let age = Duration::try_from(now.duration_since(created)).unwrap_or_default();
+    max.checked_sub(age).filter(|d| !d.is_zero())
+}
+
+/// The conditions after a reconcile (pure). `max_key_age` is spec.maxKeyAge (None if invalid).
 pub fn conditions(
     st: &IamKeyRotationStatus,
     verdict: &Verdict,
+    max_key_age: Option<Duration>,
     generation: Option<i64>,
     now: Timestamp,
 ) -> Vec<Condition> {
@@ -169,6 +196,10 @@ pub fn conditions(
     match (&st.active_key, secret_broken) {
         _ if forbidden.is_some() => {
             set(&mut c, "Ready", false, "Forbidden", forbidden.unwrap_or_default(), generation, now)
+        }
+        (Some(k), false) if expired(k, max_key_age, now).is_some() => {
+            let message = expired(k, max_key_age, now).unwrap_or_default();
+            set(&mut c, "Ready", false, "KeyExpired", &message, generation, now)
         }
         (Some(k), false) => set(
             &mut c,
@@ -285,7 +316,6 @@ pub async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::KeyRef;
 
     fn status(phase: Phase, key: bool) -> IamKeyRotationStatus {
         IamKeyRotationStatus {
@@ -302,7 +332,13 @@ mod tests {
 
     #[test]
     fn ready_stays_true_during_a_rotation_and_rotating_names_the_phase() {
-        let c = conditions(&status(Phase::Soaking, true), &Verdict::Waiting(String::new()), Some(3), Timestamp::now());
+        let c = conditions(
+            &status(Phase::Soaking, true),
+            &Verdict::Waiting(String::new()),
+            None,
+            Some(3),
+            Timestamp::now(),
+        );
         assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
         assert_eq!(cond(&c, "Rotating"), ("True", "Soaking"));
         assert_eq!(cond(&c, "Reconciling").0, "False");
@@ -311,7 +347,7 @@ mod tests {
 
     #[test]
     fn bootstrap_is_reconciling_and_not_ready() {
-        let c = conditions(&status(Phase::Creating, false), &Verdict::Progressed, None, Timestamp::now());
+        let c = conditions(&status(Phase::Creating, false), &Verdict::Progressed, None, None, Timestamp::now());
         assert_eq!(cond(&c, "Ready"), ("False", "NoKey"));
         assert_eq!(cond(&c, "Reconciling"), ("True", "Bootstrapping"));
     }
@@ -320,11 +356,11 @@ mod tests {
     fn degraded_persists_while_waiting_and_clears_on_progress() {
         let now = Timestamp::now();
         let mut st = status(Phase::RollingOut, true);
-        st.conditions = conditions(&st, &Verdict::Degraded(DegradeReason::RolloutStalled, "x".into()), None, now);
+        st.conditions = conditions(&st, &Verdict::Degraded(DegradeReason::RolloutStalled, "x".into()), None, None, now);
         assert_eq!(cond(&st.conditions, "Degraded"), ("True", "RolloutStalled"));
-        st.conditions = conditions(&st, &Verdict::Waiting(String::new()), None, now);
+        st.conditions = conditions(&st, &Verdict::Waiting(String::new()), None, None, now);
         assert_eq!(cond(&st.conditions, "Degraded"), ("True", "RolloutStalled"));
-        st.conditions = conditions(&st, &Verdict::Progressed, None, now);
+        st.conditions = conditions(&st, &Verdict::Progressed, None, None, now);
         assert_eq!(cond(&st.conditions, "Degraded").0, "False");
     }
 
@@ -332,19 +368,19 @@ mod tests {
     fn what_a_failure_said_stands_while_its_backoff_runs() {
         let now = Timestamp::now();
         let mut st = status(Phase::RollingOut, true);
-        st.conditions = conditions(&st, &Verdict::Forbidden("cannot patch deployments".into()), None, now);
+        st.conditions = conditions(&st, &Verdict::Forbidden("cannot patch deployments".into()), None, None, now);
         assert_eq!(cond(&st.conditions, "Ready"), ("False", "Forbidden"));
-        let c = conditions(&st, &Verdict::Retrying(String::new()), None, now);
+        let c = conditions(&st, &Verdict::Retrying(String::new()), None, None, now);
         assert_eq!(cond(&c, "Ready"), ("False", "Forbidden"));
         assert_eq!(cond(&c, "Stalled"), ("True", "Forbidden"));
-        let c = conditions(&st, &Verdict::Progressed, None, now);
+        let c = conditions(&st, &Verdict::Progressed, None, None, now);
         assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
     }
 
     #[test]
     fn a_secret_conflict_is_stalled_and_not_ready() {
         let v = Verdict::Stalled(StallReason::SecretConflict, "disagree".into());
-        let c = conditions(&status(Phase::Idle, true), &v, None, Timestamp::now());
+        let c = conditions(&status(Phase::Idle, true), &v, None, None, Timestamp::now());
         assert_eq!(cond(&c, "Stalled"), ("True", "SecretConflict"));
         assert_eq!(cond(&c, "Ready").0, "False");
     }
@@ -354,13 +390,13 @@ mod tests {
         let now = Timestamp::now();
         let mut st = status(Phase::Idle, true);
         let e = Error::Iam { operation: "CreateAccessKey", code: "AccessDenied".into(), message: "scp".into() };
-        st.conditions = conditions(&st, &Verdict::of_failure("Create", &e, 2), None, now);
+        st.conditions = conditions(&st, &Verdict::of_failure("Create", &e, 2), None, None, now);
         assert_eq!(cond(&st.conditions, "Degraded"), ("True", "IamAccessDenied"));
         assert!(get(&st.conditions, "Degraded").unwrap().message.contains("Create failed (attempt 2"));
-        let c = conditions(&st, &Verdict::Retrying("retrying after failure at t".into()), None, now);
+        let c = conditions(&st, &Verdict::Retrying("retrying after failure at t".into()), None, None, now);
         assert_eq!(cond(&c, "Degraded"), ("True", "IamAccessDenied"));
         assert!(get(&c, "Rotating").unwrap().message.contains("retrying after failure at t"));
-        let c = conditions(&st, &Verdict::Progressed, None, now);
+        let c = conditions(&st, &Verdict::Progressed, None, None, now);
         assert_eq!(cond(&c, "Degraded").0, "False");
     }
 
@@ -369,6 +405,7 @@ mod tests {
         let c = conditions(
             &status(Phase::RollingOut, true),
             &Verdict::Waiting("waiting for the rollout of Deployment/api: 1 of 2 updated, 1 ready".into()),
+            None,
             None,
             Timestamp::now(),
         );
@@ -404,5 +441,35 @@ mod tests {
         let mut moved = at("2 of 2 updated");
         moved.phase = Phase::Deactivating;
         assert!(worth_writing(&at("1 of 2 updated"), &moved), "anything besides the counts is written");
+    }
+
+    #[test]
+    fn a_key_past_max_key_age_is_not_ready_even_while_it_is_replaced() {
+        let now: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        let mut st = status(Phase::RollingOut, true);
+        let max = Some(Duration::from_secs(30 * 86_400));
+        let created = |days: i64| Some(Time(now - jiff_days(days)));
+        st.active_key.as_mut().unwrap().created_at = created(29);
+        let c = conditions(&st, &Verdict::Waiting(String::new()), max, None, now);
+        assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
+        st.active_key.as_mut().unwrap().created_at = created(31);
+        let c = conditions(&st, &Verdict::Waiting(String::new()), max, None, now);
+        assert_eq!(cond(&c, "Ready"), ("False", "KeyExpired"));
+        assert_eq!(
+            get(&c, "Ready").unwrap().message,
+            "key AKIA1 is 31d old, past maxKeyAge (30d): rotate it, or see Degraded/Stalled for why rekey has not"
+        );
+        // Unknown age or an invalid spec: no judgement.
+        assert_eq!(cond(&conditions(&st, &Verdict::Progressed, None, None, now), "Ready").0, "True");
+        st.active_key.as_mut().unwrap().created_at = None;
+        assert_eq!(cond(&conditions(&st, &Verdict::Progressed, max, None, now), "Ready").0, "True");
+        // The reconcile looks again when the key expires.
+        let key = KeyRef { access_key_id: "AKIA1".into(), created_at: created(29) };
+        assert_eq!(until_expiry(&key, max, now), Some(Duration::from_secs(86_400)));
+        assert_eq!(until_expiry(&KeyRef { created_at: created(31), ..key }, max, now), None);
+    }
+
+    fn jiff_days(days: i64) -> k8s_openapi::jiff::SignedDuration {
+        k8s_openapi::jiff::SignedDuration::from_hours(24 * days)
     }
 }
