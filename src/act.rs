@@ -149,16 +149,28 @@ impl<I: Iam> Env<'_, I> {
     }
 
     /// Every target Secret, read afresh right before the old key is switched off or deleted, holds
-    /// the active key: a writer that put another key back since the decision stops the step.
+    /// the active key: a writer that put another key back since the decision stops the step. So
+    /// does a write of the keys since the census (which excused pods created after the last one):
+    /// a revert and a write-back in between would leave a pod on the old key excused.
     async fn require_targets_hold(&self, active: Option<&str>) -> Result<(), Error> {
         let api = self.secrets();
         for t in &self.obj.spec.secrets {
-            let held = secrets::held(t, api.get_opt(&t.name).await?.as_ref());
+            let s = api.get_opt(&t.name).await?;
+            let held = secrets::held(t, s.as_ref());
             if !matches!(&held, crate::plan::SecretState::Holds(id) if Some(id.as_str()) == active) {
                 return Err(Error::Unsafe(format!(
                     "refusing to retire the old key: Secret {} no longer holds the active key {} ({held:?})",
                     t.name,
                     active.unwrap_or("none")
+                )));
+            }
+            let last = s.as_ref().and_then(|s| secrets::last_write(&secrets::owned_keys(t), s));
+            if let (Some(census), Some(last)) = (self.observed.written_at, last)
+                && last > census
+            {
+                return Err(Error::Unsafe(format!(
+                    "refusing to retire the old key: Secret {} was written at {last}, after the consumer census; looking again",
+                    t.name
                 )));
             }
         }

@@ -51,7 +51,8 @@ pub async fn basic(
     let mut written_at = Some(Timestamp::UNIX_EPOCH);
     for t in &obj.spec.secrets {
         let s = get_secret(&api, &t.name).await?;
-        written_at = written_at.zip(s.as_ref().and_then(secrets::last_write)).map(|(a, b)| a.max(b));
+        let last = s.as_ref().and_then(|s| secrets::last_write(&secrets::owned_keys(t), s));
+        written_at = written_at.zip(last).map(|(a, b)| a.max(b));
         if let Some(tool) = s.as_ref().and_then(secrets::gitops_tool) {
             gitops_managed.push((t.name.clone(), tool));
         }

@@ -772,6 +772,32 @@ async fn deactivate_lists_afresh_then_switches_off_the_retiring_key_and_soaks() 
     assert_eq!((reasons(&out), out.precondition), (vec!["Deactivated"], true));
 }
 
+/// Safety re-check (census): a write of a target's keys after the census that excused pods by
+/// their creation time stops the step, even when the target holds the active key again.
+#[tokio::test]
+async fn deactivate_refuses_when_a_target_was_written_after_the_census() {
+    for (census, refuses) in [("2029-01-01T00:00:00Z", true), ("2030-01-01T00:00:00Z", false)] {
+        let mut fx = Fx::new();
+        let (old, _new) = fx.retiring(Phase::Deactivating, true).await;
+        with_web_ready(&mut fx, 3);
+        let mut a = fx.kube.get(&kind_path::<Secret>(), NS, "a").unwrap();
+        a["metadata"]["managedFields"] = json!([{"manager": "helm", "operation": "Update",
+            "time": "2030-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:data": {"f:AWS_ACCESS_KEY_ID": {}}}}]);
+        fx.kube.put(a);
+        fx.observed.written_at = Some(census.parse().unwrap());
+        let done = fx.run(&Step::Deactivate { key_id: old.clone() }).await;
+        if refuses {
+            let why = refused(done);
+            assert!(why.contains("Secret a was written at") && why.contains("after the consumer census"), "{why}");
+            assert_eq!(fx.active_in_iam(&old), Some(true), "the old key stays Active");
+        } else {
+            done.unwrap();
+            assert_eq!(fx.active_in_iam(&old), Some(false), "census after the last write: switched off");
+        }
+    }
+}
+
 /// What a human does to the key in the Secrets after the snapshot: (what, how).
 type HumanAct = (&'static str, fn(&FakeIam, &str));
 

@@ -33,10 +33,19 @@ pub fn gitops_tool(s: &Secret) -> Option<&'static str> {
     None
 }
 
-/// When the Secret was last written, by the apiserver's clock: the newest time among its field
-/// managers (the apiserver stamps each write's manager with it). `None` without managedFields.
-pub fn last_write(s: &Secret) -> Option<k8s_openapi::jiff::Timestamp> {
-    s.metadata.managed_fields.iter().flatten().filter_map(|f| f.time.as_ref().map(|t| t.0)).max()
+/// When the keys a target owns were last written, by the apiserver's clock: the newest time among
+/// the field managers that own one of `keys` (the apiserver stamps a manager's entry when its write
+/// changes the object). Writes of other keys or of metadata do not count. `None` when no manager
+/// owns them.
+pub fn last_write(keys: &[String], s: &Secret) -> Option<k8s_openapi::jiff::Timestamp> {
+    let owns = |f: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry| {
+        let fields = f.fields_v1.as_ref().map(|v| &v.0);
+        ["f:data", "f:stringData"].iter().any(|section| {
+            let owned = fields.and_then(|v| v.get(*section)).and_then(|d| d.as_object());
+            owned.is_some_and(|o| keys.iter().any(|k| o.contains_key(&format!("f:{k}"))))
+        })
+    };
+    s.metadata.managed_fields.iter().flatten().filter(|f| owns(f)).filter_map(|f| f.time.as_ref().map(|t| t.0)).max()
 }
 
 /// What every rekey field manager starts with (`rekey/<resource>`, see `field_manager`).
@@ -115,13 +124,20 @@ mod tests {
     }
 
     #[test]
-    fn the_last_write_is_the_newest_manager_time_by_the_apiservers_clock() {
+    fn the_last_write_is_the_newest_time_of_a_manager_of_the_owned_keys() {
+        let keys = ["AWS_ACCESS_KEY_ID".to_owned()];
         let s = secret(json!({"managedFields": [
-            {"manager": "rekey/billing", "operation": "Apply", "time": "2026-06-01T12:00:05Z"},
-            {"manager": "helm", "operation": "Update", "time": "2026-06-01T12:00:09Z"},
-            {"manager": "kubectl", "operation": "Update"},
+            {"manager": "rekey/billing", "operation": "Apply", "time": "2026-06-01T12:00:05Z", "fieldsType": "FieldsV1",
+             "fieldsV1": {"f:data": {"f:AWS_ACCESS_KEY_ID": {}}}},
+            {"manager": "helm", "operation": "Update", "time": "2026-06-01T12:00:07Z", "fieldsType": "FieldsV1",
+             "fieldsV1": {"f:stringData": {"f:AWS_ACCESS_KEY_ID": {}}}},
+            // Another key, or only a label, written later: what the pods read of rekey's keys did not change.
+            {"manager": "other", "operation": "Update", "time": "2026-06-01T12:00:09Z", "fieldsType": "FieldsV1",
+             "fieldsV1": {"f:data": {"f:UNRELATED": {}}}},
+            {"manager": "kubectl-label", "operation": "Update", "time": "2026-06-01T12:00:11Z", "fieldsType": "FieldsV1",
+             "fieldsV1": {"f:metadata": {"f:labels": {}}}},
         ]}));
-        assert_eq!(last_write(&s), Some("2026-06-01T12:00:09Z".parse().unwrap()));
-        assert_eq!(last_write(&secret(json!({}))), None, "no managedFields: no time to excuse a pod by");
+        assert_eq!(last_write(&keys, &s), Some("2026-06-01T12:00:07Z".parse().unwrap()));
+        assert_eq!(last_write(&keys, &secret(json!({}))), None, "no managedFields: no time to excuse a pod by");
     }
 }
