@@ -158,10 +158,11 @@ pub fn expired(key: &KeyRef, max_key_age: Option<Duration>, now: Timestamp) -> O
     let (created, max) = (key.created_at.as_ref()?.0, max_key_age?);
     let age = Duration::try_from(now.duration_since(created)).ok()?;
     (age >= max).then(|| {
+        // The creation time, not the age: a message that changed every second would be rewritten
+        // at random moments and stale in between.
         format!(
-            "key {} is {} old, past maxKeyAge ({}): rotate it, or see Degraded/Stalled for why rekey has not",
+            "key {} (created {created}) is past maxKeyAge ({}): rotate it, or see Degraded/Stalled for why rekey has not",
             key.access_key_id,
-            crate::duration::format(Duration::from_secs(age.as_secs())),
             crate::duration::format(max)
         )
     })
@@ -186,6 +187,10 @@ pub fn conditions(
     let mut c = st.conditions.clone();
     if let Verdict::Retrying(why) = verdict {
         rotating(&mut c, st, why, generation, now);
+        // The failure's conditions stand through the backoff; an expiry meanwhile still shows.
+        if let Some(message) = st.active_key.as_ref().and_then(|k| expired(k, max_key_age, now)) {
+            set(&mut c, "Ready", false, "KeyExpired", &message, generation, now);
+        }
         return c;
     }
     let secret_broken = matches!(verdict, Verdict::Stalled(StallReason::SecretConflict, _));
@@ -261,33 +266,40 @@ fn rotating(c: &mut Vec<Condition>, st: &IamKeyRotationStatus, why: &str, genera
 /// Conflict instead of repeating or undoing a step); without, a conflict with a concurrent edit of
 /// spec or metadata is retried on a fresh read.
 ///
-/// Whether `after` says anything `before` does not: a condition message whose counts alone moved
-/// ("1 of 2 updated" → "2 of 2 updated") is live progress, not worth a status write of its own;
-/// it goes out with the next change that is.
+/// Whether `after` says anything `before` does not: live rollout progress in the Rotating
+/// message ("1 of 2 updated, 1 ready" → "2 of 2 updated, 2 ready") is not worth a status write of
+/// its own; it goes out with the next change that is. Every other difference is written, names
+/// and times in any message included.
 pub fn worth_writing(before: &IamKeyRotationStatus, after: &IamKeyRotationStatus) -> bool {
     if before == after {
         return false;
     }
     let skeleton = |st: &IamKeyRotationStatus| {
         let mut st = st.clone();
-        for c in &mut st.conditions {
-            c.message = without_counts(&c.message);
+        for c in st.conditions.iter_mut().filter(|c| c.type_ == "Rotating") {
+            c.message = without_progress_counts(&c.message);
         }
         st
     };
     skeleton(before) != skeleton(after)
 }
 
-fn without_counts(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for c in message.chars() {
-        match (c.is_ascii_digit(), out.ends_with('#')) {
-            (true, true) => {}
-            (true, false) => out.push('#'),
-            (false, _) => out.push(c),
-        }
-    }
-    out
+/// The Rotating message with the counts of `workloads::progress` ("N of M updated, K ready",
+/// "N pod(s) of the old template left") masked; every other number kept.
+fn without_progress_counts(message: &str) -> String {
+    let words: Vec<&str> = message.split(' ').collect();
+    let count = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit());
+    let progress = |i: usize| {
+        let next = words.get(i + 1).map(|w| w.trim_end_matches(','));
+        let after_of = i > 0 && words[i - 1] == "of" && words.get(i + 1).is_some_and(|w| w.starts_with("updated"));
+        matches!(next, Some("of" | "ready" | "pod(s)")) || after_of
+    };
+    let masked: Vec<&str> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| if count(w.trim_end_matches(',')) && progress(i) { "#" } else { w })
+        .collect();
+    masked.join(" ")
 }
 
 /// A replace of the status subresource, not server-side apply: on the 1.20 apiserver, applying a
@@ -417,11 +429,11 @@ mod tests {
     }
 
     #[test]
-    fn a_message_whose_counts_alone_moved_is_not_worth_a_write() {
-        let with = |message: &str| {
+    fn a_message_whose_rollout_counts_alone_moved_is_not_worth_a_write() {
+        let with = |type_: &str, message: &str| {
             let mut st = status(Phase::RollingOut, true);
             st.conditions = vec![Condition {
-                type_: "Rotating".into(),
+                type_: type_.into(),
                 status: "True".into(),
                 reason: "RollingOut".into(),
                 message: message.into(),
@@ -430,14 +442,22 @@ mod tests {
             }];
             st
         };
-        let at = |m: &str| with(&format!("waiting for the rollout of Deployment/web: {m}"));
+        let at = |m: &str| with("Rotating", &format!("waiting for the rollout of Deployment/web-1: {m}"));
         assert!(!worth_writing(&at("9 of 10 updated, 8 ready"), &at("10 of 10 updated, 10 ready")));
-        assert!(!worth_writing(&at("1 of 2 updated"), &at("1 of 2 updated")));
-        assert!(worth_writing(&at("2 of 2 updated"), &at("2 of 2 updated, 1 pod(s) of the old template left")));
-        assert!(worth_writing(
-            &at("2 of 2 updated"),
-            &with("waiting for a rotation slot (at most 10 rotations at once)")
+        assert!(!worth_writing(
+            &at("2 of 2 updated, 2 ready, 2 pod(s) of the old template left"),
+            &at("2 of 2 updated, 2 ready, 1 pod(s) of the old template left")
         ));
+        assert!(worth_writing(&at("2 of 2 updated"), &at("2 of 2 updated, 1 pod(s) of the old template left")));
+        assert!(worth_writing(&at("2 of 2 updated"), &with("Rotating", "waiting for a rotation slot (at most 10)")));
+        // Names and times are not counts, in the Rotating message or any other.
+        let rollout =
+            |name: &str| with("Rotating", &format!("waiting for the rollout of Deployment/{name}: 1 of 2 updated"));
+        assert!(worth_writing(&rollout("worker-1"), &rollout("worker-2")));
+        let used = |t: &str| with("Rotating", &format!("key AKIA1 was used at 2026-06-01T12:{t}:00Z; waiting"));
+        assert!(worth_writing(&used("00"), &used("05")));
+        let stalled = |n: &str| with("Degraded", &format!("waiting for Deployment/web: 1 of 2 Ready, and {n} more"));
+        assert!(worth_writing(&stalled("3"), &stalled("9")));
         let mut moved = at("2 of 2 updated");
         moved.phase = Phase::Deactivating;
         assert!(worth_writing(&at("1 of 2 updated"), &moved), "anything besides the counts is written");
@@ -457,8 +477,10 @@ mod tests {
         assert_eq!(cond(&c, "Ready"), ("False", "KeyExpired"));
         assert_eq!(
             get(&c, "Ready").unwrap().message,
-            "key AKIA1 is 31d old, past maxKeyAge (30d): rotate it, or see Degraded/Stalled for why rekey has not"
+            "key AKIA1 (created 2026-01-29T00:00:00Z) is past maxKeyAge (30d): rotate it, or see Degraded/Stalled for why rekey has not"
         );
+        let c = conditions(&st, &Verdict::Retrying("retrying".into()), max, None, now);
+        assert_eq!(cond(&c, "Ready"), ("False", "KeyExpired"), "an expiry during a backoff shows too");
         // Unknown age or an invalid spec: no judgement.
         assert_eq!(cond(&conditions(&st, &Verdict::Progressed, None, None, now), "Ready").0, "True");
         st.active_key.as_mut().unwrap().created_at = None;
