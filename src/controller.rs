@@ -29,8 +29,9 @@ pub const RECONCILE_CONCURRENCY: u16 = 16;
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     // This future runs only once this replica leads (crate::leader) or leader election is off, and
-    // the process exits when leadership is lost: leading is exactly while it runs.
-    ctx.metrics.leader.set(1);
+    // is dropped when leadership is lost: leading is exactly while it lives (the guard says so
+    // however it ends).
+    let _leading = Leading::new(ctx.metrics.leader.clone());
     let client = ctx.client.clone();
     // Cluster-wide, or one controller per watched namespace (namespaced RBAC: a Role in each).
     let apis: Vec<(Option<String>, Api<Cached>)> = if ctx.config.namespaces.is_empty() {
@@ -84,8 +85,23 @@ pub async fn run<I: Iam + 'static>(ctx: Arc<Context<I>>) {
     futures::future::join_all(runs).await;
     synced.abort();
     counting.abort();
-    ctx.metrics.leader.set(0);
     ctx.health.set(crate::http::Lifecycle::Dead);
+}
+
+/// `rekey_leader` is 1 while this lives.
+struct Leading(prometheus_client::metrics::gauge::Gauge);
+
+impl Leading {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.set(1);
+        Self(gauge)
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.0.set(0);
+    }
 }
 
 fn error_policy<I: Iam>(obj: Arc<Cached>, err: &Error, _ctx: Arc<Context<I>>) -> Action {
