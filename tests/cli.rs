@@ -107,6 +107,21 @@ async fn rotate_waits_for_the_outcome_and_says_it_with_its_exit_code() -> anyhow
     assert_eq!(r.code, Some(0), "{}{}", r.out, r.err);
     assert!(r.out.contains("done in"), "{}", r.out);
 
+    // With the default deleteAfter (1h) the wait ends once the new key is in use, not an hour later.
+    let soak = |after: &str| json!({"spec": {"retirement": {"deleteAfter": after}}});
+    let merge = |v: &serde_json::Value| kube::api::Patch::Merge(v.clone());
+    f.ikrs.patch("app", &kube::api::PatchParams::default(), &merge(&soak("1h"))).await?;
+    let r = rekey(&["rotate", "--kubeconfig", &kc, "app", "--wait", "--timeout", "2m"]).await?;
+    assert_eq!(r.code, Some(0), "{}{}", r.out, r.err);
+    let o = f.ikrs.get("app").await?;
+    assert!(
+        matches!(phase(&o), Phase::Deactivating | Phase::Soaking),
+        "done while the old key is retired: {:?}",
+        phase(&o)
+    );
+    f.ikrs.patch("app", &kube::api::PatchParams::default(), &merge(&soak("0s"))).await?;
+    wait_ikr(&f.ikrs, "app", "old key deleted", |o| phase(o) == Phase::Idle).await?;
+
     // Suspended: the request is never acted on; --wait gives up at its timeout with 3.
     f.ikrs
         .patch("app", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&json!({"spec": spec(true)})))

@@ -88,6 +88,13 @@ pub struct StatusArgs {
     pub names: Vec<String>,
 }
 
+/// What `rotate --wait` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Until {
+    InUse,
+    Retired,
+}
+
 #[derive(Args, Debug)]
 pub struct RotateArgs {
     #[command(flatten)]
@@ -104,6 +111,11 @@ pub struct RotateArgs {
     /// reason only a person clears) or Stalled, 3 on --timeout.
     #[arg(long)]
     pub wait: bool,
+    /// What --wait counts as done: `in-use` once every workload runs on the new key (the old one is
+    /// then being retired), `retired` once the old key is deleted too (after deleteAfter, 1h by
+    /// default: raise --timeout).
+    #[arg(long, value_enum, default_value = "in-use")]
+    pub until: Until,
     /// How long --wait waits.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -163,7 +175,7 @@ pub enum LogFormat {
 pub struct RunArgs {
     /// Name of this cluster: the value the consent tag rekey.dev/allow/<namespace> must carry,
     /// and part of every key's owner claim.
-    #[arg(long, env = "REKEY_CLUSTER_NAME")]
+    #[arg(long, env = "REKEY_CLUSTER_NAME", value_parser = cluster_name)]
     pub cluster_name: String,
     /// Default AWS region (IAM is global): where new keys are verified with STS, and the
     /// template's {{ .Region }}; a resource's spec.aws.region overrides it.
@@ -215,6 +227,25 @@ pub fn command(argv0: Option<&std::ffi::OsStr>) -> clap::Command {
     if plugin { cmd.bin_name("kubectl rekey").display_name("kubectl-rekey") } else { cmd.bin_name("rekey") }
 }
 
+/// A cluster's name is part of every owner claim and consent tag: two clusters that kept a
+/// placeholder would take each other for the same owner, so the shipped placeholders (upper case)
+/// are refused along with anything that is not a lowercase DNS label.
+fn cluster_name(v: &str) -> Result<String, String> {
+    let label = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if label {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "{v:?} is not this cluster's name: set a lowercase DNS label (a-z, 0-9, '-', at most 63), e.g. prod-eu-1; \
+             it goes into every key's owner claim and the consent tag rekey.dev/allow/<namespace>"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +277,15 @@ mod tests {
             (s.output, s.selector.as_deref(), s.kube.context.as_deref()),
             (Output::Wide, Some("team=a"), Some("prod"))
         );
+    }
+
+    #[test]
+    fn a_placeholder_cluster_name_is_refused() {
+        for bad in ["CHANGE-ME", "CHANGE-ME-cluster-name", "", "-prod", "prod_eu", &"a".repeat(64)] {
+            assert!(cluster_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["prod-eu-1", "test", "a"] {
+            assert_eq!(cluster_name(good).as_deref(), Ok(good));
+        }
     }
 }

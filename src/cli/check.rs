@@ -49,9 +49,13 @@ pub fn crd_finding(installed: Option<&CustomResourceDefinition>) -> Finding {
         "{name} {}; storage version {storage}; {version} {}; schema {}",
         if established { "established" } else { "NOT established" },
         if served.is_some() { "served" } else { "NOT served (this rekey speaks it)" },
-        if same_schema { "matches this rekey's" } else { "differs from this rekey's (apply its crds/)" },
+        if same_schema {
+            "matches this rekey's"
+        } else {
+            "differs from this rekey's: apply its crds/ (the apiserver drops status fields an older schema lacks, write-ahead records included)"
+        },
     );
-    finding("CRD", established && served.is_some(), detail)
+    finding("CRD", established && served.is_some() && same_schema, detail)
 }
 
 /// Whether a leader renewed the Lease within its duration (pure).
@@ -176,6 +180,13 @@ mod tests {
         let f = crd_finding(Some(&crd));
         assert!(f.ok && f.detail.contains("storage version v1alpha1") && f.detail.contains("schema matches"), "{f:?}");
         assert!(!crd_finding(None).ok);
+        // An older CRD (here: without the status schema) is a failure, not a note.
+        let mut older = crd.clone();
+        if let Some(s) = older.spec.versions[0].schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+            s.properties.as_mut().unwrap().remove("status");
+        }
+        let f = crd_finding(Some(&older));
+        assert!(!f.ok && f.detail.contains("differs"), "{f:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use kube::ResourceExt as _;
 use kube::api::{Api, Patch, PatchParams};
 
 use super::CliError;
-use super::args::{RetireArgs, RotateArgs};
+use super::args::{RetireArgs, RotateArgs, Until};
 use super::connect::{Connection, Scope, scope};
 use super::output::problem;
 use crate::api::{
@@ -26,6 +26,9 @@ pub struct Request {
     pub since: Timestamp,
     /// status.rotations before the request.
     pub rotations: u32,
+    /// The active key before the request.
+    pub key_before: Option<String>,
+    pub until: Until,
 }
 
 /// How a requested rotation ended.
@@ -55,7 +58,16 @@ pub fn outcome(o: &IamKeyRotation, r: &Request) -> Option<Outcome> {
     }
     let st = o.status.as_ref()?;
     let acted_on = if r.emergency { &st.last_emergency_request } else { &st.last_rotate_request };
-    if acted_on.as_deref() != Some(r.value.as_str()) || st.phase != Phase::Idle {
+    if acted_on.as_deref() != Some(r.value.as_str()) {
+        return None;
+    }
+    let active = st.active_key.as_ref().map(|k| k.access_key_id.clone());
+    // Past the rollout, the new key is what every workload runs on; the old one is being retired.
+    let retiring = matches!(st.phase, Phase::Deactivating | Phase::Soaking | Phase::Deleting);
+    if r.until == Until::InUse && retiring && active.is_some() && active != r.key_before {
+        return active.map(Outcome::Done);
+    }
+    if st.phase != Phase::Idle {
         return None;
     }
     if st.rotations > r.rotations {
@@ -95,12 +107,14 @@ pub async fn rotate(conn: &Connection, args: &RotateArgs) -> Result<(), CliError
     let mut waits = Vec::new();
     for o in &targets {
         let rotations = o.status.as_ref().map(|s| s.rotations).unwrap_or(0);
+        let key_before = o.status.as_ref().and_then(|s| s.active_key.as_ref()).map(|k| k.access_key_id.clone());
         annotate(&api_for(conn, o), &o.name_any(), key, &value).await?;
         println!("{key}={value} set on {}/{}", o.namespace().unwrap_or_default(), o.name_any());
         if let Some((p, m)) = problem(o) {
             println!("  note: it was {p} before the request: {m}");
         }
-        waits.push((o.clone(), Request { emergency: args.emergency, value: value.clone(), since, rotations }));
+        let (emergency, until) = (args.emergency, args.until);
+        waits.push((o.clone(), Request { emergency, value: value.clone(), since, rotations, key_before, until }));
     }
     if !args.wait {
         return Ok(());
@@ -199,7 +213,14 @@ mod tests {
     }
 
     fn request() -> Request {
-        Request { emergency: false, value: "100".into(), since: "2026-01-01T00:01:40Z".parse().unwrap(), rotations: 1 }
+        Request {
+            emergency: false,
+            value: "100".into(),
+            since: "2026-01-01T00:01:40Z".parse().unwrap(),
+            rotations: 1,
+            key_before: Some("AKIAOLD".into()),
+            until: Until::Retired,
+        }
     }
 
     fn degraded(reason: &str, at: &str) -> serde_json::Value {
@@ -216,6 +237,20 @@ mod tests {
         assert_eq!(outcome(&o, &request()), None);
         let o = ikr(serde_json::json!({"phase": "Idle", "rotations": 2, "lastRotateRequest": "99"}));
         assert_eq!(outcome(&o, &request()), None, "an earlier request's rotation is not this one's");
+    }
+
+    #[test]
+    fn by_default_done_once_the_new_key_is_in_use_while_the_old_one_is_retired() {
+        let in_use = Request { until: Until::InUse, ..request() };
+        let at = |phase: &str, key: &str| {
+            ikr(serde_json::json!({"phase": phase, "rotations": 1, "lastRotateRequest": "100",
+                "activeKey": {"accessKeyId": key}}))
+        };
+        assert_eq!(outcome(&at("Soaking", "AKIANEW"), &in_use), Some(Outcome::Done("AKIANEW".into())));
+        assert_eq!(outcome(&at("Deactivating", "AKIANEW"), &in_use), Some(Outcome::Done("AKIANEW".into())));
+        assert_eq!(outcome(&at("RollingOut", "AKIANEW"), &in_use), None, "pods may still run on the old key");
+        assert_eq!(outcome(&at("Soaking", "AKIAOLD"), &in_use), None, "not this request's key");
+        assert_eq!(outcome(&at("Soaking", "AKIANEW"), &request()), None, "--until retired waits for the deletion");
     }
 
     #[test]
