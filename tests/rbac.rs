@@ -112,7 +112,14 @@ async fn every_kustomize_overlay_renders_is_hardened_and_accepted_by_the_apiserv
                     assert!(known, "deploy/{overlay}: {name} is not a setting of `rekey run`");
                 }
                 let cluster = c["env"].as_array().into_iter().flatten().find(|e| e["name"] == "REKEY_CLUSTER_NAME");
-                assert_ne!(cluster.map(|e| &e["value"]), Some(&json!("CHANGE-ME")), "settings override the base");
+                // A forgotten CHANGE line cannot pass silently: rekey refuses the placeholder.
+                let value = cluster.and_then(|e| e["value"].as_str()).context("REKEY_CLUSTER_NAME")?;
+                assert_eq!(value, "CHANGE-ME-cluster-name", "settings override the base");
+                let refused = std::process::Command::new(env!("CARGO_BIN_EXE_rekey"))
+                    .args(["run", "--cluster-name", value])
+                    .output()?;
+                assert!(!refused.status.success(), "the placeholder is refused");
+                assert!(String::from_utf8_lossy(&refused.stderr).contains("is not this cluster's name"));
             }
             if kind == "ServiceAccount" {
                 assert!(v["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].is_string(), "the IRSA place");
