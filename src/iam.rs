@@ -55,6 +55,10 @@ pub trait Iam: Send + Sync + Clone {
     fn urgent(&self) -> Self {
         self.clone()
     }
+    /// The same operations, served in turn (an emergency rotation once the leaked key is off).
+    fn routine(&self) -> Self {
+        self.clone()
+    }
 }
 
 /// The AWS SDK implementation (aws-config's default chain; honours AWS_ENDPOINT_URL).
@@ -192,6 +196,10 @@ impl Iam for AwsIam {
 
     fn urgent(&self) -> Self {
         Self { urgent: true, ..self.clone() }
+    }
+
+    fn routine(&self) -> Self {
+        Self { urgent: false, ..self.clone() }
     }
 
     async fn user_tags(&self, user: &str) -> Result<Option<BTreeMap<String, String>>, Error> {

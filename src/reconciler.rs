@@ -52,6 +52,12 @@ impl Progress {
     }
 }
 
+/// The retiring key is switched off (or about to be deleted): nothing of this rotation is urgent.
+fn leaked_key_off(st: &IamKeyRotationStatus) -> bool {
+    matches!(st.phase, Phase::Soaking | Phase::Deleting)
+        || st.retiring_key.as_ref().is_some_and(|r| r.state == crate::api::KeyState::Inactive)
+}
+
 /// Whether the next step follows in the same reconcile: the step asked to go on at once and is not
 /// the end of an attempt (a finished or abandoned rotation, adoption, a report).
 fn goes_on(step: &Step, out: &Outcome) -> bool {
@@ -135,6 +141,10 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         let mut last: Option<Decision> = None;
         let mut kept_iam: Option<Observed> = None;
         for _ in 0..MAX_STEPS {
+            // An emergency's calls go first only while the leaked key may still be Active: its
+            // deletion and cleanup wait their turn behind other leaked keys' deactivations.
+            let step_iam = iam.map(|i| if leaked_key_off(&st) { i.routine() } else { i.clone() });
+            let iam = step_iam.as_ref();
             let (decision, observed) = match self.look(valid, &st, iam, kept_iam.take()).await {
                 Ok(d) => d,
                 Err((what, e)) => return self.stop(st, last, done, what, e).await,
@@ -467,5 +477,27 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         self.ctx.nudger.waiting(&self.identity.namespace, &self.identity.name, false);
         // Never block deletion (or the namespace's) on IAM being unreachable: report and let go.
         Ok(Action::await_change())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{KeyState, RetiringKey};
+
+    #[test]
+    fn an_emergency_is_urgent_only_until_the_leaked_key_is_off() {
+        let at = |phase: Phase, state: KeyState| IamKeyRotationStatus {
+            phase,
+            retiring_key: Some(RetiringKey { access_key_id: "AKIAOLD".into(), state, deactivated_at: None }),
+            ..Default::default()
+        };
+        for phase in [Phase::Idle, Phase::Creating, Phase::Verifying, Phase::Distributing, Phase::RollingOut] {
+            assert!(!leaked_key_off(&at(phase, KeyState::Active)), "{phase}");
+        }
+        assert!(!leaked_key_off(&at(Phase::Deactivating, KeyState::Active)));
+        assert!(leaked_key_off(&at(Phase::Deactivating, KeyState::Inactive)));
+        assert!(leaked_key_off(&at(Phase::Soaking, KeyState::Inactive)));
+        assert!(leaked_key_off(&at(Phase::Deleting, KeyState::Inactive)));
     }
 }
