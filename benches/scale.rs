@@ -97,6 +97,28 @@ fn list(m: &BTreeMap<String, u64>) -> String {
     m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
+/// LIST requests the apiserver served so far for the workload kinds the consumer census reads, by
+/// resource (its `apiserver_request_total`; nothing else on the test control plane lists them while
+/// a benchmark runs: the controller-manager and the simulated kubelet watch).
+async fn census_lists(env: &TestEnv) -> anyhow::Result<BTreeMap<String, u64>> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = env.kube.request_text(req).await?;
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{") && l.contains("verb=\"LIST\"")) {
+        let Some(resource) = line.split("resource=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
+        if !["pods", "replicasets", "deployments", "statefulsets", "daemonsets"].contains(&resource) {
+            continue;
+        }
+        let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *out.entry(resource.to_owned()).or_default() += n as u64;
+    }
+    Ok(out)
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).filter(|(_, v)| *v > 0).collect()
+}
+
 /// AWS calls at the proxy since its last reset, by "service:Action", successful or not.
 async fn aws_calls(env: &TestEnv) -> anyhow::Result<(BTreeMap<String, u64>, u64)> {
     let stats = env.proxy_stats().await?;
@@ -182,6 +204,7 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
     deployment_ready(&deployments, "web", WAIT).await?;
     env.proxy_control("reset", json!({})).await?;
     let from = audit_offset()?;
+    let lists_before = census_lists(env).await?;
     let t0 = Instant::now();
     let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
     ikrs.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await?;
@@ -190,6 +213,7 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
     })
     .await?;
     let rekey_secs = t0.elapsed().as_secs_f64();
+    let lists = delta(&census_lists(env).await?, &lists_before);
     let (calls, _) = aws_calls(env).await?;
     let writes = audit_writes(from, by_operator)?;
     t.row("AWS calls, one rotation (2-replica Deployment)", format!("{} ({})", total(&calls), list(&calls)), "≤ 10");
@@ -200,6 +224,7 @@ async fn one_rotation(env: &TestEnv, kubeconfig: &Path, t: &mut Table) -> anyhow
         "≤ 15 + Events",
     );
     t.row("rekey: wall time of that rotation (deleteAfter 0s)", format!("{rekey_secs:.1} s"), "—");
+    t.row("consumer census: LISTs during that rotation", format!("{} ({})", total(&lists), list(&lists)), "—");
 
     // The plain script, on a twin namespace: same Deployment, a key the admin made.
     let ns2 = env.namespace("bench-script").await?;
