@@ -160,7 +160,7 @@ async fn a_key_past_max_key_age_is_not_ready_and_every_view_says_key_expired() -
     })
     .await?;
     let key = active_key(&o).unwrap_or_default();
-    assert!(message(&o, "Ready").unwrap_or_default().contains(&format!("key {key} is")), "{o:?}");
+    assert!(message(&o, "Ready").unwrap_or_default().contains(&format!("key {key} (created ")), "{o:?}");
     let r = rekey(&["status", "-n", &f.ns, "-o", "wide"]).await?;
     assert!(r.out.contains("KeyExpired") && r.out.contains("False"), "{}", r.out);
     let out = tokio::process::Command::new("kubectl").args(["get", "ikr", "-n", &f.ns, "-o", "wide"]).output().await?;
