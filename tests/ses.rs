@@ -144,10 +144,9 @@ async fn a_resource_with_only_smtp_credentials_rotates() -> anyhow::Result<()> {
     assert_eq!(text(&before, "user").as_deref(), Some(first.as_str()));
 
     f.rotate("relay", "1").await?;
-    let rotated = wait_ikr(&f.ikrs, "relay", "rotated", |o| {
-        held(o) && o.status.as_ref().is_some_and(|s| s.rotations == 1)
-    })
-    .await?;
+    let rotated =
+        wait_ikr(&f.ikrs, "relay", "rotated", |o| held(o) && o.status.as_ref().is_some_and(|s| s.rotations == 1))
+            .await?;
     let second = active_key(&rotated).context("activeKey")?;
     assert_ne!(second, first);
     assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), [second.clone()]);
