@@ -105,7 +105,11 @@ async fn ses_smtp_credentials_follow_each_rotation() -> anyhow::Result<()> {
     .await?;
     let second = active_key(&rotated).context("activeKey")?;
     assert_ne!(second, first);
-    assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), [second.clone()], "old key deleted");
+    assert_eq!(
+        f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(),
+        std::slice::from_ref(&second),
+        "old key deleted"
+    );
     let key = env_key(&f.secrets).await?;
     assert_eq!(key.access_key_id, second);
     // The secret the passwords derive from is the verified key itself.
@@ -149,7 +153,7 @@ async fn a_resource_with_only_smtp_credentials_rotates() -> anyhow::Result<()> {
             .await?;
     let second = active_key(&rotated).context("activeKey")?;
     assert_ne!(second, first);
-    assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), [second.clone()]);
+    assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), std::slice::from_ref(&second));
     let after = f.secrets.get("smtp").await?;
     assert_eq!(text(&after, "user").as_deref(), Some(second.as_str()));
     let password = text(&after, "password").context("password")?;
