@@ -134,7 +134,8 @@ pub struct SecretTarget {
 
     /// env (default): two keys, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (names overridable);
     /// credentialsFile: one key "credentials" holding an INI profile section; template: keys
-    /// rendered from the `template` map.
+    /// rendered from the `template` map; sesSmtp: Amazon SES SMTP credentials, SMTP_USERNAME (the
+    /// access key id) and SMTP_PASSWORD (derived from the secret for `region`; names overridable).
     #[serde(default)]
     pub format: SecretFormat,
 
@@ -154,9 +155,26 @@ pub struct SecretTarget {
     pub profile: Option<String>,
 
     /// template format: Secret key -> text with the placeholders {{ .AccessKeyId }},
-    /// {{ .SecretAccessKey }}, {{ .UserName }} and {{ .Region }} (plain substitution).
+    /// {{ .SecretAccessKey }}, {{ .UserName }}, {{ .Region }} and {{ .SesSmtpPassword }} (the SES
+    /// SMTP password for this entry's `region`); plain substitution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<BTreeMap<String, String>>,
+
+    /// sesSmtp format, and a template using {{ .SesSmtpPassword }}: the SES region the SMTP
+    /// password is for (the password differs per region). Required with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
+    pub region: Option<String>,
+
+    /// sesSmtp format: the Secret key that holds the SMTP user name (default SMTP_USERNAME).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[-._a-zA-Z0-9]{1,253}$"))]
+    pub username_key: Option<String>,
+
+    /// sesSmtp format: the Secret key that holds the SMTP password (default SMTP_PASSWORD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[-._a-zA-Z0-9]{1,253}$"))]
+    pub password_key: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default)]
@@ -166,6 +184,7 @@ pub enum SecretFormat {
     Env,
     CredentialsFile,
     Template,
+    SesSmtp,
 }
 
 /// The workloads restarted onto each new key.

@@ -767,6 +767,24 @@ fn a_template_secret_is_never_the_source_of_a_copy() {
     assert_eq!(c.decide(), Step::Distribute { key_id: NEW.into(), secrets: vec!["b".into()] });
 }
 
+#[test]
+fn an_ses_smtp_secret_holds_its_key_id_but_is_never_the_source_of_a_copy() {
+    let smtp = |name: &str| {
+        serde_json::from_value(serde_json::json!({"name": name, "format": "sesSmtp", "region": "eu-west-1"})).unwrap()
+    };
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now());
+    c.spec.secrets[0] = smtp("a");
+    c.observed.secrets[1].1 = SecretState::Missing;
+    // The SMTP password is no secret access key: only a new key can fill the other Secret.
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Bootstrap });
+    // A writer that replaced its content (the user name may still read as the new key) is a revert.
+    let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), true, 2);
+    c.spec.secrets[1] = smtp("b");
+    assert!(!matches!(c.decide(), Step::MarkRevert { .. }), "rekey alone wrote it");
+    c.observed.writers.insert("b".into(), vec!["kubectl-edit".into()]);
+    assert!(matches!(c.decide(), Step::MarkRevert { .. }));
+}
+
 // ---- Secrets stay verified until the old key is gone ----
 
 fn reverted_by_helm(c: Case) -> Case {

@@ -137,11 +137,19 @@ mod tests {
             ),
             (
                 Box::new(|s| s.secrets[0] = template(&[("k", "{{ .AccessKeyId }}")])),
-                "spec.secrets[0]: the template never uses {{ .SecretAccessKey }} so no key would be delivered",
+                "spec.secrets[0]: the template uses neither {{ .SecretAccessKey }} nor {{ .SesSmtpPassword }} so no key",
             ),
             (
                 Box::new(|s| s.secrets[0] = template(&[("a b", "{{ .SecretAccessKey }}")])),
                 "spec.secrets[0].template: \"a b\" is not a valid Secret key",
+            ),
+            (
+                Box::new(|s| s.secrets[0].format = SecretFormat::SesSmtp),
+                "spec.secrets[0]: format sesSmtp needs region, the SES region the SMTP password is for",
+            ),
+            (
+                Box::new(|s| s.secrets[0] = template(&[("sasl_passwd", "{{ .AccessKeyId }}:{{ .SesSmtpPassword }}")])),
+                "spec.secrets[0]: a template using {{ .SesSmtpPassword }} needs region",
             ),
         ];
         for (mutate, want) in cases {

@@ -144,6 +144,9 @@ fn target(name: &str) -> SecretTarget {
         secret_access_key_key: None,
         profile: None,
         template: None,
+        region: None,
+        username_key: None,
+        password_key: None,
     }
 }
 

@@ -18,6 +18,9 @@ fn file_target(name: &str, profile: &str) -> SecretTarget {
         secret_access_key_key: None,
         profile: Some(profile.into()),
         template: None,
+        region: None,
+        username_key: None,
+        password_key: None,
     }
 }
 

@@ -27,6 +27,7 @@ use crate::plan::snapshot::SecretState;
 
 pub mod format;
 mod managers;
+pub mod ses;
 
 pub use managers::{gitops_tool, last_write, writers};
 
@@ -134,6 +135,9 @@ pub fn staging_target(resource: &str) -> SecretTarget {
         secret_access_key_key: None,
         profile: None,
         template: None,
+        region: None,
+        username_key: None,
+        password_key: None,
     }
 }
 

@@ -14,6 +14,7 @@ use crate::secrets::{AccessKey, RenderContext, managers};
 
 pub mod credentials_file;
 pub mod env;
+pub mod ses_smtp;
 pub mod template;
 
 /// One Secret layout. `Any` lets a test tell the registered implementations apart; `Sync` lets
@@ -71,6 +72,7 @@ pub fn of(format: SecretFormat) -> &'static dyn Format {
         SecretFormat::Env => &env::Env,
         SecretFormat::CredentialsFile => &credentials_file::CredentialsFile,
         SecretFormat::Template => &template::Template,
+        SecretFormat::SesSmtp => &ses_smtp::SesSmtp,
     }
 }
 
@@ -123,6 +125,9 @@ mod tests {
             secret_access_key_key: None,
             profile: None,
             template: None,
+            region: None,
+            username_key: None,
+            password_key: None,
         }
     }
 

@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{Format, valid_secret_key, value};
+use super::{Format, ses_smtp, valid_secret_key, value};
 use crate::api::{ACCESS_KEY_ANNOTATION, SecretTarget};
 use crate::plan::snapshot::SecretState;
 use crate::secrets::{AccessKey, RenderContext};
 
 pub const SECRET_PLACEHOLDER: &str = "{{ .SecretAccessKey }}";
+/// The SES SMTP password for the target's `region`, for a mail relay's own config file.
+pub const SES_PASSWORD_PLACEHOLDER: &str = "{{ .SesSmtpPassword }}";
 
 pub struct Template;
 
@@ -24,9 +26,11 @@ impl Format for Template {
         _: Option<&Secret>,
     ) -> BTreeMap<String, SecretString> {
         let secret = key.secret.expose_secret();
+        let ses_password = ses_smtp::password(t, key, ctx);
         let fill = |tmpl: &str| {
             tmpl.replace("{{ .AccessKeyId }}", &key.id)
                 .replace(SECRET_PLACEHOLDER, secret)
+                .replace(SES_PASSWORD_PLACEHOLDER, ses_password.expose_secret())
                 .replace("{{ .UserName }}", &ctx.user_name)
                 .replace("{{ .Region }}", &ctx.region)
         };
@@ -60,14 +64,19 @@ impl Format for Template {
         false
     }
 
-    fn validate(&self, i: usize, t: &SecretTarget) -> Result<(), String> {
-        let Some(t) = t.template.as_ref().filter(|t| !t.is_empty()) else {
+    fn validate(&self, i: usize, target: &SecretTarget) -> Result<(), String> {
+        let Some(t) = target.template.as_ref().filter(|t| !t.is_empty()) else {
             return Err(format!("spec.secrets[{i}]: format template needs a non-empty template map"));
         };
-        if !t.values().any(|text| text.contains(SECRET_PLACEHOLDER)) {
+        let uses = |placeholder: &str| t.values().any(|text| text.contains(placeholder));
+        if !uses(SECRET_PLACEHOLDER) && !uses(SES_PASSWORD_PLACEHOLDER) {
             return Err(format!(
-                "spec.secrets[{i}]: the template never uses {SECRET_PLACEHOLDER} so no key would be delivered"
+                "spec.secrets[{i}]: the template uses neither {SECRET_PLACEHOLDER} nor {SES_PASSWORD_PLACEHOLDER} so \
+                 no key would be delivered"
             ));
+        }
+        if uses(SES_PASSWORD_PLACEHOLDER) {
+            ses_smtp::check_region(i, target, &format!("a template using {SES_PASSWORD_PLACEHOLDER}"))?;
         }
         // The CRD schema cannot constrain a map's keys: unchecked, a bad one would be refused by the
         // apiserver only when rekey writes the Secret.
@@ -122,7 +131,17 @@ mod tests {
             (templated(&[]), "spec.secrets[1]: format template needs a non-empty template map"),
             (
                 templated(&[("k", "{{ .AccessKeyId }}")]),
-                "spec.secrets[1]: the template never uses {{ .SecretAccessKey }} so no key would be delivered",
+                "spec.secrets[1]: the template uses neither {{ .SecretAccessKey }} nor {{ .SesSmtpPassword }} so no \
+                 key would be delivered",
+            ),
+            (
+                templated(&[("k", "{{ .SesSmtpPassword }}")]),
+                "spec.secrets[1]: a template using {{ .SesSmtpPassword }} needs region, the SES region the SMTP \
+                 password is for (e.g. eu-west-1)",
+            ),
+            (
+                SecretTarget { region: Some("west".into()), ..templated(&[("k", "{{ .SesSmtpPassword }}")]) },
+                "spec.secrets[1].region: \"west\" is not an AWS region name (like eu-west-1)",
             ),
             (
                 templated(&[("a/b", "{{ .SecretAccessKey }}")]),
@@ -133,5 +152,24 @@ mod tests {
             assert_eq!(Template.validate(1, &t), Err(want.to_owned()));
         }
         assert_eq!(Template.validate(1, &templated(&[("k", "{{ .SecretAccessKey }}")])), Ok(()));
+        let relay = SecretTarget { region: Some("eu-west-1".into()), ..templated(&[("k", "{{ .SesSmtpPassword }}")]) };
+        assert_eq!(Template.validate(1, &relay), Ok(()), "the SMTP password alone delivers the key");
+    }
+
+    #[test]
+    fn the_ses_smtp_password_is_the_one_for_the_entrys_region_not_the_resources() {
+        let mut t = templated(&[(
+            "sasl_passwd",
+            "[email-smtp.eu-central-1.amazonaws.com]:587 {{ .AccessKeyId }}:{{ .SesSmtpPassword }}",
+        )]);
+        t.region = Some("eu-central-1".into());
+        let k = AccessKey { id: "AKIAEXAMPLE".into(), secret: SecretString::from("some+secret+key".to_owned()) };
+        let ctx = RenderContext { user_name: "u".into(), region: "us-east-1".into() };
+        let rendered = Template.render(&t, &k, &ctx, None);
+        // terraform-provider-aws's published vector for this secret and region (see secrets::ses).
+        assert_eq!(
+            rendered["sasl_passwd"].expose_secret(),
+            "[email-smtp.eu-central-1.amazonaws.com]:587 AKIAEXAMPLE:BMXhUYlu5Z3gSXVQORxlVa7XPaz91aGWdfHxvkOZdWZ2"
+        );
     }
 }
