@@ -33,9 +33,17 @@ pub mod validate;
 pub mod workloads;
 
 /// The CRD as YAML, exactly as committed under `crds/`.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
     use kube::CustomResourceExt as _;
-    serde_yaml::to_string(&api::IamKeyRotation::crd())
+    to_yaml(&api::IamKeyRotation::crd())
+}
+
+/// YAML as kubectl prints it: a long description stays on one line rather than folded at 80
+/// columns, so the committed CRD diffs line by line when one changes.
+pub fn to_yaml<T: serde::Serialize>(value: &T) -> Result<String, serde_saphyr::SerializeError> {
+    let mut options = serde_saphyr::SerializerOptions::default();
+    options.folded_wrap_chars = usize::MAX;
+    serde_saphyr::to_string_with_options(value, options)
 }
 
 /// A point where tests built with `--features failpoints` can make the process die, as if killed

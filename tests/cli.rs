@@ -36,20 +36,20 @@ async fn rekey(args: &[&str]) -> anyhow::Result<Run> {
 /// same cluster without one (so: "default").
 fn kubeconfig_in(ns: &str) -> anyhow::Result<String> {
     let path = std::env::var("KUBECONFIG")?;
-    let mut cfg: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+    let mut cfg: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
     let current = cfg["current-context"].as_str().unwrap_or_default().to_owned();
-    let contexts = cfg["contexts"].as_sequence_mut().ok_or_else(|| anyhow::anyhow!("no contexts"))?;
+    let contexts = cfg["contexts"].as_array_mut().ok_or_else(|| anyhow::anyhow!("no contexts"))?;
     let mut elsewhere = contexts.iter().find(|c| c["name"].as_str() == Some(&current)).cloned().unwrap_or_default();
     for c in contexts.iter_mut().filter(|c| c["name"].as_str() == Some(&current)) {
         c["context"]["namespace"] = ns.into();
     }
     elsewhere["name"] = "elsewhere".into();
-    if let Some(m) = elsewhere["context"].as_mapping_mut() {
+    if let Some(m) = elsewhere["context"].as_object_mut() {
         m.remove("namespace");
     }
     contexts.push(elsewhere);
     let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubeconfig-{ns}"));
-    std::fs::write(&file, serde_yaml::to_string(&cfg)?)?;
+    std::fs::write(&file, serde_saphyr::to_string(&cfg)?)?;
     Ok(file.display().to_string())
 }
 
@@ -74,7 +74,7 @@ async fn status_follows_kubectl_namespace_selector_and_output_conventions() -> a
 
     // -l, -A and yaml: a List of the selected resources, with their namespace.
     let r = rekey(&["status", "--kubeconfig", &kc, "-l", "team=a", "-o", "yaml"]).await?;
-    let list: serde_json::Value = serde_yaml::from_str(&r.out)?;
+    let list: serde_json::Value = serde_saphyr::from_str(&r.out)?;
     assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{}", r.out);
     let r = rekey(&["status", "--kubeconfig", &kc, "-A", "-l", "team=a", "-o", "wide"]).await?;
     let head = r.out.lines().next().unwrap_or_default();

@@ -127,15 +127,8 @@ fn values_file(values: &Value) -> anyhow::Result<String> {
 
 /// The objects of a multi-document YAML stream (empty documents dropped).
 fn documents(text: &str) -> anyhow::Result<Vec<Value>> {
-    use serde::Deserialize as _;
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = Value::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text)?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
 }
 
 fn find<'a>(objects: &'a [Value], kind: &str) -> anyhow::Result<&'a Value> {

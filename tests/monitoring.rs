@@ -37,7 +37,7 @@ fn scratch(prefix: &str) -> anyhow::Result<PathBuf> {
 
 fn yaml_file(path: &str) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(format!("{ROOT}/{path}")).with_context(|| path.to_owned())?;
-    Ok(serde_yaml::from_str(&text)?)
+    Ok(serde_saphyr::from_str(&text)?)
 }
 
 /// The PrometheusRule's spec: what Prometheus itself reads as a rule file (`groups:`).
@@ -67,7 +67,7 @@ async fn promtool_checks_the_rules_and_unit_tests_every_alert() -> anyhow::Resul
     let groups = rule_groups()?;
     // The unit tests name their rule file rekey-rules.yaml, written here beside a copy of them.
     let dir = scratch("promtool")?;
-    std::fs::write(dir.join("rekey-rules.yaml"), serde_yaml::to_string(&groups)?)?;
+    std::fs::write(dir.join("rekey-rules.yaml"), serde_saphyr::to_string(&groups)?)?;
     std::fs::copy(format!("{ROOT}/deploy/monitoring/tests/rules.test.yaml"), dir.join("rules.test.yaml"))?;
     let out = run(&promtool, &["check", "rules", "rekey-rules.yaml"], &dir).await?;
     assert!(out.contains("SUCCESS"), "{out}");
@@ -152,7 +152,7 @@ impl Prometheus {
     async fn start(target: &str, groups: &Value) -> anyhow::Result<Self> {
         let bin = tool("REKEY_PROMETHEUS")?;
         let dir = scratch("prometheus")?;
-        std::fs::write(dir.join("rules.yaml"), serde_yaml::to_string(groups)?)?;
+        std::fs::write(dir.join("rules.yaml"), serde_saphyr::to_string(groups)?)?;
         let config = json!({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["rules.yaml"],
@@ -162,7 +162,7 @@ impl Prometheus {
                 "static_configs": [{"targets": [target], "labels": {"namespace": "rekey-system"}}],
             }],
         });
-        std::fs::write(dir.join("prometheus.yml"), serde_yaml::to_string(&config)?)?;
+        std::fs::write(dir.join("prometheus.yml"), serde_saphyr::to_string(&config)?)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = dir.join("prometheus.log");
         let file = std::fs::File::create(&log)?;

@@ -113,7 +113,7 @@ pub fn document(items: &[IamKeyRotation], single: bool, output: Output) -> Resul
         }),
     };
     Ok(match output {
-        Output::Yaml => serde_yaml::to_string(&value).map_err(|e| CliError::Failed(e.to_string()))?,
+        Output::Yaml => crate::to_yaml(&value).map_err(|e| CliError::Failed(e.to_string()))?,
         _ => serde_json::to_string_pretty(&value)? + "\n",
     })
 }
@@ -164,7 +164,7 @@ mod tests {
             serde_json::from_str(&document(&[billing()], true, Output::Json).unwrap()).unwrap();
         assert_eq!((one["kind"].as_str(), one["metadata"].get("managedFields")), (Some("IamKeyRotation"), None));
         let list: serde_json::Value =
-            serde_yaml::from_str(&document(&[billing(), billing()], false, Output::Yaml).unwrap()).unwrap();
+            serde_saphyr::from_str(&document(&[billing(), billing()], false, Output::Yaml).unwrap()).unwrap();
         assert_eq!((list["kind"].as_str(), list["items"].as_array().map(Vec::len)), (Some("List"), Some(2)));
     }
 }

@@ -315,7 +315,7 @@ impl Store {
             Ok(Value::Null)
         } else {
             // An apply body is YAML, which kube sends as JSON (a subset).
-            serde_json::from_slice(body).or_else(|_| serde_yaml::from_slice(body)).map_err(|e| e.to_string())
+            serde_json::from_slice(body).or_else(|_| serde_saphyr::from_slice(body)).map_err(|e| e.to_string())
         };
         let mut rec = Recorded {
             method: method.to_string(),

@@ -85,7 +85,7 @@ impl Fixture {
 /// Installs the committed CRD (server-side apply) and waits until it is established.
 pub async fn ensure_crd(env: &TestEnv) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/iamkeyrotation.yaml"))?;
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&text)?;
     let api: Api<CustomResourceDefinition> = Api::all(env.kube.clone());
     api.patch("iamkeyrotations.rekey.dev", &PatchParams::apply("rekey-tests").force(), &Patch::Apply(&crd)).await?;
     eventually("CRD established", WAIT, || async {

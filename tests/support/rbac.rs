@@ -16,12 +16,11 @@ pub const OPERATOR_NS: &str = "rekey-system";
 
 /// `kubectl kustomize deploy/<dir>`: the objects a user installs, as JSON.
 pub fn kustomize(dir: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    use serde::Deserialize as _;
     let path = format!("{}/deploy/{dir}", env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("kubectl").args(["kustomize", &path]).output().context("kubectl")?;
     anyhow::ensure!(out.status.success(), "kubectl kustomize {path}: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout)?;
-    serde_yaml::Deserializer::from_str(&text).map(|doc| Ok(serde_json::Value::deserialize(doc)?)).collect()
+    Ok(serde_saphyr::from_multiple(&text)?)
 }
 
 /// The namespaced overlay with `ns` where it marks the watched namespace (what a user edits).
@@ -126,11 +125,11 @@ pub async fn service_account_kubeconfig_in(env: &TestEnv, ns: &str, name: &str) 
     .await?;
     let token_secret: Secret = Api::<Secret>::namespaced(env.kube.clone(), ns).get(&secret_name).await?;
     let token = token_secret.data.and_then(|d| d.get("token").cloned()).context("token")?;
-    let mut kubeconfig: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").context("KUBECONFIG")?)?)?;
-    kubeconfig["users"][0]["user"] = serde_yaml::to_value(json!({"token": String::from_utf8(token.0)?}))?;
+    let mut kubeconfig: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").context("KUBECONFIG")?)?)?;
+    kubeconfig["users"][0]["user"] = json!({"token": String::from_utf8(token.0)?});
     let file = if ns == OPERATOR_NS { format!("kubeconfig-{name}") } else { format!("kubeconfig-{ns}-{name}") };
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(file);
-    std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
+    std::fs::write(&path, serde_saphyr::to_string(&kubeconfig)?)?;
     Ok(path)
 }
