@@ -146,6 +146,26 @@ async fn every_kustomize_overlay_renders_is_hardened_and_accepted_by_the_apiserv
     Ok(())
 }
 
+/// Installing into another namespace is kustomize's namespace transformer, nothing else to edit.
+#[test]
+fn an_overlay_with_a_namespace_moves_every_object_of_the_install() -> anyhow::Result<()> {
+    let objects = kustomize("../examples/other-namespace")?;
+    let text = serde_json::to_string(&objects)?;
+    assert!(!text.contains(OPERATOR_NS), "something still names {OPERATOR_NS}");
+    for v in &objects {
+        let (kind, meta) = (v["kind"].as_str().unwrap_or_default(), &v["metadata"]);
+        match kind {
+            "Namespace" => assert_eq!(meta["name"], "platform-rekey"),
+            "ClusterRole" | "ClusterRoleBinding" => assert!(meta["namespace"].is_null(), "{kind}"),
+            _ => assert_eq!(meta["namespace"], "platform-rekey", "{kind} {}", meta["name"]),
+        }
+        for s in v["subjects"].as_array().into_iter().flatten() {
+            assert_eq!(s["namespace"], "platform-rekey", "{kind}'s subject");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn namespaced_mode_needs_no_cluster_role() -> anyhow::Result<()> {
     let f = Fixture::new("nsrbac").await?;
