@@ -17,17 +17,8 @@ use rekey_testenv::env::eventually;
 use serde_json::json;
 use support::*;
 
-/// AWS's published derivation (SES developer guide, `calculate_key`), in Python, not rekey's code.
-const CALCULATE_KEY: &str = r#"
-import base64, hashlib, hmac, sys
-def sign(key, msg):
-    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
-secret, region = sys.stdin.read().split("\n")[:2]
-sig = sign(("AWS4" + secret).encode("utf-8"), "11111111")
-for part in (region, "ses", "aws4_request", "SendRawEmail"):
-    sig = sign(sig, part)
-print(base64.b64encode(bytes([0x04]) + sig).decode("utf-8"))
-"#;
+/// AWS's published derivation in Python (not rekey's code): tests/support/ses_calculate_key.py.
+const CALCULATE_KEY: &str = include_str!("support/ses_calculate_key.py");
 
 fn python_password(secret: &str, region: &str) -> anyhow::Result<String> {
     let mut child =

@@ -75,18 +75,8 @@ mod tests {
         }
     }
 
-    /// The derivation as AWS's `calculate_key` (SES developer guide) writes it, in Python's
-    /// hmac/hashlib: a second implementation, not this code run twice.
-    const CALCULATE_KEY: &str = r#"
-import base64, hashlib, hmac, sys
-def sign(key, msg):
-    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
-secret, region = sys.stdin.read().split("\n")[:2]
-sig = sign(("AWS4" + secret).encode("utf-8"), "11111111")
-for part in (region, "ses", "aws4_request", "SendRawEmail"):
-    sig = sign(sig, part)
-print(base64.b64encode(bytes([0x04]) + sig).decode("utf-8"))
-"#;
+    /// AWS's published derivation in Python (not rekey's code): tests/support/ses_calculate_key.py.
+    const CALCULATE_KEY: &str = include_str!("../../tests/support/ses_calculate_key.py");
 
     fn python_password(secret: &str, region: &str) -> String {
         use std::io::Write as _;
