@@ -67,6 +67,11 @@ impl Outcome {
         self.precondition = true;
         self
     }
+    /// `then` after this outcome's Events (a warning of an earlier call first).
+    fn and(mut self, mut then: Outcome) -> Self {
+        self.events.append(&mut then.events);
+        Self { requeue: then.requeue, precondition: then.precondition, events: self.events }
+    }
 }
 
 /// Everything a step needs.
@@ -111,6 +116,15 @@ impl<I: Iam> Env<'_, I> {
         self.iam.delete_key(self.user(), key_id).await?;
         self.delete_claim(key_id).await;
         Ok(())
+    }
+
+    /// Writes the owner claim on a key; reported, never fatal (e.g. IAM's 50-tag quota).
+    async fn claim(&self, key_id: &str, out: Outcome) -> Outcome {
+        let value = crate::ownership::claim_value(&self.identity.owner());
+        match self.iam.tag_user(self.user(), key_id, &value).await {
+            Ok(()) => out,
+            Err(e) => out.event(true, "TagFailed", format!("could not tag IAM user with the claim on {key_id}: {e}")),
+        }
     }
 
     /// Removes a key's owner claim; one that cannot be removed only leaves a stale tag.

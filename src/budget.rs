@@ -50,6 +50,11 @@ impl Budget {
         }
     }
 
+    /// Whether an urgent call (a leaked key's) waits for this budget now.
+    pub fn urgent_waiting(&self) -> bool {
+        self.urgent.load(Ordering::Acquire) > 0
+    }
+
     fn try_take(&self) -> Result<(), Duration> {
         use governor::clock::Clock as _;
         self.limiter
@@ -74,6 +79,11 @@ impl Budgets {
     pub fn account(&self, account: &str) -> Arc<Budget> {
         let Ok(mut all) = self.accounts.lock() else { return Arc::new(Budget::new(self.per_account)) };
         all.entry(account.to_owned()).or_insert_with(|| Arc::new(Budget::new(self.per_account))).clone()
+    }
+
+    /// Whether urgent calls wait for `account` (or for the ceiling over every account).
+    pub fn urgent_waiting(&self, account: &Budget) -> bool {
+        account.urgent_waiting() || self.ceiling.as_ref().is_some_and(Budget::urgent_waiting)
     }
 
     /// Waits until a call to `account` may be made.

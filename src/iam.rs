@@ -59,6 +59,11 @@ pub trait Iam: Send + Sync + Clone {
     fn routine(&self) -> Self {
         self.clone()
     }
+    /// Whether a leaked key's calls wait for this client's AWS account now: a reconcile about to
+    /// make routine calls gives its slot up rather than hold it while they go first.
+    fn urgent_waiting(&self) -> bool {
+        false
+    }
 }
 
 /// The AWS SDK implementation (aws-config's default chain; honours AWS_ENDPOINT_URL).
@@ -200,6 +205,10 @@ impl Iam for AwsIam {
 
     fn routine(&self) -> Self {
         Self { urgent: false, ..self.clone() }
+    }
+
+    fn urgent_waiting(&self) -> bool {
+        self.budgets.urgent_waiting(&self.account)
     }
 
     async fn user_tags(&self, user: &str) -> Result<Option<BTreeMap<String, String>>, Error> {

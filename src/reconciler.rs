@@ -58,6 +58,18 @@ fn leaked_key_off(st: &IamKeyRotationStatus) -> bool {
         || st.retiring_key.as_ref().is_some_and(|r| r.state == crate::api::KeyState::Inactive)
 }
 
+/// How long a reconcile that gave way to a leaked key's calls waits before it looks again.
+const GIVE_WAY: Duration = Duration::from_secs(5);
+
+/// Whether this reconcile ends before its next step to give its slot to a leaked key: the step's
+/// AWS calls would be routine ones, and urgent calls wait for the same account. Reconciles are at
+/// most 16 at once; without this, they all sat waiting for routine calls (deletions of keys already
+/// Inactive) while leaked keys waited for a reconcile (1,000 emergencies: 111 s). A soaking rotation
+/// keeps its slot: a rollback (reactivating a key pods need) is decided there.
+fn gives_way(st: &IamKeyRotationStatus, urgent: bool, urgent_waiting: bool) -> bool {
+    urgent_waiting && !urgent && st.phase != Phase::Soaking
+}
+
 /// Whether the next step follows in the same reconcile: the step asked to go on at once and is not
 /// the end of an attempt (a finished or abandoned rotation, adoption, a report).
 fn goes_on(step: &Step, out: &Outcome) -> bool {
@@ -127,8 +139,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         // A leaked key's rotation goes before routine IAM calls, its reads included.
         let emergency =
             st.emergency() || (requests.emergency.is_some() && requests.emergency != st.last_emergency_request);
-        let iam = self.ctx.iam_for(&self.obj).await.map(|i| if emergency { i.urgent() } else { i });
-        self.run_steps(st, &valid, iam.as_ref()).await
+        let iam = self.ctx.iam_for(&self.obj).await;
+        self.run_steps(st, &valid, iam.as_ref(), emergency).await
     }
 
     async fn run_steps(
@@ -136,6 +148,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         mut st: IamKeyRotationStatus,
         valid: &ValidSpec,
         iam: Option<&I>,
+        emergency: bool,
     ) -> Result<Action, Error> {
         let mut done = Progress::default();
         let mut last: Option<Decision> = None;
@@ -143,8 +156,16 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         for _ in 0..MAX_STEPS {
             // An emergency's calls go first only while the leaked key may still be Active: its
             // deletion and cleanup wait their turn behind other leaked keys' deactivations.
-            let step_iam = iam.map(|i| if leaked_key_off(&st) { i.routine() } else { i.clone() });
+            let urgent = emergency && !leaked_key_off(&st);
+            let step_iam = iam.map(|i| if urgent { i.urgent() } else { i.routine() });
             let iam = step_iam.as_ref();
+            if gives_way(&st, urgent, iam.is_some_and(I::urgent_waiting)) {
+                if last.is_none() {
+                    return Ok(Action::requeue(GIVE_WAY));
+                }
+                done.requeue = Some(GIVE_WAY);
+                break;
+            }
             let (decision, observed) = match self.look(valid, &st, iam, kept_iam.take()).await {
                 Ok(d) => d,
                 Err((what, e)) => return self.stop(st, last, done, what, e).await,
@@ -499,5 +520,15 @@ mod tests {
         assert!(leaked_key_off(&at(Phase::Deactivating, KeyState::Inactive)));
         assert!(leaked_key_off(&at(Phase::Soaking, KeyState::Inactive)));
         assert!(leaked_key_off(&at(Phase::Deleting, KeyState::Inactive)));
+    }
+
+    #[test]
+    fn only_routine_work_gives_way_to_waiting_leaked_keys_and_never_a_soak() {
+        let at = |phase: Phase| IamKeyRotationStatus { phase, ..Default::default() };
+        assert!(gives_way(&at(Phase::Deleting), false, true));
+        assert!(gives_way(&at(Phase::Idle), false, true));
+        assert!(!gives_way(&at(Phase::Deleting), false, false), "nothing urgent waits");
+        assert!(!gives_way(&at(Phase::Deactivating), true, true), "a leaked key's own step");
+        assert!(!gives_way(&at(Phase::Soaking), false, true), "a rollback may be decided");
     }
 }

@@ -191,13 +191,18 @@ pub fn track_soak(st: &mut IamKeyRotationStatus, below_since: &BTreeMap<String, 
 
 /// DeleteAccessKey on the retiring key, after the fresh-list checks; then the rotation is done.
 pub async fn delete<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key_id: &str) -> Result<Outcome, Error> {
+    // An emergency left the new key's claim for now (start::create), before the leaked key's goes.
+    let claimed = match active_id(st) {
+        Some(active) if st.emergency() => env.claim(active, Outcome::default()).await,
+        _ => Outcome::default(),
+    };
     let keys = env.fresh_keys().await?;
     match keys.iter().find(|k| k.id == key_id) {
         Some(k) if k.active => {
             // A human reactivated it to rescue a consumer: park, never delete an Active key.
             park(st, env.observed.requests.retire.clone());
             enter(st, Phase::Soaking, env.now());
-            return Ok(Outcome::next().committed().event(
+            return Ok(claimed.and(Outcome::next().committed()).event(
                 true,
                 "ParkedAfterRollback",
                 format!("key {key_id} was reactivated outside rekey; it is not deleted"),
@@ -213,7 +218,7 @@ pub async fn delete<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key
     }
     let mut out = finish(env, st).await?;
     out.events.insert(0, Note { warning: false, reason: "Deleted".into(), message: format!("deleted key {key_id}") });
-    Ok(out)
+    Ok(claimed.and(out))
 }
 
 /// The rotation is complete: history, counters, back to Idle.

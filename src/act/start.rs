@@ -14,7 +14,6 @@ use crate::api::{
 };
 use crate::error::Error;
 use crate::iam::{Iam, Verification, user_of_arn};
-use crate::ownership::claim_value;
 use crate::plan::{self, SecretState};
 use crate::secrets::{self, AccessKey};
 
@@ -43,16 +42,8 @@ pub async fn adopt<I: Iam>(
         st.phase = Phase::RollingOut;
         out = out.event(false, "AdoptedRetiringKey", format!("key {p}, created by this resource, is retired"));
     }
-    out = claim(env, key_id, out).await;
+    out = env.claim(key_id, out).await;
     out.committed()
-}
-
-/// The owner claim on a key; reported, never fatal (e.g. IAM's 50-tag quota).
-async fn claim<I: Iam>(env: &Env<'_, I>, key_id: &str, out: Outcome) -> Outcome {
-    match env.iam.tag_user(env.user(), key_id, &claim_value(&env.identity.owner())).await {
-        Ok(()) => out,
-        Err(e) => out.event(true, "TagFailed", format!("could not tag IAM user with the claim on {key_id}: {e}")),
-    }
 }
 
 /// Copies the active key from one target Secret into those that lack it.
@@ -132,7 +123,12 @@ pub async fn create<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> 
     // key out of status (the write is retried on a fresh read instead).
     set_new_key(st, &key.id, created, env.now());
     let out = Outcome::next().event(false, "Created", format!("created key {}", key.id));
-    Ok(claim(env, &key.id, out).await)
+    if st.emergency() {
+        // A leaked key: its deactivation waits for no call it does not need. The leaked key's own
+        // claim keeps other owners out until the deletion, which claims the new key first.
+        return Ok(out);
+    }
+    Ok(env.claim(&key.id, out).await)
 }
 
 /// The new key is in the staging Secret: record it, drop the marker, verify next.

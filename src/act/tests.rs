@@ -918,6 +918,33 @@ async fn delete_lists_afresh_deletes_the_retired_key_and_its_claim_then_finishes
     assert_eq!((reasons(&out), out.precondition), (vec!["Deleted", "Idle"], true));
 }
 
+/// A leaked key is switched off with no call it does not need: the new key's claim waits for the
+/// deletion, which writes it before the leaked key (and its claim) goes.
+#[tokio::test]
+async fn an_emergency_claims_the_new_key_at_the_deletion_not_before_the_deactivation() {
+    let mut fx = Fx::new();
+    let old = fx.idle().await;
+    fx.run(&Step::Begin { trigger: Trigger::Emergency }).await.unwrap();
+    fx.observe().await;
+    fx.run(&Step::Create).await.unwrap();
+    assert_eq!(fx.iam.operations(), ["CreateAccessKey"]);
+    let new = fx.st.new_key.clone().unwrap().access_key_id;
+    assert!(!fx.claimed(&new) && fx.claimed(&old), "the leaked key's claim still keeps other owners out");
+    for t in TARGETS {
+        fx.hold(t, &fx.access(&new)).await;
+    }
+    fx.iam.set_active(USER, &old, false);
+    fx.st.active_key = fx.st.new_key.take();
+    fx.st.retiring_key =
+        Some(RetiringKey { access_key_id: old.clone(), state: KeyState::Inactive, deactivated_at: None });
+    fx.st.phase = Phase::Deleting;
+    fx.observe().await;
+    let out = fx.run(&Step::Delete { key_id: old.clone() }).await.unwrap();
+    assert_eq!(fx.iam.operations(), ["TagUser", "ListAccessKeys", "DeleteAccessKey", "UntagUser"]);
+    assert!(fx.claimed(&new) && !fx.claimed(&old));
+    assert_eq!(reasons(&out), ["Deleted", "Idle"]);
+}
+
 /// Safety re-check 3: the active key must be Active on the fresh list before a delete.
 #[tokio::test]
 async fn delete_refuses_when_the_active_key_went_away_after_the_snapshot() {
