@@ -122,25 +122,12 @@ impl<I: Iam> Context<I> {
         }
     }
 
-    /// "namespace/name" of every resource in the watch caches.
-    pub fn resource_names(&self) -> std::collections::BTreeSet<String> {
-        let Ok(stores) = self.stores.lock() else { return Default::default() };
-        stores
-            .iter()
-            .flat_map(|s| s.state())
-            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
-            .collect()
-    }
-
-    /// The names of the resources of namespace `ns` in the watch caches.
-    pub fn names_in(&self, ns: &str) -> std::collections::BTreeSet<String> {
-        let Ok(stores) = self.stores.lock() else { return Default::default() };
-        stores
-            .iter()
-            .flat_map(|s| s.state())
-            .filter(|o| o.namespace().as_deref() == Some(ns))
-            .map(|o| o.name_any())
-            .collect()
+    /// Whether the watch caches hold IamKeyRotation `ns`/`name`. A lookup, not a list: a set of
+    /// every name built at each look made a look cost O(resources) in time and memory.
+    pub fn exists(&self, ns: &str, name: &str) -> bool {
+        let Ok(stores) = self.stores.lock() else { return false };
+        let key = kube::runtime::reflector::ObjectRef::<Cached>::new(name).within(ns);
+        stores.iter().any(|s| s.get(&key).is_some())
     }
 
     /// How many resources this replica watches.

@@ -32,13 +32,13 @@ pub fn requests(obj: &IamKeyRotation) -> Requests {
 }
 
 /// The Secrets and the staging Secret, read fresh from the apiserver.
-/// `live`: the names of the IamKeyRotations of this namespace (a field manager or claim of another
+/// `live`: whether an IamKeyRotation of this namespace exists (a field manager or claim of another
 /// is a conflict only while that resource exists).
 pub async fn basic(
     client: &kube::Client,
     obj: &IamKeyRotation,
     now: Timestamp,
-    live: &BTreeSet<String>,
+    live: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<Observed, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -61,7 +61,7 @@ pub async fn basic(
             if secrets::immutable(s) {
                 immutable.push(t.name.clone());
             }
-            conflicts.extend(secrets::conflict(t, s, &own, &|r| live.contains(r)));
+            conflicts.extend(secrets::conflict(t, s, &own, live));
         }
         states.push((t.name.clone(), secrets::held(t, s.as_ref())));
     }

@@ -204,7 +204,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         iam: Option<&I>,
         kept: Option<Observed>,
     ) -> Result<(Decision, Observed), (&'static str, Error)> {
-        let live = self.ctx.names_in(&self.identity.namespace);
+        let live = |name: &str| self.ctx.exists(&self.identity.namespace, name);
         let mut observed =
             crate::observe::basic(&self.ctx.client, &self.obj, self.now, &live).await.map_err(|e| ("Observe", e))?;
         if let Some(k) = kept {
@@ -292,9 +292,9 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             match (&decision.step, iam) {
                 (Step::NeedIam, Some(iam)) if observed.iam.is_none() => {
                     let (facts, other) = self.gather_iam(iam, st, valid).await.map_err(|e| ("ObserveIam", e))?;
+                    observed.resources = Some(self.claimants(&facts.tags));
                     observed.iam = Some(facts);
                     observed.other_resource = other;
-                    observed.resources = Some(self.ctx.resource_names());
                 }
                 (Step::NeedWorkloads, _) if observed.workloads.is_none() => {
                     observed.workloads = Some(
@@ -304,6 +304,16 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 _ => return Ok((decision, observed)),
             }
         }
+    }
+
+    /// The resources of this cluster named by the user's claims that exist ("namespace/name").
+    fn claimants(&self, tags: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeSet<String> {
+        let cluster = format!("{}/", self.ctx.config.cluster);
+        crate::ownership::claims(tags)
+            .into_values()
+            .filter_map(|owner| owner.strip_prefix(&cluster).map(str::to_owned))
+            .filter(|rest| rest.split_once('/').is_some_and(|(ns, name)| self.ctx.exists(ns, name)))
+            .collect()
     }
 
     /// TOUCHES IAM (reads).
@@ -444,16 +454,15 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     pub async fn cleanup(self) -> Result<Action, Error> {
         // The keys belong to the user status tracks, even if spec.userName was edited since.
         let user = self.before.user_name.clone().unwrap_or_else(|| self.obj.spec.user_name.clone());
-        let held =
-            crate::observe::basic(&self.ctx.client, &self.obj, self.now, &Default::default()).await.ok().map(|o| {
-                o.secrets
-                    .into_iter()
-                    .filter_map(|(_, s)| match s {
-                        SecretState::Holds(id) => Some(id),
-                        _ => None,
-                    })
-                    .collect()
-            });
+        let held = crate::observe::basic(&self.ctx.client, &self.obj, self.now, &|_: &str| false).await.ok().map(|o| {
+            o.secrets
+                .into_iter()
+                .filter_map(|(_, s)| match s {
+                    SecretState::Holds(id) => Some(id),
+                    _ => None,
+                })
+                .collect()
+        });
         let mut problems = Vec::new();
         let iam = self.ctx.iam_for(&self.obj).await;
         let facts = match &iam {

@@ -373,9 +373,32 @@ async fn a_pod_selected_by_match_expressions_is_waited_for() -> anyhow::Result<(
     let (old, _op) = adopted(&f, d, quick()).await?;
     let before: BTreeSet<String> = pods(&f, "web").await?.into_iter().filter_map(|p| p.metadata.uid).collect();
     assert_eq!(before.len(), 2);
+    // One old pod stays Terminating (as one with a long grace period or a stuck preStop hook does)
+    // after the Deployment reports its rollout complete: it still runs on the old key.
+    let held = pods(&f, "web").await?.into_iter().next().and_then(|p| p.metadata.name).context("a pod")?;
+    let pod_api: Api<Pod> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    let hold =
+        |on: bool| json!({"metadata": {"finalizers": if on { json!(["rekey.test/hold"]) } else { json!(null) }}});
+    pod_api.patch(&held, &PatchParams::default(), &Patch::Merge(&hold(true))).await?;
     let watch = KeyBreakWatch::start(&f.env, &f.ns);
     let early = RetiredUnder::start(&f.env, &f.ns, &f.user, &old.access_key_id, before);
     rotate(&f).await?;
+    wait_ikr(&f.ikrs, "app", "waiting for the old template's pods", |o| {
+        message(o, "Rotating").is_some_and(|m| m.contains("of the old template left"))
+    })
+    .await?;
+    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    deployment_ready(&deploys, "web", WAIT).await?;
+    // The Deployment reports its rollout complete; through at least one 5 s poll and every pod
+    // event in between, rekey keeps the old key for the pod still running on it.
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        let o = f.ikrs.get("app").await?;
+        assert_eq!(phase(&o), Phase::RollingOut, "{:?}", message(&o, "Rotating"));
+        assert_eq!(key_status(&f, &old.access_key_id).await?.as_deref(), Some("Active"), "the held pod uses it");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pod_api.patch(&held, &PatchParams::default(), &Patch::Merge(&hold(false))).await?;
     let o = rotated(&f).await?;
     let (broken, early) = (watch.stop(), early.stop());
     assert!(early.is_empty(), "the old key went while the Deployment's old pods ran: {early:?}");

@@ -84,8 +84,8 @@ pub struct Observed {
     pub workloads: Option<WorkloadsState>,
     /// Another, older resource of this cluster names the same user.
     pub other_resource: Option<String>,
-    /// "namespace/name" of every IamKeyRotation of this cluster, gathered with the IAM facts (for
-    /// telling a claim of a deleted resource from a live one).
+    /// "namespace/name" of the IamKeyRotations of this cluster that the user's claims name and that
+    /// exist, gathered with the IAM facts (for telling a claim of a deleted resource from a live one).
     pub resources: Option<BTreeSet<String>>,
     /// Target Secrets applied by a GitOps tool, with the tool's name: its next sync reverts them.
     pub gitops_managed: Vec<(String, &'static str)>,
