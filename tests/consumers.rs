@@ -383,14 +383,15 @@ async fn a_pod_selected_by_match_expressions_is_waited_for() -> anyhow::Result<(
     let watch = KeyBreakWatch::start(&f.env, &f.ns);
     let early = RetiredUnder::start(&f.env, &f.ns, &f.user, &old.access_key_id, before);
     rotate(&f).await?;
-    wait_ikr(&f.ikrs, "app", "waiting for the old template's pods", |o| {
-        message(o, "Rotating").is_some_and(|m| m.contains("of the old template left"))
+    let o = wait_ikr(&f.ikrs, "app", "rolling out", |o| phase(o) == Phase::RollingOut).await?;
+    let new = active_key(&o).context("new key")?;
+    eventually("2 pods on the new key Ready", WAIT, || async {
+        let on_new = pods(&f, "web").await?.into_iter().filter(|p| ready(p) && stamp(p) == Some(new.clone())).count();
+        Ok(if on_new == 2 { Ok(()) } else { Err(format!("{on_new} Ready on the new key")) })
     })
     .await?;
-    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
-    deployment_ready(&deploys, "web", WAIT).await?;
-    // The Deployment reports its rollout complete; through at least one 5 s poll and every pod
-    // event in between, rekey keeps the old key for the pod still running on it.
+    // The rollout is complete; through at least one 5 s poll and every pod event in between, rekey
+    // keeps the old key for the pod still running on it.
     let until = std::time::Instant::now() + Duration::from_secs(6);
     while std::time::Instant::now() < until {
         let o = f.ikrs.get("app").await?;
@@ -403,14 +404,15 @@ async fn a_pod_selected_by_match_expressions_is_waited_for() -> anyhow::Result<(
     let (broken, early) = (watch.stop(), early.stop());
     assert!(early.is_empty(), "the old key went while the Deployment's old pods ran: {early:?}");
     assert!(broken.is_empty(), "pods broke on their key: {broken:?}");
-    let new = active_key(&o).context("new key")?;
-    let stamps: Vec<Option<String>> = pods(&f, "web")
-        .await?
-        .into_iter()
-        .map(|p| p.metadata.annotations.and_then(|mut a| a.remove("rekey.dev/access-key-id")))
-        .collect();
+    assert_eq!(active_key(&o), Some(new.clone()));
+    let stamps: Vec<Option<String>> = pods(&f, "web").await?.iter().map(stamp).collect();
     assert_eq!(stamps, vec![Some(new.clone()); 2], "every pod runs on the new key");
     assert_eq!(f.env.keys(&f.user).await?.into_keys().collect::<Vec<_>>(), vec![new], "the old key is deleted");
     log.passed();
     Ok(())
+}
+
+/// The key id rekey stamped on the pod's template.
+fn stamp(p: &Pod) -> Option<String> {
+    p.metadata.annotations.as_ref().and_then(|a| a.get("rekey.dev/access-key-id").cloned())
 }
