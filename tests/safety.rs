@@ -255,9 +255,11 @@ async fn an_older_resource_the_user_does_not_consent_to_holds_nothing() -> anyho
 #[tokio::test]
 async fn an_older_resource_with_an_invalid_spec_holds_nothing() -> anyhow::Result<()> {
     let f = Fixture::new("invalid-owner").await?;
-    f.create("broken", json!({"userName": f.user, "secrets": [{"name": "other"}], "maxKeyAge": "0s"})).await?;
+    // Older by its creation time, and by its name too when both fall in the same second (the
+    // one-owner rule's tie-break), so only its invalid spec can let "app" rotate the user.
+    f.create("a-broken", json!({"userName": f.user, "secrets": [{"name": "other"}], "maxKeyAge": "0s"})).await?;
     let _op = f.operator().await?;
-    wait_ikr(&f.ikrs, "broken", "broken InvalidSpec", |o| is_true(o, "Stalled", "InvalidSpec")).await?;
+    wait_ikr(&f.ikrs, "a-broken", "a-broken InvalidSpec", |o| is_true(o, "Stalled", "InvalidSpec")).await?;
     f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}]})).await?;
     let o = wait_ikr(&f.ikrs, "app", "app bootstrapped", |o| is_true(o, "Ready", "KeyInPlace")).await?;
     assert_ne!(condition(&o, "Degraded").map(|c| c.1).as_deref(), Some("Conflict"));
