@@ -63,6 +63,17 @@ pub struct Context<I: Iam> {
     /// The controllers' caches of resources (one per watched namespace), for counting rotations
     /// in flight.
     stores: std::sync::Mutex<Vec<Store<Cached>>>,
+    /// Reconciles at work on a leaked key that may still be Active (see `urgent_work`).
+    urgent: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A reconcile at work on a leaked key, for as long as it is held.
+pub struct UrgentWork(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for UrgentWork {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl<I: Iam> Context<I> {
@@ -77,6 +88,7 @@ impl<I: Iam> Context<I> {
             metrics,
             health: Arc::new(crate::http::Health::default()),
             stores: std::sync::Mutex::new(Vec::new()),
+            urgent: Arc::default(),
             whoami: tokio::sync::OnceCell::new(),
             role_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -102,6 +114,17 @@ impl<I: Iam> Context<I> {
         let c = self.iam.for_role(role, &external_id, &session).await;
         cache.insert(key, c.clone());
         Some(c)
+    }
+
+    /// Marks this reconcile as at work on a leaked key until the value is dropped.
+    pub fn urgent_work(&self) -> UrgentWork {
+        self.urgent.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        UrgentWork(self.urgent.clone())
+    }
+
+    /// Whether a reconcile is at work on a leaked key now: routine work gives way to it.
+    pub fn urgent_in_flight(&self) -> bool {
+        self.urgent.load(std::sync::atomic::Ordering::Acquire) > 0
     }
 
     /// The IAM user the operator itself runs as, asked once.

@@ -58,14 +58,15 @@ fn leaked_key_off(st: &IamKeyRotationStatus) -> bool {
         || st.retiring_key.as_ref().is_some_and(|r| r.state == crate::api::KeyState::Inactive)
 }
 
-/// How long a reconcile that gave way to a leaked key's calls waits before it looks again.
-const GIVE_WAY: Duration = Duration::from_secs(5);
+/// How long a reconcile that gave way to leaked keys waits before it looks again.
+const GIVE_WAY: Duration = Duration::from_secs(10);
 
-/// Whether this reconcile ends before its next step to give its slot to a leaked key: the step's
-/// AWS calls would be routine ones, and urgent calls wait for the same account. Reconciles are at
-/// most 16 at once; without this, they all sat waiting for routine calls (deletions of keys already
-/// Inactive) while leaked keys waited for a reconcile (1,000 emergencies: 111 s). A soaking rotation
-/// keeps its slot: a rollback (reactivating a key pods need) is decided there.
+/// Whether this reconcile ends before its next step to give its slot and its AWS calls to leaked
+/// keys: the step would be routine work, and another reconcile is at work on a leaked key that may
+/// still be Active (or its calls wait for the budget). Reconciles are at most 16 at once; without
+/// this, routine steps (deletions of keys already Inactive) took half of the AWS budget while
+/// leaked keys waited (1,000 emergencies: 108–111 s). A soaking rotation keeps its slot: a rollback
+/// (reactivating a key pods need) is decided there.
 fn gives_way(st: &IamKeyRotationStatus, urgent: bool, urgent_waiting: bool) -> bool {
     urgent_waiting && !urgent && st.phase != Phase::Soaking
 }
@@ -153,13 +154,20 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         let mut done = Progress::default();
         let mut last: Option<Decision> = None;
         let mut kept_iam: Option<Observed> = None;
+        let mut urgent_work = None;
         for _ in 0..MAX_STEPS {
             // An emergency's calls go first only while the leaked key may still be Active: its
             // deletion and cleanup wait their turn behind other leaked keys' deactivations.
             let urgent = emergency && !leaked_key_off(&st);
+            if !urgent {
+                urgent_work = None;
+            } else if urgent_work.is_none() {
+                urgent_work = Some(self.ctx.urgent_work());
+            }
             let step_iam = iam.map(|i| if urgent { i.urgent() } else { i.routine() });
             let iam = step_iam.as_ref();
-            if gives_way(&st, urgent, iam.is_some_and(I::urgent_waiting)) {
+            let leaked_keys_wait = self.ctx.urgent_in_flight() || iam.is_some_and(I::urgent_waiting);
+            if gives_way(&st, urgent, leaked_keys_wait) {
                 if last.is_none() {
                     return Ok(Action::requeue(GIVE_WAY));
                 }
