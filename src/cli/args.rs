@@ -250,6 +250,11 @@ pub struct RunArgs {
     /// the RBAC can be a Role per namespace (deploy/namespaced/).
     #[arg(long = "namespace", env = "REKEY_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,
+    /// SQS queue that EventBridge routes AWS's leaked-key reports to (AWS Health
+    /// AWS_RISK_CREDENTIALS_EXPOSED, GuardDuty findings, the quarantine policy attached): the
+    /// leader long-polls it and starts an emergency rotation of the resource holding the key.
+    #[arg(long, env = "REKEY_AWS_EVENTS_QUEUE_URL", value_name = "URL")]
+    pub aws_events_queue_url: Option<String>,
 }
 
 /// The command line under the name it was started as: installed as `kubectl-rekey` (a krew
