@@ -17,7 +17,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::error::ProvideErrorMetadata as _;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -114,17 +113,19 @@ impl Queue {
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await;
-        ctx.metrics.aws_call("ReceiveMessage", if out.is_ok() { "ok" } else { "error" });
-        Ok(out.map_err(|e| sqs_error("ReceiveMessage", &e))?.messages.unwrap_or_default())
+        let out = out.map_err(|e| sqs_error("ReceiveMessage", &e));
+        ctx.metrics.aws_call("ReceiveMessage", outcome(&out));
+        Ok(out?.messages.unwrap_or_default())
     }
 
     async fn delete<I: Iam>(&self, ctx: &Context<I>, m: &Message) {
         let Some(handle) = m.receipt_handle() else { return };
         let out = self.sqs.delete_message().queue_url(&self.url).receipt_handle(handle).send().await;
-        ctx.metrics.aws_call("DeleteMessage", if out.is_ok() { "ok" } else { "error" });
+        let out = out.map_err(|e| sqs_error("DeleteMessage", &e));
+        ctx.metrics.aws_call("DeleteMessage", outcome(&out));
         if let Err(e) = out {
             // Delivered again after the visibility timeout, and then found already committed.
-            warn!(category = "SqsError", code = e.code().unwrap_or("Unreachable"), "could not delete a queue message");
+            warn!(category = e.category(), error = %e, "could not delete a queue message");
         }
     }
 
@@ -167,6 +168,15 @@ impl Queue {
                 }
             }
         }
+    }
+}
+
+/// `ok` or the AWS error code, as `rekey_aws_calls_total` labels the IAM calls.
+fn outcome<T>(r: &Result<T, LeakError>) -> &str {
+    match r {
+        Ok(_) => "ok",
+        Err(LeakError::Sqs { code, .. }) => code,
+        Err(_) => "error",
     }
 }
 

@@ -202,7 +202,7 @@ pub struct Metrics {
     /// 1 while this replica leads (runs the controller), else 0.
     pub leader: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
-    /// Leak reports read from --aws-events-queue-url (crate::leak_response).
+    /// Leak reports read from --aws-events-queue-url, by the leak response.
     pub leak_events: Family<LeakLabels, Counter>,
     /// Leak reports whose emergency request could not be committed after their last delivery.
     pub leak_events_abandoned: Counter,

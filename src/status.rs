@@ -255,7 +255,7 @@ pub fn conditions(
 fn rotating(c: &mut Vec<Condition>, st: &IamKeyRotationStatus, why: &str, generation: Option<i64>, now: Timestamp) {
     let (status, reason, what) = match st.phase {
         Phase::Idle => (false, "Idle", "no rotation in flight".to_owned()),
-        // An emergency names its request: a leak report's says which source and event (crate::leak_response).
+        // An emergency names its request: the leak response's says which source and event.
         p if st.emergency() => {
             let request = st.last_emergency_request.as_deref().unwrap_or_default();
             (true, p.into(), format!("EMERGENCY rotation ({request}) in phase {p}"))
