@@ -179,18 +179,42 @@ async fn the_rotating_condition_names_the_report_while_the_emergency_waits() -> 
     Ok(())
 }
 
+/// ReceiveMessage calls answered, as the operator counts them.
+async fn polls(op: &Operator) -> anyhow::Result<u64> {
+    let m = http_get(&op.http, "/metrics").await?;
+    let line = m.lines().find(|l| l.starts_with("rekey_aws_calls_total{operation=\"ReceiveMessage\",outcome=\"ok\"}"));
+    Ok(line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+}
+
+#[tokio::test]
+async fn only_the_leader_polls_the_queue() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-lead").await?;
+    let queue = EventsQueue::new(&f.env, "leak-lead").await?;
+    let url = [("REKEY_AWS_EVENTS_QUEUE_URL", queue.url.as_str())];
+    let ops = [Operator::start(&f.ns, &url).await?, Operator::start(&f.ns, &url).await?];
+    let leader = eventually("a leader", WAIT, || async {
+        for (i, op) in ops.iter().enumerate() {
+            if http_get(&op.http, "/metrics").await?.lines().any(|l| l == "rekey_leader 1") {
+                return Ok(Ok(i));
+            }
+        }
+        Ok(Err("none leads yet".to_owned()))
+    })
+    .await?;
+    queue.send(&health_event("AKIANOBODY0000000000", &unique("lead"))).await?;
+    queue.drained().await?;
+    assert!(polls(&ops[leader]).await? >= 1, "the leader read the queue");
+    assert_eq!(polls(&ops[1 - leader]).await?, 0, "the standby never polls");
+    Ok(())
+}
+
 /// Idle, the poller makes one ReceiveMessage per 20 s whatever the number of resources.
 #[tokio::test]
 async fn an_idle_queue_costs_one_long_poll_at_a_time() -> anyhow::Result<()> {
     let f = Fixture::new("leak-idle").await?;
     let queue = EventsQueue::new(&f.env, "leak-idle").await?;
     let op = Operator::start(&f.ns, &[("REKEY_AWS_EVENTS_QUEUE_URL", &queue.url)]).await?;
-    let polls = || async {
-        let m = http_get(&op.http, "/metrics").await?;
-        let line =
-            m.lines().find(|l| l.starts_with("rekey_aws_calls_total{operation=\"ReceiveMessage\",outcome=\"ok\"}"));
-        Ok::<_, anyhow::Error>(line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
-    };
+    let polls = || polls(&op);
     // The first poll returned empty after its 20 s wait; the second is then waiting.
     eventually("a first empty long poll", Duration::from_secs(60), || async {
         let n = polls().await?;
