@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use rekey::api::{IamKeyRotation, Phase};
 use rekey_testenv::env::{eventually, http_get, unique};
 use serde_json::json;
@@ -176,6 +176,39 @@ async fn the_rotating_condition_names_the_report_while_the_emergency_waits() -> 
     })
     .await?;
     queue.drained().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_report_that_cannot_be_committed_is_retried_by_the_queue_then_dropped_and_counted() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-deny").await?;
+    let queue = EventsQueue::new(&f.env, "leak-deny").await?;
+    let key = f.env.create_key(&f.user).await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "suspend": true})).await?;
+    let status = json!({"status": {"activeKey": {"accessKeyId": key.access_key_id}}});
+    f.ikrs.patch_status("app", &PatchParams::default(), &Patch::Merge(&status)).await?;
+    // The shipped RBAC without `patch` on IamKeyRotations: the emergency request cannot be written.
+    let name = "rekey-leak-no-patch";
+    let kubeconfig = operator_identity(&f.env, name, Some(("iamkeyrotations", "patch"))).await?;
+    let op = Operator::start(
+        &f.ns,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().context("path")?),
+            ("REKEY_LEASE_NAMESPACE", OPERATOR_NS),
+            ("REKEY_LEASE_NAME", name),
+            ("REKEY_AWS_EVENTS_QUEUE_URL", &queue.url),
+        ],
+    )
+    .await?;
+    queue.send(&guardduty_event(&key.access_key_id, &f.user, &unique("gd"))).await?;
+    // Delivered again at each visibility timeout (2 s) until its 10th delivery, then dropped.
+    queue.drained().await?;
+    let metrics = http_get(&op.http, "/metrics").await?;
+    assert!(metrics.lines().any(|l| l == "rekey_leak_events_abandoned_total 1"), "{metrics}");
+    assert!(op.output()?.contains("deliveries=10"), "the 10th delivery gave up");
+    let o = f.ikrs.get("app").await?;
+    assert!(o.metadata.annotations.unwrap_or_default().get("rekey.dev/rotate-emergency").is_none());
+    assert_eq!(f.env.keys(&f.user).await?.get(&key.access_key_id).map(String::as_str), Some("Active"));
     Ok(())
 }
 
