@@ -207,7 +207,7 @@ async fn a_report_that_cannot_be_committed_is_retried_by_the_queue_then_dropped_
     assert!(metrics.lines().any(|l| l == "rekey_leak_events_abandoned_total 1"), "{metrics}");
     assert!(op.output()?.contains("deliveries=10"), "the 10th delivery gave up");
     let o = f.ikrs.get("app").await?;
-    assert!(o.metadata.annotations.unwrap_or_default().get("rekey.dev/rotate-emergency").is_none());
+    assert!(!o.metadata.annotations.unwrap_or_default().contains_key("rekey.dev/rotate-emergency"));
     assert_eq!(f.env.keys(&f.user).await?.get(&key.access_key_id).map(String::as_str), Some("Active"));
     Ok(())
 }
