@@ -101,7 +101,7 @@ def error_body(service, code, message):
 
 
 def classify(headers, body, path):
-    """Return (service, "service:Action") of a query-protocol request."""
+    """Return (service, "service:Action") of a query- or JSON-protocol request."""
     service = "unknown"
     auth = headers.get("Authorization", "")
     if "Credential=" in auth:
@@ -111,7 +111,11 @@ def classify(headers, body, path):
     params = parse_qs(body.decode("utf-8", "replace")) if body else {}
     if "?" in path:
         params.update(parse_qs(path.split("?", 1)[1]))
-    action = params.get("Action", ["unknown"])[0]
+    action = params.get("Action", [None])[0]
+    if action is None:
+        # JSON-protocol services (SQS) name the operation in a header instead.
+        target = headers.get("X-Amz-Target", "")
+        action = target.rsplit(".", 1)[-1] if target else "unknown"
     return service, "%s:%s" % (service, action)
 
 

@@ -1,9 +1,11 @@
 //! The user-facing subcommands besides `run`, with kubectl's conventions (flags, namespace
 //! defaults, output formats) and documented exit codes. `args` is the command line; `connect`
-//! finds the cluster; `status`, `rotate` (and retire), `check` and `version` each do one command;
-//! `output` prints (pure).
+//! finds the cluster; `status`, `rotate` (and retire), `check`, `audit` and `version` each do one
+//! command; `output` and `audit_report` print (pure).
 
 pub mod args;
+pub mod audit;
+pub mod audit_report;
 pub mod check;
 pub mod connect;
 pub mod output;
@@ -23,7 +25,7 @@ pub mod exit {
     /// Any error: the cluster, the flags, a resource not found.
     pub const ERROR: u8 = 1;
     /// The outcome is bad: a rotation ended Degraded (for a reason only a person clears) or
-    /// Stalled, or `check` found rekey unhealthy.
+    /// Stalled, `check` found rekey unhealthy, or `audit` found an uncovered key too old.
     pub const ENDED_BADLY: u8 = 2;
     /// `--wait` ran out of time.
     pub const TIMED_OUT: u8 = 3;
@@ -49,12 +51,16 @@ pub enum CliError {
     TimedOut(String),
     #[error("unhealthy: {0}")]
     Unhealthy(String),
+    #[error("{0}")]
+    Aws(#[from] crate::error::Error),
+    #[error("audit failed: {0}")]
+    AuditFailed(String),
 }
 
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Ended(_) | CliError::Unhealthy(_) => exit::ENDED_BADLY,
+            CliError::Ended(_) | CliError::Unhealthy(_) | CliError::AuditFailed(_) => exit::ENDED_BADLY,
             CliError::TimedOut(_) => exit::TIMED_OUT,
             _ => exit::ERROR,
         }
@@ -96,6 +102,10 @@ pub async fn dispatch(command: Command) -> ExitCode {
         },
         Command::Check(a) => match connect::connect(&a.kube, Some(std::time::Duration::from_secs(10))).await {
             Ok(conn) => check::run(&conn, &a).await,
+            Err(e) => Err(e),
+        },
+        Command::Audit(a) => match connect::connect(&a.kube, None).await {
+            Ok(conn) => audit::run(&conn, &a).await,
             Err(e) => Err(e),
         },
         Command::Version(a) => {

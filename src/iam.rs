@@ -139,6 +139,53 @@ impl AwsIam {
     }
 }
 
+/// Where and when a key was last used (GetAccessKeyLastUsed in full; `rekey audit` shows it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastUse {
+    pub time: Timestamp,
+    pub service: String,
+    pub region: String,
+}
+
+/// The account-wide reads of `rekey audit`: not part of [`Iam`], the operator never lists users.
+impl AwsIam {
+    /// ListUsers, every page (each page one call under the budget): (user names, pages read).
+    pub async fn list_users(&self, path_prefix: Option<&str>) -> Result<(Vec<String>, u32), Error> {
+        let (mut users, mut marker, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let req = self.iam.list_users().set_path_prefix(path_prefix.map(str::to_owned)).set_marker(marker.take());
+            let out = self.call("ListUsers", async { req.send().await.map_err(|e| iam_error("ListUsers", e)) }).await?;
+            pages += 1;
+            users.extend(out.users().iter().map(|u| u.user_name().to_owned()));
+            match (out.is_truncated(), out.marker()) {
+                (true, Some(m)) => marker = Some(m.to_owned()),
+                _ => return Ok((users, pages)),
+            }
+        }
+    }
+
+    /// GetAccessKeyLastUsed with the service and region: None when never used.
+    pub async fn last_use(&self, key_id: &str) -> Result<Option<LastUse>, Error> {
+        self.call("GetAccessKeyLastUsed", async {
+            let out = self
+                .iam
+                .get_access_key_last_used()
+                .access_key_id(key_id)
+                .send()
+                .await
+                .map_err(|e| iam_error("GetAccessKeyLastUsed", e))?;
+            Ok(out.access_key_last_used().and_then(|u| {
+                Some(LastUse {
+                    time: ts(Some(u.last_used_date()?)),
+                    service: u.service_name().to_owned(),
+                    region: u.region().to_owned(),
+                })
+            }))
+        })
+        .await
+    }
+}
+
 fn iam_error<E>(
     operation: &'static str,
     e: aws_sdk_iam::error::SdkError<E, aws_sdk_iam::config::http::HttpResponse>,

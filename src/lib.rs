@@ -20,6 +20,8 @@ pub mod fake;
 pub mod http;
 pub mod iam;
 pub mod leader;
+pub mod leak_event;
+pub mod leak_response;
 pub mod metrics;
 pub mod nudge;
 pub mod observe;

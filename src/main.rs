@@ -111,9 +111,15 @@ async fn operate(args: RunArgs) -> ExitCode {
         let _ = server.await;
     };
     tracing::info!("rekey controller starting");
+    // The leak response runs beside the controller, so only while this replica leads.
+    let work = rekey::leak_response::alongside(
+        ctx.clone(),
+        args.aws_events_queue_url.clone(),
+        rekey::controller::run(ctx.clone()),
+    );
     if !args.leader_election {
         return tokio::select! {
-            _ = rekey::controller::run(ctx) => ExitCode::SUCCESS,
+            _ = work => ExitCode::SUCCESS,
             _ = server_died => ExitCode::FAILURE,
         };
     }
@@ -129,7 +135,7 @@ async fn operate(args: RunArgs) -> ExitCode {
         duration: args.lease_duration_seconds,
         grace: (args.lease_duration_seconds / 3).max(1),
     };
-    let led = rekey::leader::run_as_leader(ctx.client.clone(), cfg, rekey::controller::run(ctx.clone()));
+    let led = rekey::leader::run_as_leader(ctx.client.clone(), cfg, work);
     tokio::select! {
         r = led => match r {
             Ok(()) => ExitCode::SUCCESS,

@@ -57,6 +57,13 @@ pub struct CategoryLabels {
     pub category: String,
 }
 
+/// `rekey_leak_events_total`: where a report came from, and whether an IamKeyRotation held its key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeakLabels {
+    pub source: String,
+    pub matched: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsLabels {
     pub operation: String,
@@ -195,6 +202,10 @@ pub struct Metrics {
     /// 1 while this replica leads (runs the controller), else 0.
     pub leader: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
+    /// Leak reports read from --aws-events-queue-url, by the leak response.
+    pub leak_events: Family<LeakLabels, Counter>,
+    /// Leak reports whose emergency request could not be committed after their last delivery.
+    pub leak_events_abandoned: Counter,
 }
 
 impl Default for Metrics {
@@ -210,6 +221,8 @@ impl Default for Metrics {
             managed_resources: Gauge::default(),
             leader: Gauge::default(),
             build_info: Family::default(),
+            leak_events: Family::default(),
+            leak_events_abandoned: Counter::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -240,6 +253,16 @@ impl Metrics {
         );
         r.register("leader", "1 while this replica leads (holds the Lease and acts), else 0", self.leader.clone());
         r.register("build_info", "Always 1; the labels say which rekey this is", self.build_info.clone());
+        r.register(
+            "leak_events",
+            "Leaked-key reports from the AWS events queue, by source and whether an IamKeyRotation held the key",
+            self.leak_events.clone(),
+        );
+        r.register(
+            "leak_events_abandoned",
+            "Leaked-key reports dropped after their last delivery without an emergency request committed",
+            self.leak_events_abandoned.clone(),
+        );
     }
 
     /// The label values known in advance, at 0 (1 for build_info), so alerts see a series before
@@ -256,6 +279,12 @@ impl Metrics {
         }
         for phase in ROTATION_PHASES {
             let _created = self.phase_duration_seconds.get_or_create(&PhaseLabels { phase: phase.into() });
+        }
+        for source in crate::leak_event::SOURCES {
+            for matched in ["true", "false"] {
+                let labels = LeakLabels { source: <&str>::from(source).into(), matched: matched.into() };
+                let _created = self.leak_events.get_or_create(&labels);
+            }
         }
         let build = BuildLabels { version: env!("CARGO_PKG_VERSION").into(), commit: GIT_COMMIT.into() };
         self.build_info.get_or_create(&build).set(1);
@@ -318,6 +347,11 @@ impl Metrics {
         for (slot, name) in f.conditions.iter_mut().zip(CONDITIONS) {
             *slot = st.conditions.iter().find(|c| c.type_ == name).map(|c| c.status == "True");
         }
+    }
+
+    pub fn leak_event(&self, source: crate::leak_event::Source, matched: bool) {
+        let labels = LeakLabels { source: <&str>::from(source).into(), matched: matched.to_string() };
+        self.leak_events.get_or_create(&labels).inc();
     }
 
     pub fn aws_call(&self, operation: &str, outcome: &str) {

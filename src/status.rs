@@ -255,6 +255,11 @@ pub fn conditions(
 fn rotating(c: &mut Vec<Condition>, st: &IamKeyRotationStatus, why: &str, generation: Option<i64>, now: Timestamp) {
     let (status, reason, what) = match st.phase {
         Phase::Idle => (false, "Idle", "no rotation in flight".to_owned()),
+        // An emergency names its request: the leak response's says which source and event.
+        p if st.emergency() => {
+            let request = st.last_emergency_request.as_deref().unwrap_or_default();
+            (true, p.into(), format!("EMERGENCY rotation ({request}) in phase {p}"))
+        }
         p => (true, p.into(), format!("rotation in phase {p}")),
     };
     let message = if why.is_empty() { what } else { format!("{what}; {why}") };

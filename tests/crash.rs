@@ -189,3 +189,41 @@ async fn deleting_a_resource_whose_create_was_interrupted_deletes_the_orphan_and
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_crash_between_committing_a_leak_report_and_deleting_it_rotates_once() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-crash").await?;
+    let queue = EventsQueue::new(&f.env, "leak-crash").await?;
+    let leaked = f.env.create_key(&f.user).await?;
+    f.secrets.create(&PostParams::default(), &key_secret("creds", &leaked)?).await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "24h"}}))
+        .await?;
+    let url = ("REKEY_AWS_EVENTS_QUEUE_URL", queue.url.as_str());
+    let mut op = Operator::start(&f.ns, &[url, ("FAILPOINTS", "leak-before-delete=return"), FAST_LEASE]).await?;
+    wait_ikr(&f.ikrs, "app", "adopted", |o| active_key(o).as_deref() == Some(leaked.access_key_id.as_str())).await?;
+    let id = rekey_testenv::env::unique("gd");
+    queue.send(&guardduty_event(&leaked.access_key_id, &f.user, &id)).await?;
+    assert_eq!(op.exited(WAIT).await?, Some(137), "the failpoint ended the process");
+    // Committed, not deleted: the request is on the resource and the report still in the queue.
+    let request = format!("guardduty:{id}");
+    let o = f.ikrs.get("app").await?;
+    let annotation = o.metadata.annotations.as_ref().and_then(|a| a.get("rekey.dev/rotate-emergency"));
+    assert_eq!(annotation, Some(&request));
+    assert_eq!(queue.in_queue().await?, 1, "the report is still queued");
+
+    let op = Operator::start(&f.ns, &[url, FAST_LEASE]).await?;
+    // The report comes back after the visibility timeout; the new leader finds it committed.
+    queue.drained().await?;
+    let key = converged(&f, 1).await?;
+    assert_ne!(key, leaked.access_key_id);
+    let st = f.ikrs.get("app").await?.status.context("status")?;
+    assert_eq!((st.last_emergency_request.as_ref(), st.history.len()), (Some(&request), 1), "one rotation");
+    let metrics = rekey_testenv::env::http_get(&op.http, "/metrics").await?;
+    let seen: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("rekey_leak_events_total{source=\"guardduty\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(seen, 1, "the redelivered report was read once more, and deleted");
+    Ok(())
+}

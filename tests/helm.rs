@@ -369,6 +369,7 @@ fn everything_values(watched: &[&str]) -> Value {
         "maxConcurrentRotations": 5,
         "awsCallsPerSecond": 4,
         "awsCallsPerSecondTotal": 8,
+        "awsEventsQueueUrl": "https://sqs.eu-west-1.amazonaws.com/111122223333/rekey-aws-events",
         "extraEnv": [{"name": "RUST_LOG", "value": "debug"}],
         "resources": {"requests": {"cpu": "50m", "memory": "100Mi"}, "limits": {"memory": "300Mi"}},
         "podSecurityContext": {"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -438,6 +439,7 @@ async fn every_option_renders_and_is_accepted(helm: &Helm) -> anyhow::Result<()>
         ("REKEY_MAX_CONCURRENT_ROTATIONS", "5"),
         ("REKEY_AWS_CALLS_PER_SECOND", "4"),
         ("REKEY_AWS_CALLS_PER_SECOND_TOTAL", "8"),
+        ("REKEY_AWS_EVENTS_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/111122223333/rekey-aws-events"),
         ("RUST_LOG", "debug"),
     ] {
         assert_eq!(env_value(c, name).as_deref(), Some(value), "{}: env {name}", helm.version);

@@ -117,11 +117,13 @@ pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outc
         r.trigger = Trigger::Emergency;
     }
     st.last_emergency_request.clone_from(&env.observed.requests.emergency);
+    let request = st.last_emergency_request.as_deref().unwrap_or_default();
     Outcome::next().committed().event(
         true,
         "Emergency",
-        "EMERGENCY rotation requested mid-rotation: the old key is retired as soon as the Secrets hold the new one"
-            .into(),
+        format!(
+            "EMERGENCY rotation requested mid-rotation ({request}): the old key is retired as soon as the Secrets hold the new one"
+        ),
     )
 }
 

@@ -82,12 +82,13 @@ pub async fn begin<I: Iam>(
         Trigger::Bootstrap | Trigger::Scheduled => {}
     }
     let why = match trigger {
-        Trigger::Bootstrap => "no key in the Secrets yet",
-        Trigger::Scheduled => "the active key is due",
-        Trigger::Requested => "rotation requested by annotation",
-        Trigger::Emergency => {
-            "EMERGENCY rotation requested: the old key is retired as soon as the Secrets hold the new one"
-        }
+        Trigger::Bootstrap => "no key in the Secrets yet".to_owned(),
+        Trigger::Scheduled => "the active key is due".to_owned(),
+        Trigger::Requested => "rotation requested by annotation".to_owned(),
+        Trigger::Emergency => format!(
+            "EMERGENCY rotation requested ({}): the old key is retired as soon as the Secrets hold the new one",
+            st.last_emergency_request.as_deref().unwrap_or_default()
+        ),
     };
     Ok(Outcome::next().committed().event(false, "Creating", format!("rotation started: {why}")))
 }

@@ -30,6 +30,9 @@ pub enum Command {
     Retire(RetireArgs),
     /// Is rekey healthy here? The CRD, the leader's Lease, the metrics endpoint.
     Check(CheckArgs),
+    /// Every IAM user's access keys: age, last use, which IamKeyRotation covers them, and the CIS
+    /// 1.14 verdict (exit 2 when an uncovered active key is older than --max-age).
+    Audit(AuditArgs),
     /// Print the IamKeyRotation CustomResourceDefinition as YAML (the source of crds/).
     Crd,
     /// Print the version and commit of this binary, and the cluster's version when reachable.
@@ -155,6 +158,38 @@ pub struct CheckArgs {
     pub skip_metrics: bool,
 }
 
+/// `rekey audit`: the caller's AWS credentials (the default chain) and kubeconfig.
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Namespaces whose IamKeyRotations count as coverage (comma-separated; default: every namespace).
+    #[arg(short, long, value_delimiter = ',')]
+    pub namespace: Vec<String>,
+    /// The age an active key may reach (CIS 1.14: 90 days).
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    pub max_age: Duration,
+    /// Judge the keys' ages as of this instant (RFC 3339) instead of now: what will fail by the
+    /// next audit.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<k8s_openapi::jiff::Timestamp>,
+    /// Only the users under this IAM path (e.g. /rekey/), as ListUsers' PathPrefix.
+    #[arg(long, value_name = "PATH")]
+    pub path_prefix: Option<String>,
+    /// Cap on IAM API calls per second (the operator's default: the account's quota is shared).
+    #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND", default_value = "10")]
+    pub aws_calls_per_second: std::num::NonZeroU32,
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: AuditOutput,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum AuditOutput {
+    #[default]
+    Table,
+    Json,
+}
+
 #[derive(Args, Debug)]
 pub struct VersionArgs {
     #[command(flatten)]
@@ -215,6 +250,11 @@ pub struct RunArgs {
     /// the RBAC can be a Role per namespace (deploy/namespaced/).
     #[arg(long = "namespace", env = "REKEY_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,
+    /// SQS queue that EventBridge routes AWS's leaked-key reports to (AWS Health
+    /// AWS_RISK_CREDENTIALS_EXPOSED, GuardDuty findings, the quarantine policy attached): the
+    /// leader long-polls it and starts an emergency rotation of the resource holding the key.
+    #[arg(long, env = "REKEY_AWS_EVENTS_QUEUE_URL", value_name = "URL")]
+    pub aws_events_queue_url: Option<String>,
 }
 
 /// The command line under the name it was started as: installed as `kubectl-rekey` (a krew

@@ -54,7 +54,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* The RBAC rules of deploy/cluster-wide/clusterrole.yaml and deploy/namespaced/role.yaml (the same list). */}}
 {{- define "rekey.rules" -}}
 # Watch the resources it reconciles (its cache also enforces one owner per IAM user); patch to
-# add and remove its finalizer.
+# add and remove its finalizer, and to request an emergency rotation from a leak report.
 - apiGroups: ["rekey.dev"]
   resources: ["iamkeyrotations"]
   verbs: ["get", "list", "watch", "patch"]
