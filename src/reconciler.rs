@@ -63,7 +63,7 @@ const GIVE_WAY: Duration = Duration::from_secs(10);
 
 /// Whether this reconcile ends before its next step to give its slot and its AWS calls to leaked
 /// keys: the step would be routine work, and another reconcile is at work on a leaked key that may
-/// still be Active (or its calls wait for the budget). Reconciles are at most 16 at once; without
+/// still be Active (or its calls wait for the budget). Reconciles are at most 32 at once; without
 /// this, routine steps (deletions of keys already Inactive) took half of the AWS budget while
 /// leaked keys waited (1,000 emergencies: 108–111 s). A soaking rotation keeps its slot: a rollback
 /// (reactivating a key pods need) is decided there.
