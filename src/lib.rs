@@ -27,6 +27,7 @@ pub mod ownership;
 pub mod plan;
 pub mod process_metrics;
 pub mod reconciler;
+pub mod schedule;
 pub mod secrets;
 pub mod status;
 pub mod validate;

@@ -86,6 +86,9 @@ pub enum Withheld {
 pub enum Step {
     /// Nothing to write; look again after `requeue` (None: only on a watch event).
     Wait { requeue: Option<Duration>, why: String },
+    /// A scheduled rotation is due but no window of spec.schedule.windows is open: nothing is
+    /// written (the key in use stays Active) until `opens`.
+    WaitForWindow { requeue: Duration, opens: Timestamp, message: String },
     /// The last attempt failed: nothing is done, and nothing concluded (the failure's conditions
     /// stand), until the backoff is over.
     Retry { requeue: Duration, why: String },
@@ -157,6 +160,7 @@ impl Step {
         !matches!(
             self,
             Step::Wait { .. }
+                | Step::WaitForWindow { .. }
                 | Step::Retry { .. }
                 | Step::NeedIam
                 | Step::NeedWorkloads
@@ -219,9 +223,17 @@ fn until(now: Timestamp, then: Timestamp) -> Duration {
     Duration::try_from(then.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
-/// When the key created at `created` is due for rotation.
+/// When the key created at `created` comes due: maxKeyAge - rotateBefore, plus the resource's
+/// spread. Windows aside.
+pub fn due(created: Timestamp, v: &ValidSpec) -> Timestamp {
+    add(created, v.max_key_age.saturating_sub(v.rotate_before).saturating_add(v.spread))
+}
+
+/// When the scheduled rotation of the key created at `created` starts (status.nextRotationTime):
+/// when it comes due, or the next opening of a window after that.
 pub fn due_at(created: Timestamp, v: &ValidSpec) -> Timestamp {
-    add(created, v.max_key_age.saturating_sub(v.rotate_before))
+    let due = due(created, v);
+    crate::schedule::next_opening(&v.windows, due).unwrap_or(due)
 }
 
 /// The one backoff: `first` after the first attempt, doubling with each further one, at most `cap`.
@@ -640,11 +652,34 @@ fn idle(i: &Input) -> Step {
         return begin(i, Trigger::Requested);
     }
     let created = active.created_at.as_ref().map(|t| t.0).unwrap_or(o.now);
-    let due = due_at(created, i.valid);
-    if o.now >= due {
+    if o.now < due(created, i.valid) {
+        let next = due_at(created, i.valid);
+        return wait(Some(until(o.now, next)), format!("next rotation at {next}"));
+    }
+    if crate::schedule::is_open(&i.valid.windows, o.now) {
         return begin(i, Trigger::Scheduled);
     }
-    wait(Some(until(o.now, due)), format!("next rotation at {due}"))
+    wait_for_window(i, &active.access_key_id, created)
+}
+
+/// A due rotation outside every window waits for the next to open, even past maxKeyAge: the key
+/// keeps working until someone deletes it, while a rotation outside the agreed hours restarts
+/// workloads when nobody is there to watch. Ready turns False (KeyExpired) at maxKeyAge as without
+/// windows, and the message says so beforehand; rekey.dev/rotate starts one at once.
+fn wait_for_window(i: &Input, key: &str, created: Timestamp) -> Step {
+    let now = i.observed.now;
+    let Some(opens) = crate::schedule::next_opening(&i.valid.windows, now) else {
+        return wait(None, "no window of spec.schedule.windows opens within two weeks");
+    };
+    let expires = add(created, i.valid.max_key_age);
+    let mut message =
+        format!("key {key} is due for rotation; the next window of spec.schedule.windows opens at {opens}");
+    if opens > expires {
+        message.push_str(&format!(
+            "; the key passes maxKeyAge at {expires}, before then: set annotation rekey.dev/rotate to rotate now"
+        ));
+    }
+    Step::WaitForWindow { requeue: until(now, opens), opens, message }
 }
 
 fn first_key(i: &Input) -> Step {

@@ -30,7 +30,7 @@ use crate::plan::cleanup::{CleanupInput, cleanup};
 use crate::plan::snapshot::{Observed, SecretState};
 use crate::plan::{self, Decision, Gates, StallReason, Step};
 use crate::status::{self, Verdict};
-use crate::validate::{ValidSpec, validate_for};
+use crate::validate::{ValidSpec, validate_resource};
 
 /// At most this many steps in one reconcile (a rotation's steps up to the restart are six).
 const MAX_STEPS: usize = 8;
@@ -114,7 +114,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     pub async fn apply(mut self) -> Result<Action, Error> {
         let requests = crate::observe::requests(&self.obj);
         let st = status::prepare(&self.before, self.obj.metadata.generation, &requests, &self.obj.spec.user_name);
-        let valid = match validate_for(&self.obj.spec, &self.identity.name) {
+        let valid = match validate_resource(&self.obj) {
             Ok(v) => v,
             Err(e) => {
                 let stall =
@@ -124,6 +124,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 return self.commit(st, &stall, Progress::default()).await;
             }
         };
+        let mut st = st;
+        st.next_rotation_time = status::next_rotation(&st, &valid);
         // A leaked key's rotation goes before routine IAM calls, its reads included.
         let emergency =
             st.emergency() || (requests.emergency.is_some() && requests.emergency != st.last_emergency_request);
