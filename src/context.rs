@@ -29,6 +29,10 @@ pub struct Config {
     /// At most this many rotations in flight at once (a backlog of overdue keys must not restart
     /// every workload of the cluster at the same moment).
     pub max_concurrent_rotations: usize,
+    /// At most this many resources restarting workloads at once (0: no limit of its own).
+    pub max_concurrent_rollouts: usize,
+    /// The least time between two restarts by rekey in one namespace.
+    pub rollout_cooldown: Duration,
     /// Role ARN patterns (`*` matches anything) a resource's spec.aws.roleArn must match.
     pub allowed_role_arns: Vec<String>,
 }
@@ -40,6 +44,8 @@ impl Config {
             region: region.into(),
             namespaces: Vec::new(),
             max_concurrent_rotations: 10,
+            max_concurrent_rollouts: 0,
+            rollout_cooldown: Duration::ZERO,
             allowed_role_arns: Vec::new(),
         }
     }
@@ -63,6 +69,8 @@ pub struct Context<I: Iam> {
     /// The controllers' caches of resources (one per watched namespace), for counting rotations
     /// in flight.
     stores: std::sync::Mutex<Vec<Store<Cached>>>,
+    /// Restart pacing (--max-concurrent-rollouts, --rollout-cooldown).
+    pub pacing: crate::pacing::Pacing,
 }
 
 impl<I: Iam> Context<I> {
@@ -77,6 +85,7 @@ impl<I: Iam> Context<I> {
             metrics,
             health: Arc::new(crate::http::Health::default()),
             stores: std::sync::Mutex::new(Vec::new()),
+            pacing: crate::pacing::Pacing::default(),
             whoami: tokio::sync::OnceCell::new(),
             role_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -180,6 +189,35 @@ impl<I: Iam> Context<I> {
             }
         }
         Ok(out)
+    }
+
+    /// "namespace/name" of every resource the watch caches show in phase RollingOut.
+    pub fn rolling_out(&self) -> std::collections::BTreeSet<String> {
+        let Ok(stores) = self.stores.lock() else { return Default::default() };
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.status.as_ref().is_some_and(|s| s.phase == crate::api::Phase::RollingOut))
+            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+            .collect()
+    }
+
+    /// The other resources of namespace `ns` about to hand over a new key (Creating, Verifying,
+    /// Distributing), by the watch caches.
+    pub fn handing_over(&self, ns: &str, me: &str) -> Vec<String> {
+        use crate::api::Phase;
+        let Ok(stores) = self.stores.lock() else { return Vec::new() };
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.namespace().as_deref() == Some(ns) && o.name_any() != me)
+            .filter(|o| {
+                o.status
+                    .as_ref()
+                    .is_some_and(|s| matches!(s.phase, Phase::Creating | Phase::Verifying | Phase::Distributing))
+            })
+            .map(|o| o.name_any())
+            .collect()
     }
 
     /// Whether fewer than --max-concurrent-rotations other resources are mid-rotation. Counted from

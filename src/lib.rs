@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod nudge;
 pub mod observe;
 pub mod ownership;
+pub mod pacing;
 pub mod plan;
 pub mod process_metrics;
 pub mod reconciler;

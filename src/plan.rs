@@ -196,6 +196,17 @@ pub struct Gates {
     pub slot_free: bool,
     /// --max-concurrent-rotations, for the message while waiting for a slot.
     pub max_rotations: usize,
+    /// This resource may restart workloads: it holds one of the --max-concurrent-rollouts slots.
+    pub rollout_slot_free: bool,
+    /// --max-concurrent-rollouts, for the message while waiting for a slot.
+    pub max_rollouts: usize,
+    /// --rollout-cooldown: no restart in this namespace before this instant.
+    pub restart_not_before: Option<Timestamp>,
+    /// --rollout-cooldown: how long a rotation ready to restart waits for `handing_over`.
+    pub restart_cooldown: Duration,
+    /// Other resources of this namespace about to hand over a new key (Creating, Verifying,
+    /// Distributing): a restart that waits for them carries their keys too (`workloads::stamp`).
+    pub handing_over: Vec<String>,
     /// The namespaces this operator watches (empty: all). A claim of a resource elsewhere may be
     /// another operator's, so it is never taken for stale.
     pub watched: Vec<String>,
@@ -203,7 +214,17 @@ pub struct Gates {
 
 impl Default for Gates {
     fn default() -> Self {
-        Self { denied_role: None, slot_free: true, max_rotations: 10, watched: Vec::new() }
+        Self {
+            denied_role: None,
+            slot_free: true,
+            max_rotations: 10,
+            rollout_slot_free: true,
+            max_rollouts: 0,
+            restart_not_before: None,
+            restart_cooldown: Duration::ZERO,
+            handing_over: Vec::new(),
+            watched: Vec::new(),
+        }
     }
 }
 
@@ -947,10 +968,13 @@ fn rolling_out(i: &Input) -> Step {
     let unstamped: Vec<WorkloadRef> = w
         .items
         .iter()
-        .filter(|w| w.stamped.as_deref() != Some(active.access_key_id.as_str()))
+        .filter(|w| !crate::workloads::stamp::carries(w.stamped.as_deref(), &active.access_key_id))
         .map(|w| w.id.clone())
         .collect();
     if !unstamped.is_empty() {
+        if let Some(s) = paced(i) {
+            return s;
+        }
         return Step::Stamp { key_id: active.access_key_id.clone(), workloads: unstamped };
     }
     if emergency(i)
@@ -981,6 +1005,40 @@ fn rolling_out(i: &Input) -> Step {
         };
     }
     wait(Some(POLL), format!("waiting for the rollout of {}", waiting.join("; ")))
+}
+
+/// Restart pacing: a rotation waits for a rollout slot and for its namespace's cooldown before it
+/// restarts workloads. Waiting costs nothing but time: both keys stay Active, the Secrets hold the
+/// new one. A leaked key's rotation never waits.
+fn paced(i: &Input) -> Option<Step> {
+    let (g, now) = (i.gates, i.observed.now);
+    if emergency(i) {
+        return None;
+    }
+    if !g.rollout_slot_free {
+        return Some(wait(
+            Some(Duration::from_secs(15)),
+            format!("waiting for a rollout slot (at most {} rollouts at once)", g.max_rollouts),
+        ));
+    }
+    let gather_until = add(phase_since(i), g.restart_cooldown);
+    if !g.handing_over.is_empty() && now < gather_until {
+        return Some(wait(
+            Some(Duration::from_secs(1)),
+            format!(
+                "waiting until {gather_until} at most for {} to hand over, so that one restart carries every new key",
+                few(&g.handing_over)
+            ),
+        ));
+    }
+    let at = g.restart_not_before.filter(|t| *t > now)?;
+    Some(wait(
+        Some(until(now, at)),
+        format!(
+            "waiting until {at} to restart workloads (--rollout-cooldown since the last restart in namespace {})",
+            i.identity.namespace
+        ),
+    ))
 }
 
 /// A new rekey.dev/rotate-emergency value: the key is leaked.

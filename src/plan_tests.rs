@@ -1125,3 +1125,61 @@ fn a_window_after_max_key_age_holds_the_rotation_and_says_the_key_will_expire() 
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_restart_waits_for_a_rollout_slot_and_the_namespace_cooldown_but_an_emergency_does_not() {
+    let stamp = Step::Stamp { key_id: NEW.into(), workloads: vec![wl("Deployment/web")] };
+    let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(OLD), true, 2);
+    c.gates = Gates { rollout_slot_free: false, max_rollouts: 2, ..Gates::default() };
+    assert_eq!(
+        c.decide(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(15)),
+            why: "waiting for a rollout slot (at most 2 rollouts at once)".into()
+        }
+    );
+    assert!(!c.decide().writes(), "the old key stays Active, nothing is written");
+    c.gates = Gates { restart_not_before: Some(now() + secs(20)), ..Gates::default() };
+    assert_eq!(
+        c.decide(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(20)),
+            why: "waiting until 2026-06-01T12:00:20Z to restart workloads (--rollout-cooldown since the last restart in namespace payments)".into()
+        }
+    );
+    // The cooldown is over.
+    c.gates = Gates { restart_not_before: Some(now()), ..Gates::default() };
+    assert_eq!(c.decide(), stamp);
+    // A leaked key's workloads are restarted at once.
+    let mut e = rolling(now(), Trigger::Emergency).workload("Deployment/web", Some(OLD), true, 2);
+    e.gates = Gates { rollout_slot_free: false, restart_not_before: Some(now() + secs(20)), ..Gates::default() };
+    assert_eq!(e.decide(), stamp);
+    // Workloads already stamped wait for nothing but their rollout.
+    let mut done = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 1);
+    done.gates = Gates { rollout_slot_free: false, ..Gates::default() };
+    assert!(matches!(done.decide(), Step::Wait { why, .. } if why.starts_with("waiting for the rollout of")));
+}
+
+#[test]
+fn a_restart_waits_within_the_cooldown_for_neighbours_handing_over_so_one_restart_carries_all() {
+    let stamp = Step::Stamp { key_id: NEW.into(), workloads: vec![wl("Deployment/web")] };
+    let mut c = rolling(now() - secs(5), Trigger::Requested).workload("Deployment/web", Some(OLD), true, 2);
+    c.gates = Gates { restart_cooldown: Duration::from_secs(20), handing_over: vec!["b".into()], ..Gates::default() };
+    assert_eq!(
+        c.decide(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(1)),
+            why: "waiting until 2026-06-01T12:00:15Z at most for b to hand over, so that one restart carries every new key".into()
+        }
+    );
+    // The cooldown since entering RollingOut is over: it restarts without them.
+    c.status.rotation.as_mut().unwrap().phase_since = Time(now() - secs(20));
+    assert_eq!(c.decide(), stamp);
+    // No cooldown configured: no waiting.
+    let mut c = rolling(now(), Trigger::Requested).workload("Deployment/web", Some(OLD), true, 2);
+    c.gates = Gates { handing_over: vec!["b".into()], ..Gates::default() };
+    assert_eq!(c.decide(), stamp);
+    // A neighbour's restart already carried this key: nothing to restart.
+    let c = rolling(now(), Trigger::Requested).workload("Deployment/web", Some(&format!("AKIAB,{NEW}")), true, 2);
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Deactivating });
+}

@@ -217,7 +217,11 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             region: &region,
         };
         info!(step = step.name(), phase = %st.phase, "performing");
-        act::perform(&env, st, step).await
+        let out = act::perform(&env, st, step).await?;
+        if matches!(step, Step::Stamp { .. } | Step::Revert { .. }) {
+            self.ctx.pacing.restarted(&self.identity.namespace, self.now);
+        }
+        Ok(out)
     }
 
     /// A step failed after others succeeded in this reconcile: what they did is written first, so
@@ -242,9 +246,17 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         self.obj.spec.aws.as_ref().and_then(|a| a.region.clone()).unwrap_or_else(|| self.ctx.config.region.clone())
     }
 
-    fn gates(&self) -> Gates {
+    fn gates(&self, st: &IamKeyRotationStatus) -> Gates {
         let role = self.obj.spec.aws.as_ref().and_then(|a| a.role_arn.clone());
+        let (ns, cfg) = (&self.identity.namespace, &self.ctx.config);
+        let me = format!("{ns}/{}", self.identity.name);
+        let rolling = st.phase == Phase::RollingOut;
         Gates {
+            rollout_slot_free: self.ctx.pacing.slot(&me, rolling, &self.ctx.rolling_out(), cfg.max_concurrent_rollouts),
+            max_rollouts: cfg.max_concurrent_rollouts,
+            restart_not_before: self.ctx.pacing.not_before(ns, cfg.rollout_cooldown),
+            restart_cooldown: cfg.rollout_cooldown,
+            handing_over: self.ctx.handing_over(ns, &self.identity.name),
             denied_role: role.filter(|r| !crate::ownership::role_allowed(&self.ctx.config.allowed_role_arns, r)),
             slot_free: self.ctx.rotation_slot_free(&self.obj),
             max_rotations: self.ctx.config.max_concurrent_rotations,
@@ -260,7 +272,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         iam: Option<&I>,
         mut observed: Observed,
     ) -> Result<(Decision, Observed), (&'static str, Error)> {
-        let gates = self.gates();
+        let gates = self.gates(st);
         loop {
             let decision = plan::decide(&plan::Input {
                 spec: &self.obj.spec,

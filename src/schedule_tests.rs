@@ -134,3 +134,86 @@ fn the_spread_is_fixed_per_uid_and_within_half_of_rotate_before() {
     }
     assert_eq!(spread("", Duration::ZERO), Duration::ZERO);
 }
+
+/// docs/benchmarks.md, "2026-11-30 (windows and jitter)": 1,000 resources whose keys were created in
+/// the same second, with the real due-time function. Rotations start when due, at most
+/// --max-concurrent-rotations (10) at once, each taking 6 s (the measured 5.8 s of a rotation of a
+/// 2-replica Deployment with deleteAfter 0s); each restarts one Deployment as it starts. Prints, does
+/// not assert: `cargo test --lib figures_for_1000 -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn figures_for_1000_resources_created_together() {
+    let mut rng = fastrand::Rng::with_seed(14);
+    let uids: Vec<String> = (0..1_000)
+        .map(|_| {
+            let h = format!("{:032x}", rng.u128(..));
+            format!("{}-{}-4{}-a{}-{}", &h[..8], &h[8..12], &h[13..16], &h[17..20], &h[20..])
+        })
+        .collect();
+    let created = t("2026-11-30T10:00:00Z");
+    let spec = |windows: serde_json::Value| {
+        let mut s: crate::api::IamKeyRotationSpec = serde_json::from_value(serde_json::json!({
+            "userName": "u", "secrets": [{"name": "s"}], "schedule": {"windows": windows}
+        }))
+        .unwrap();
+        if s.schedule.as_ref().is_some_and(|s| s.windows.is_empty()) {
+            s.schedule = None;
+        }
+        crate::validate::validate(&s).unwrap()
+    };
+    let nights = serde_json::json!([{"days": ["Tue", "Wed", "Thu"], "start": "02:00", "end": "05:00", "timeZone": "Europe/Berlin"}]);
+    for (name, windows, jitter) in [
+        ("no jitter", serde_json::json!([]), false),
+        ("jitter", serde_json::json!([]), true),
+        ("jitter, window Tue-Thu 02:00-05:00 Berlin", nights, true),
+    ] {
+        let base = spec(windows);
+        let mut due: Vec<i64> = uids
+            .iter()
+            .map(|uid| {
+                let mut v = base.clone();
+                if jitter {
+                    v.spread = spread(uid, v.rotate_before);
+                }
+                crate::plan::due_at(created, &v).as_second()
+            })
+            .collect();
+        due.sort_unstable();
+        report(name, &due);
+    }
+}
+
+/// Due times (Unix seconds, sorted) → the busiest minute of due times and of rotation starts.
+fn report(name: &str, due: &[i64]) {
+    const SLOTS: usize = 10;
+    const ROTATION: i64 = 6;
+    let per_minute = |times: &[i64]| {
+        let mut m = std::collections::BTreeMap::<i64, usize>::new();
+        for t in times {
+            *m.entry(t.div_euclid(60)).or_default() += 1;
+        }
+        m.into_values().max().unwrap_or(0)
+    };
+    let (mut starts, mut busy_until, mut next) = (Vec::new(), Vec::<i64>::new(), 0);
+    let mut now = due[0];
+    while next < due.len() {
+        busy_until.retain(|end| *end > now);
+        while next < due.len() && due[next] <= now && busy_until.len() < SLOTS {
+            starts.push(now);
+            busy_until.push(now + ROTATION);
+            next += 1;
+        }
+        now = if busy_until.len() < SLOTS && next < due.len() { due[next].max(now + 1) } else { now + 1 };
+    }
+    let span = |v: &[i64]| jiff::SignedDuration::from_secs(v[v.len() - 1] - v[0]);
+    println!(
+        "{name}: due {} .. {} (span {:#}); busiest minute: {} due, {} rotations and {} restarts started; all started after {:#}",
+        Timestamp::from_second(due[0]).unwrap(),
+        Timestamp::from_second(due[due.len() - 1]).unwrap(),
+        span(due),
+        per_minute(due),
+        per_minute(&starts),
+        per_minute(&starts),
+        span(&starts),
+    );
+}
