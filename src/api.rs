@@ -262,7 +262,9 @@ impl std::fmt::Display for WorkloadRef {
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleSpec {
     /// A due scheduled rotation starts only inside one of these windows (none listed: at any time);
-    /// until one opens, condition Rotating is False with reason WaitingForWindow. The windows hold
+    /// one that came due while they were closed starts at its place (from its uid) in the first
+    /// half of the next, so that a backlog does not start all at the opening. Until then, condition
+    /// Rotating is False with reason WaitingForWindow. The windows hold
     /// even past maxKeyAge (Ready turns False, KeyExpired). They do not apply to the annotations
     /// rekey.dev/rotate and rekey.dev/rotate-emergency, to the first key, nor to a replacement for
     /// a key no Secret holds any more: those start at once.
@@ -547,8 +549,8 @@ pub struct IamKeyRotationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_time: Option<Time>,
     /// When the next scheduled rotation starts: the active key's creation + maxKeyAge - rotateBefore,
-    /// plus this resource's spread (0 to half of rotateBefore, from its uid), moved to the next
-    /// opening of spec.schedule.windows if it falls outside them.
+    /// plus this resource's spread (0 to half of rotateBefore, from its uid); if that falls outside
+    /// spec.schedule.windows, this resource's place (from its uid) in the first half of the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_time: Option<Time>,
     /// Rotations completed.

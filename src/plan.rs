@@ -251,10 +251,10 @@ pub fn due(created: Timestamp, v: &ValidSpec) -> Timestamp {
 }
 
 /// When the scheduled rotation of the key created at `created` starts (status.nextRotationTime):
-/// when it comes due, or the next opening of a window after that.
+/// when it comes due, or the resource's place in the next window after that.
 pub fn due_at(created: Timestamp, v: &ValidSpec) -> Timestamp {
     let due = due(created, v);
-    crate::schedule::next_opening(&v.windows, due).unwrap_or(due)
+    crate::schedule::place(&v.windows, due, v.share).map_or(due, |(_, start)| start)
 }
 
 /// The one backoff: `first` after the first attempt, doubling with each further one, at most `cap`.
@@ -677,30 +677,36 @@ fn idle(i: &Input) -> Step {
         let next = due_at(created, i.valid);
         return wait(Some(until(o.now, next)), format!("next rotation at {next}"));
     }
-    if crate::schedule::is_open(&i.valid.windows, o.now) {
+    let start = due_at(created, i.valid);
+    if o.now >= start && crate::schedule::is_open(&i.valid.windows, o.now) {
         return begin(i, Trigger::Scheduled);
     }
-    wait_for_window(i, &active.access_key_id, created)
+    // Before its place in the window, or the window closed before it started (an operator down).
+    let from = if o.now < start { due(created, i.valid) } else { o.now };
+    wait_for_window(i, &active.access_key_id, created, from)
 }
 
 /// A due rotation outside every window waits for the next to open, even past maxKeyAge: the key
 /// keeps working until someone deletes it, while a rotation outside the agreed hours restarts
 /// workloads when nobody is there to watch. Ready turns False (KeyExpired) at maxKeyAge as without
 /// windows, and the message says so beforehand; rekey.dev/rotate starts one at once.
-fn wait_for_window(i: &Input, key: &str, created: Timestamp) -> Step {
+fn wait_for_window(i: &Input, key: &str, created: Timestamp, from: Timestamp) -> Step {
     let now = i.observed.now;
-    let Some(opens) = crate::schedule::next_opening(&i.valid.windows, now) else {
+    let Some((opens, starts)) = crate::schedule::place(&i.valid.windows, from, i.valid.share) else {
         return wait(None, "no window of spec.schedule.windows opens within two weeks");
     };
     let expires = add(created, i.valid.max_key_age);
     let mut message =
         format!("key {key} is due for rotation; the next window of spec.schedule.windows opens at {opens}");
-    if opens > expires {
+    if starts > opens {
+        message.push_str(&format!(", and this resource's rotation starts at {starts} (its place in the window)"));
+    }
+    if starts > expires {
         message.push_str(&format!(
             "; the key passes maxKeyAge at {expires}, before then: set annotation rekey.dev/rotate to rotate now"
         ));
     }
-    Step::WaitForWindow { requeue: until(now, opens), opens, message }
+    Step::WaitForWindow { requeue: until(now, starts), opens: starts, message }
 }
 
 fn first_key(i: &Input) -> Step {

@@ -1100,10 +1100,50 @@ fn the_spread_delays_the_due_time_within_half_of_rotate_before() {
     let created = now();
     let mut valid = crate::validate::validate(&Case::new().spec).unwrap();
     assert_eq!(due_at(created, &valid), created + secs(80 * 86_400), "no uid: no spread");
-    valid.spread = crate::schedule::spread("0b7c2f5e-1c8e-4a3c-9f55-6f1f2a0d3e11", valid.rotate_before);
+    valid.spread =
+        crate::schedule::spread(crate::schedule::share("0b7c2f5e-1c8e-4a3c-9f55-6f1f2a0d3e11"), valid.rotate_before);
     let at = due_at(created, &valid);
     assert!(at > created + secs(80 * 86_400) && at < created + secs(85 * 86_400), "{at}");
     assert_eq!(at, created + secs(80 * 86_400) + SignedDuration::try_from(valid.spread).unwrap());
+}
+
+#[test]
+fn a_resource_due_while_the_window_is_closed_starts_at_its_place_in_it() {
+    // Tuesday's window opens at 00:00 UTC; a share of a quarter puts this resource at 00:22:30.
+    let mut c = due_under(berlin_nights(), "2026-06-01T12:00:00Z");
+    let valid = |c: &Case| {
+        let mut v = crate::validate::validate(&c.spec).unwrap();
+        v.share = u32::MAX / 4 + 1;
+        v
+    };
+    let decide_at = |c: &Case| {
+        decide(&Input {
+            spec: &c.spec,
+            valid: &valid(c),
+            status: &c.status,
+            observed: &c.observed,
+            identity: &c.identity,
+            gates: &c.gates,
+        })
+        .step
+    };
+    match decide_at(&c) {
+        Step::WaitForWindow { opens, message, .. } => {
+            assert_eq!(opens, t("2026-06-02T00:22:30Z"));
+            assert!(message.ends_with("opens at 2026-06-02T00:00:00Z, and this resource's rotation starts at 2026-06-02T00:22:30Z (its place in the window)"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Open, but before its place: it still waits.
+    c.observed.now = t("2026-06-02T00:10:00Z");
+    assert!(matches!(decide_at(&c), Step::WaitForWindow { opens, .. } if opens == t("2026-06-02T00:22:30Z")));
+    c.observed.now = t("2026-06-02T00:22:30Z");
+    assert_eq!(decide_at(&c), Step::Begin { trigger: Trigger::Scheduled });
+    // An operator that was down through the whole window: the next window, at the same place.
+    c.observed.now = t("2026-06-02T04:00:00Z");
+    assert!(matches!(decide_at(&c), Step::WaitForWindow { opens, .. } if opens == t("2026-06-03T00:22:30Z")));
+    let created = c.status.active_key.as_ref().unwrap().created_at.as_ref().unwrap().0;
+    assert_eq!(due_at(created, &valid(&c)), t("2026-06-02T00:22:30Z"), "status.nextRotationTime");
 }
 
 #[test]

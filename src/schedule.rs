@@ -1,5 +1,5 @@
 //! PURE: when a scheduled rotation may start (spec.schedule.windows), and how far a resource's due
-//! time is spread (from its uid). No clock is read here: every function takes the instant it
+//! time, and its start inside a window, are spread (from its uid). No clock is read here: every function takes the instant it
 //! judges.
 //!
 //! Daylight-saving rules (docs/design.md, "Rotation windows"): a start or end the clocks skip
@@ -120,16 +120,40 @@ pub fn next_opening(windows: &[Window], t: Timestamp) -> Option<Timestamp> {
     if is_open(windows, t) {
         return Some(t);
     }
-    windows.iter().flat_map(|w| w.around(t)).map(|(open, _)| open).filter(|open| *open > t).min()
+    next_after(windows, t).map(|(open, _)| open)
+}
+
+/// The first window to open after `t`, and when it closes.
+fn next_after(windows: &[Window], t: Timestamp) -> Option<(Timestamp, Timestamp)> {
+    windows.iter().flat_map(|w| w.around(t)).filter(|(open, _)| *open > t).min()
+}
+
+/// When a rotation due at `t` starts, and when its window opens: at `t` while a window is open;
+/// else at this resource's place (`share` of 2³²) in the first half of the next window, so that
+/// resources that came due while it was closed do not all start at its opening (the second half is
+/// left for a backlog and retries).
+pub fn place(windows: &[Window], t: Timestamp, share: u32) -> Option<(Timestamp, Timestamp)> {
+    if is_open(windows, t) {
+        return Some((t, t));
+    }
+    let (open, close) = next_after(windows, t)?;
+    let half = u128::try_from(close.duration_since(open).as_secs() / 2).unwrap_or(0);
+    let offset = i64::try_from((half * u128::from(share)) >> 32).unwrap_or(0);
+    Some((open, open.checked_add(jiff::SignedDuration::from_secs(offset)).unwrap_or(open)))
+}
+
+/// A resource's share of a span, fixed by its uid (`spread`, `place`).
+pub fn share(uid: &str) -> u32 {
+    crate::ownership::fnv1a(uid.as_bytes())
 }
 
 /// How much later than maxKeyAge - rotateBefore this resource's key comes due: a fraction of half
 /// of rotateBefore taken from the uid, so that resources created together come due apart, and the
 /// same resource always at the same point. Half, so that at least half of the margin is left for
 /// retries (and for a window to open) before maxKeyAge. Whole seconds.
-pub fn spread(uid: &str, rotate_before: Duration) -> Duration {
+pub fn spread(share: u32, rotate_before: Duration) -> Duration {
     let span = u128::from(rotate_before.as_secs() / 2);
-    let fraction = u128::from(crate::ownership::fnv1a(uid.as_bytes()));
+    let fraction = u128::from(share);
     Duration::from_secs(u64::try_from((span * fraction) >> 32).unwrap_or(0))
 }
 

@@ -81,6 +81,21 @@ fn a_start_the_autumn_change_repeats_opens_at_its_first_pass_and_an_end_closes_a
 }
 
 #[test]
+fn a_rotation_due_while_closed_starts_at_its_place_in_the_first_half_of_the_next_window() {
+    let w = berlin_nights();
+    let monday = t("2026-06-01T12:00:00Z");
+    // Tuesday's window: 00:00 to 03:00 UTC; its first half is 90 minutes.
+    assert_eq!(place(&w, monday, 0), Some((t("2026-06-02T00:00:00Z"), t("2026-06-02T00:00:00Z"))));
+    assert_eq!(place(&w, monday, u32::MAX / 2 + 1), Some((t("2026-06-02T00:00:00Z"), t("2026-06-02T00:45:00Z"))));
+    let (_, last) = place(&w, monday, u32::MAX).unwrap();
+    assert!(last < t("2026-06-02T01:30:00Z"), "{last}");
+    // Due inside a window: at once, whatever the share.
+    let inside = t("2026-06-02T02:00:00Z");
+    assert_eq!(place(&w, inside, u32::MAX), Some((inside, inside)));
+    assert_eq!(place(&[], monday, u32::MAX), Some((monday, monday)));
+}
+
+#[test]
 fn no_windows_means_always_open() {
     assert!(is_open(&[], t("2026-06-01T12:00:00Z")));
     assert_eq!(next_opening(&[], t("2026-06-01T12:00:00Z")), Some(t("2026-06-01T12:00:00Z")));
@@ -126,13 +141,13 @@ fn a_window_that_cannot_work_is_refused_with_what_to_fix() {
 #[test]
 fn the_spread_is_fixed_per_uid_and_within_half_of_rotate_before() {
     let before = Duration::from_secs(10 * 86_400);
-    let a = spread("0b7c2f5e-1c8e-4a3c-9f55-6f1f2a0d3e11", before);
-    assert_eq!(a, spread("0b7c2f5e-1c8e-4a3c-9f55-6f1f2a0d3e11", before));
-    assert_ne!(a, spread("5d0e8a1c-7b2f-4e69-8a0d-2c4b6f8e1a37", before));
+    let a = spread(share("0b7c2f5e-1c8e-4a3c-9f55-6f1f2a0d3e11"), before);
+    assert_eq!(a, spread(share("0b7c2f5e-1c8e-4a3c-9f55-6f1f2a0d3e11"), before));
+    assert_ne!(a, spread(share("5d0e8a1c-7b2f-4e69-8a0d-2c4b6f8e1a37"), before));
     for i in 0..1_000 {
-        assert!(spread(&format!("uid-{i}"), before) < before / 2);
+        assert!(spread(share(&format!("uid-{i}")), before) < before / 2);
     }
-    assert_eq!(spread("", Duration::ZERO), Duration::ZERO);
+    assert_eq!(spread(share(""), Duration::ZERO), Duration::ZERO);
 }
 
 /// docs/benchmarks.md, "2026-11-30 (windows and jitter)": 1,000 resources whose keys were created in
@@ -173,7 +188,8 @@ fn figures_for_1000_resources_created_together() {
             .map(|uid| {
                 let mut v = base.clone();
                 if jitter {
-                    v.spread = spread(uid, v.rotate_before);
+                    v.share = share(uid);
+                    v.spread = spread(v.share, v.rotate_before);
                 }
                 crate::plan::due_at(created, &v).as_second()
             })

@@ -23,6 +23,8 @@ pub struct ValidSpec {
     /// How much later than maxKeyAge - rotateBefore the key comes due (`schedule::spread`; zero
     /// for a caller that does not know the resource's uid).
     pub spread: Duration,
+    /// The resource's share (`schedule::share` of its uid): its spread, and its place in a window.
+    pub share: u32,
 }
 
 /// What to fix, in the user's terms.
@@ -46,7 +48,8 @@ pub fn validate_for(spec: &IamKeyRotationSpec, resource_name: &str) -> Result<Va
 pub fn validate_resource(obj: &IamKeyRotation) -> Result<ValidSpec, InvalidSpec> {
     let name = obj.metadata.name.as_deref().unwrap_or_default();
     let mut v = check(&obj.spec, Some(name))?;
-    v.spread = schedule::spread(obj.metadata.uid.as_deref().unwrap_or_default(), v.rotate_before);
+    v.share = schedule::share(obj.metadata.uid.as_deref().unwrap_or_default());
+    v.spread = schedule::spread(v.share, v.rotate_before);
     Ok(v)
 }
 
@@ -63,6 +66,7 @@ fn check(spec: &IamKeyRotationSpec, resource_name: Option<&str>) -> Result<Valid
         require_unused_for: dur("retirement.requireOldKeyUnusedFor", &spec.retirement.require_old_key_unused_for)?,
         windows: windows(spec)?,
         spread: Duration::ZERO,
+        share: 0,
     };
     if v.max_key_age.is_zero() {
         return Err(InvalidSpec("spec.maxKeyAge must be more than 0s".into()));
