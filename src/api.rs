@@ -100,6 +100,10 @@ pub struct IamKeyRotationSpec {
     /// AWS settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsSpec>,
+
+    /// When scheduled rotations may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleSpec>,
 }
 
 fn default_max_key_age() -> SpecDuration {
@@ -249,6 +253,59 @@ impl std::fmt::Display for WorkloadRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.kind, self.name)
     }
+}
+
+/// When scheduled rotations may start. A key comes due between maxKeyAge - rotateBefore and half of
+/// rotateBefore later (spread by the resource's uid, so resources created together do not come due
+/// together); status.nextRotationTime shows the resulting time.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    /// A due scheduled rotation starts only inside one of these windows (none listed: at any time);
+    /// one that came due while they were closed starts at its place (from its uid) in the first
+    /// half of the next, so that a backlog does not start all at the opening. Until then, condition
+    /// Rotating is False with reason WaitingForWindow. The windows hold
+    /// even past maxKeyAge (Ready turns False, KeyExpired). They do not apply to the annotations
+    /// rekey.dev/rotate and rekey.dev/rotate-emergency, to the first key, nor to a replacement for
+    /// a key no Secret holds any more: those start at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<RotationWindow>,
+}
+
+/// A weekly time span in which scheduled rotations may start.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationWindow {
+    /// The days it opens on (Mon, Tue, Wed, Thu, Fri, Sat, Sun); none listed: every day. A window
+    /// spanning midnight belongs to the day it opens on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub days: Vec<Weekday>,
+    /// When it opens, "HH:MM" (24-hour clock) in timeZone. A time a daylight-saving change skips
+    /// opens it at the first instant after the skipped hour; a repeated time, at its first pass.
+    #[schemars(pattern(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub start: String,
+    /// When it closes, "HH:MM" in timeZone; earlier than start: on the next day (the window spans
+    /// midnight). Equal to start is refused. A repeated time closes it at its second pass.
+    #[schemars(pattern(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub end: String,
+    /// The IANA time zone start and end are in, e.g. Europe/Berlin (default UTC).
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+}
+
+fn default_time_zone() -> String {
+    "UTC".into()
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, strum::Display)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
 }
 
 /// How and when the old key is retired.
@@ -491,7 +548,9 @@ pub struct IamKeyRotationStatus {
     /// When the last rotation ended with its new key in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_time: Option<Time>,
-    /// When the next scheduled rotation starts: the active key's creation + maxKeyAge - rotateBefore.
+    /// When the next scheduled rotation starts: the active key's creation + maxKeyAge - rotateBefore,
+    /// plus this resource's spread (0 to half of rotateBefore, from its uid); if that falls outside
+    /// spec.schedule.windows, this resource's place (from its uid) in the first half of the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_time: Option<Time>,
     /// Rotations completed.

@@ -29,6 +29,10 @@ pub struct Config {
     /// At most this many rotations in flight at once (a backlog of overdue keys must not restart
     /// every workload of the cluster at the same moment).
     pub max_concurrent_rotations: usize,
+    /// At most this many resources restarting workloads at once (0: no limit of its own).
+    pub max_concurrent_rollouts: usize,
+    /// The least time between two restarts by rekey in one namespace.
+    pub rollout_cooldown: Duration,
     /// Role ARN patterns (`*` matches anything) a resource's spec.aws.roleArn must match.
     pub allowed_role_arns: Vec<String>,
 }
@@ -40,6 +44,8 @@ impl Config {
             region: region.into(),
             namespaces: Vec::new(),
             max_concurrent_rotations: 10,
+            max_concurrent_rollouts: 0,
+            rollout_cooldown: Duration::ZERO,
             allowed_role_arns: Vec::new(),
         }
     }
@@ -63,8 +69,11 @@ pub struct Context<I: Iam> {
     /// The controllers' caches of resources (one per watched namespace), for counting rotations
     /// in flight.
     stores: std::sync::Mutex<Vec<Store<Cached>>>,
-    /// Reconciles at work on a leaked key that may still be Active (see `urgent_work`).
-    urgent: Arc<std::sync::atomic::AtomicUsize>,
+    /// Per AWS account ("" for the home account): reconciles at work on a leaked key that may
+    /// still be Active (see `urgent_work`).
+    urgent: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
+    /// Restart pacing (--max-concurrent-rollouts, --rollout-cooldown).
+    pub pacing: crate::pacing::Pacing,
 }
 
 /// A reconcile at work on a leaked key, for as long as it is held.
@@ -88,7 +97,8 @@ impl<I: Iam> Context<I> {
             metrics,
             health: Arc::new(crate::http::Health::default()),
             stores: std::sync::Mutex::new(Vec::new()),
-            urgent: Arc::default(),
+            urgent: std::sync::Mutex::default(),
+            pacing: crate::pacing::Pacing::default(),
             whoami: tokio::sync::OnceCell::new(),
             role_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -116,15 +126,22 @@ impl<I: Iam> Context<I> {
         Some(c)
     }
 
-    /// Marks this reconcile as at work on a leaked key until the value is dropped.
-    pub fn urgent_work(&self) -> UrgentWork {
-        self.urgent.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        UrgentWork(self.urgent.clone())
+    fn urgent_counter(&self, account: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+        let Ok(mut all) = self.urgent.lock() else { return Arc::default() };
+        all.entry(account.to_owned()).or_default().clone()
     }
 
-    /// Whether a reconcile is at work on a leaked key now: routine work gives way to it.
-    pub fn urgent_in_flight(&self) -> bool {
-        self.urgent.load(std::sync::atomic::Ordering::Acquire) > 0
+    /// Marks this reconcile as at work on a leaked key of `account` until the value is dropped.
+    pub fn urgent_work(&self, account: &str) -> UrgentWork {
+        let counter = self.urgent_counter(account);
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        UrgentWork(counter)
+    }
+
+    /// Whether a reconcile is at work on a leaked key of `account` now: routine work for the same
+    /// account gives way to it (IAM throttles per account; other accounts are not held up).
+    pub fn urgent_in_flight(&self, account: &str) -> bool {
+        self.urgent_counter(account).load(std::sync::atomic::Ordering::Acquire) > 0
     }
 
     /// The IAM user the operator itself runs as, asked once.
@@ -190,6 +207,35 @@ impl<I: Iam> Context<I> {
             }
         }
         Ok(out)
+    }
+
+    /// "namespace/name" of every resource the watch caches show in phase RollingOut.
+    pub fn rolling_out(&self) -> std::collections::BTreeSet<String> {
+        let Ok(stores) = self.stores.lock() else { return Default::default() };
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.status.as_ref().is_some_and(|s| s.phase == crate::api::Phase::RollingOut))
+            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+            .collect()
+    }
+
+    /// The other resources of namespace `ns` about to hand over a new key (Creating, Verifying,
+    /// Distributing), by the watch caches.
+    pub fn handing_over(&self, ns: &str, me: &str) -> Vec<String> {
+        use crate::api::Phase;
+        let Ok(stores) = self.stores.lock() else { return Vec::new() };
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.namespace().as_deref() == Some(ns) && o.name_any() != me)
+            .filter(|o| {
+                o.status
+                    .as_ref()
+                    .is_some_and(|s| matches!(s.phase, Phase::Creating | Phase::Verifying | Phase::Distributing))
+            })
+            .map(|o| o.name_any())
+            .collect()
     }
 
     /// Whether fewer than --max-concurrent-rotations other resources are mid-rotation. Counted from

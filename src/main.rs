@@ -96,6 +96,8 @@ async fn operate(args: RunArgs) -> ExitCode {
         region: args.region.clone(),
         namespaces: args.namespaces.clone(),
         max_concurrent_rotations: args.max_concurrent_rotations.max(1),
+        max_concurrent_rollouts: args.max_concurrent_rollouts,
+        rollout_cooldown: args.rollout_cooldown,
         allowed_role_arns: args.allowed_role_arns.clone(),
     };
     let ctx = Arc::new(rekey::context::Context::new(client, iam, config, metrics.clone()));

@@ -86,6 +86,9 @@ pub enum Withheld {
 pub enum Step {
     /// Nothing to write; look again after `requeue` (None: only on a watch event).
     Wait { requeue: Option<Duration>, why: String },
+    /// A scheduled rotation is due but no window of spec.schedule.windows is open: nothing is
+    /// written (the key in use stays Active) until `opens`.
+    WaitForWindow { requeue: Duration, opens: Timestamp, message: String },
     /// The last attempt failed: nothing is done, and nothing concluded (the failure's conditions
     /// stand), until the backoff is over.
     Retry { requeue: Duration, why: String },
@@ -157,6 +160,7 @@ impl Step {
         !matches!(
             self,
             Step::Wait { .. }
+                | Step::WaitForWindow { .. }
                 | Step::Retry { .. }
                 | Step::NeedIam
                 | Step::NeedWorkloads
@@ -192,6 +196,17 @@ pub struct Gates {
     pub slot_free: bool,
     /// --max-concurrent-rotations, for the message while waiting for a slot.
     pub max_rotations: usize,
+    /// This resource may restart workloads: it holds one of the --max-concurrent-rollouts slots.
+    pub rollout_slot_free: bool,
+    /// --max-concurrent-rollouts, for the message while waiting for a slot.
+    pub max_rollouts: usize,
+    /// --rollout-cooldown: no restart in this namespace before this instant.
+    pub restart_not_before: Option<Timestamp>,
+    /// --rollout-cooldown: how long a rotation ready to restart waits for `handing_over`.
+    pub restart_cooldown: Duration,
+    /// Other resources of this namespace about to hand over a new key (Creating, Verifying,
+    /// Distributing): a restart that waits for them carries their keys too (`workloads::stamp`).
+    pub handing_over: Vec<String>,
     /// The namespaces this operator watches (empty: all). A claim of a resource elsewhere may be
     /// another operator's, so it is never taken for stale.
     pub watched: Vec<String>,
@@ -199,7 +214,17 @@ pub struct Gates {
 
 impl Default for Gates {
     fn default() -> Self {
-        Self { denied_role: None, slot_free: true, max_rotations: 10, watched: Vec::new() }
+        Self {
+            denied_role: None,
+            slot_free: true,
+            max_rotations: 10,
+            rollout_slot_free: true,
+            max_rollouts: 0,
+            restart_not_before: None,
+            restart_cooldown: Duration::ZERO,
+            handing_over: Vec::new(),
+            watched: Vec::new(),
+        }
     }
 }
 
@@ -219,9 +244,17 @@ fn until(now: Timestamp, then: Timestamp) -> Duration {
     Duration::try_from(then.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
-/// When the key created at `created` is due for rotation.
+/// When the key created at `created` comes due: maxKeyAge - rotateBefore, plus the resource's
+/// spread. Windows aside.
+pub fn due(created: Timestamp, v: &ValidSpec) -> Timestamp {
+    add(created, v.max_key_age.saturating_sub(v.rotate_before).saturating_add(v.spread))
+}
+
+/// When the scheduled rotation of the key created at `created` starts (status.nextRotationTime):
+/// when it comes due, or the resource's place in the next window after that.
 pub fn due_at(created: Timestamp, v: &ValidSpec) -> Timestamp {
-    add(created, v.max_key_age.saturating_sub(v.rotate_before))
+    let due = due(created, v);
+    crate::schedule::place(&v.windows, due, v.share).map_or(due, |(_, start)| start)
 }
 
 /// The one backoff: `first` after the first attempt, doubling with each further one, at most `cap`.
@@ -640,11 +673,40 @@ fn idle(i: &Input) -> Step {
         return begin(i, Trigger::Requested);
     }
     let created = active.created_at.as_ref().map(|t| t.0).unwrap_or(o.now);
-    let due = due_at(created, i.valid);
-    if o.now >= due {
+    if o.now < due(created, i.valid) {
+        let next = due_at(created, i.valid);
+        return wait(Some(until(o.now, next)), format!("next rotation at {next}"));
+    }
+    let start = due_at(created, i.valid);
+    if o.now >= start && crate::schedule::is_open(&i.valid.windows, o.now) {
         return begin(i, Trigger::Scheduled);
     }
-    wait(Some(until(o.now, due)), format!("next rotation at {due}"))
+    // Before its place in the window, or the window closed before it started (an operator down).
+    let from = if o.now < start { due(created, i.valid) } else { o.now };
+    wait_for_window(i, &active.access_key_id, created, from)
+}
+
+/// A due rotation outside every window waits for the next to open, even past maxKeyAge: the key
+/// keeps working until someone deletes it, while a rotation outside the agreed hours restarts
+/// workloads when nobody is there to watch. Ready turns False (KeyExpired) at maxKeyAge as without
+/// windows, and the message says so beforehand; rekey.dev/rotate starts one at once.
+fn wait_for_window(i: &Input, key: &str, created: Timestamp, from: Timestamp) -> Step {
+    let now = i.observed.now;
+    let Some((opens, starts)) = crate::schedule::place(&i.valid.windows, from, i.valid.share) else {
+        return wait(None, "no window of spec.schedule.windows opens within two weeks");
+    };
+    let expires = add(created, i.valid.max_key_age);
+    let mut message =
+        format!("key {key} is due for rotation; the next window of spec.schedule.windows opens at {opens}");
+    if starts > opens {
+        message.push_str(&format!(", and this resource's rotation starts at {starts} (its place in the window)"));
+    }
+    if starts > expires {
+        message.push_str(&format!(
+            "; the key passes maxKeyAge at {expires}, before then: set annotation rekey.dev/rotate to rotate now"
+        ));
+    }
+    Step::WaitForWindow { requeue: until(now, starts), opens: starts, message }
 }
 
 fn first_key(i: &Input) -> Step {
@@ -912,10 +974,13 @@ fn rolling_out(i: &Input) -> Step {
     let unstamped: Vec<WorkloadRef> = w
         .items
         .iter()
-        .filter(|w| w.stamped.as_deref() != Some(active.access_key_id.as_str()))
+        .filter(|w| !crate::workloads::stamp::carries(w.stamped.as_deref(), &active.access_key_id))
         .map(|w| w.id.clone())
         .collect();
     if !unstamped.is_empty() {
+        if let Some(s) = paced(i) {
+            return s;
+        }
         return Step::Stamp { key_id: active.access_key_id.clone(), workloads: unstamped };
     }
     if emergency(i)
@@ -946,6 +1011,40 @@ fn rolling_out(i: &Input) -> Step {
         };
     }
     wait(Some(POLL), format!("waiting for the rollout of {}", waiting.join("; ")))
+}
+
+/// Restart pacing: a rotation waits for a rollout slot and for its namespace's cooldown before it
+/// restarts workloads. Waiting costs nothing but time: both keys stay Active, the Secrets hold the
+/// new one. A leaked key's rotation never waits.
+fn paced(i: &Input) -> Option<Step> {
+    let (g, now) = (i.gates, i.observed.now);
+    if emergency(i) {
+        return None;
+    }
+    if !g.rollout_slot_free {
+        return Some(wait(
+            Some(Duration::from_secs(15)),
+            format!("waiting for a rollout slot (at most {} rollouts at once)", g.max_rollouts),
+        ));
+    }
+    let gather_until = add(phase_since(i), g.restart_cooldown);
+    if !g.handing_over.is_empty() && now < gather_until {
+        return Some(wait(
+            Some(Duration::from_secs(1)),
+            format!(
+                "waiting until {gather_until} at most for {} to hand over, so that one restart carries every new key",
+                few(&g.handing_over)
+            ),
+        ));
+    }
+    let at = g.restart_not_before.filter(|t| *t > now)?;
+    Some(wait(
+        Some(until(now, at)),
+        format!(
+            "waiting until {at} to restart workloads (--rollout-cooldown since the last restart in namespace {})",
+            i.identity.namespace
+        ),
+    ))
 }
 
 /// A new rekey.dev/rotate-emergency value: the key is leaked.

@@ -995,3 +995,231 @@ fn after_an_unanswered_failure_the_next_attempt_gets_a_marker_of_its_own() {
     c.status.pending.as_mut().unwrap().started_at = Time(now() - secs(30));
     assert_eq!(c.decide(), Step::RenewMarker { known_key_ids: vec![OLD.into()] });
 }
+
+/// A key that came due an hour before `at`, under spec.schedule.windows `windows`, decided at `at`.
+fn due_under(windows: serde_json::Value, at: &str) -> Case {
+    let at = t(at);
+    let created = at - secs(80 * 86_400 + 3_600);
+    let mut c = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
+    c.spec.schedule = Some(serde_json::from_value(serde_json::json!({ "windows": windows })).unwrap());
+    c.observed.now = at;
+    c
+}
+
+fn berlin_nights() -> serde_json::Value {
+    serde_json::json!([{"days": ["Tue", "Wed", "Thu"], "start": "02:00", "end": "05:00", "timeZone": "Europe/Berlin"}])
+}
+
+fn opens(step: &Step) -> Option<Timestamp> {
+    match step {
+        Step::WaitForWindow { opens, .. } => Some(*opens),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_due_rotation_waits_for_a_window_and_starts_inside_one() {
+    // Monday 12:00 UTC: the next window is Tuesday 02:00 Berlin summer time (00:00 UTC).
+    let c = due_under(berlin_nights(), "2026-06-01T12:00:00Z");
+    let step = c.decide();
+    assert_eq!(opens(&step), Some(t("2026-06-02T00:00:00Z")));
+    assert!(matches!(&step, Step::WaitForWindow { requeue, .. } if *requeue == Duration::from_secs(12 * 3_600)));
+    assert!(!step.writes(), "nothing is written while the window is closed");
+    // Its first instant, and its last.
+    assert_eq!(
+        due_under(berlin_nights(), "2026-06-02T00:00:00Z").decide(),
+        Step::Begin { trigger: Trigger::Scheduled }
+    );
+    assert_eq!(
+        due_under(berlin_nights(), "2026-06-02T02:59:59Z").decide(),
+        Step::Begin { trigger: Trigger::Scheduled }
+    );
+    // Closed at its end: the next one is Wednesday's.
+    let closed = due_under(berlin_nights(), "2026-06-02T03:00:00Z").decide();
+    assert_eq!(opens(&closed), Some(t("2026-06-03T00:00:00Z")));
+}
+
+#[test]
+fn a_window_spanning_midnight_lets_a_rotation_start_after_midnight() {
+    let fri_night = serde_json::json!([{"days": ["Fri"], "start": "22:00", "end": "02:00"}]);
+    let sat_1am = due_under(fri_night.clone(), "2026-06-06T01:00:00Z");
+    assert_eq!(sat_1am.decide(), Step::Begin { trigger: Trigger::Scheduled });
+    let sat_2am = due_under(fri_night, "2026-06-06T02:00:00Z").decide();
+    assert_eq!(opens(&sat_2am), Some(t("2026-06-12T22:00:00Z")));
+}
+
+#[test]
+fn a_window_whose_start_the_spring_change_skips_opens_after_the_skipped_hour() {
+    let sunday = serde_json::json!([{"days": ["Sun"], "start": "02:00", "end": "05:00", "timeZone": "Europe/Berlin"}]);
+    let before = due_under(sunday.clone(), "2026-03-29T00:59:59Z").decide();
+    assert_eq!(opens(&before), Some(t("2026-03-29T01:00:00Z")), "03:00 CEST, the first instant after 02:00 CET");
+    assert_eq!(due_under(sunday, "2026-03-29T01:00:00Z").decide(), Step::Begin { trigger: Trigger::Scheduled });
+}
+
+#[test]
+fn a_window_on_the_autumn_change_opens_at_the_first_pass_and_closes_at_local_end() {
+    let sunday = serde_json::json!([{"days": ["Sun"], "start": "02:00", "end": "05:00", "timeZone": "Europe/Berlin"}]);
+    let before = due_under(sunday.clone(), "2026-10-24T23:00:00Z").decide();
+    assert_eq!(opens(&before), Some(t("2026-10-25T00:00:00Z")), "02:00 CEST");
+    // 04:59 CET, four hours after it opened.
+    assert_eq!(due_under(sunday.clone(), "2026-10-25T03:59:59Z").decide(), Step::Begin { trigger: Trigger::Scheduled });
+    let after = due_under(sunday, "2026-10-25T04:00:00Z").decide();
+    assert_eq!(opens(&after), Some(t("2026-11-01T01:00:00Z")), "a week later, 02:00 CET");
+}
+
+#[test]
+fn the_annotations_the_first_key_and_a_lost_key_ignore_windows() {
+    let mut c = due_under(berlin_nights(), "2026-06-01T12:00:00Z");
+    c.observed.requests.rotate = Some("now".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Requested });
+    c.observed.requests.emergency = Some("leak".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Emergency });
+    // No key yet.
+    let mut first = Case::new();
+    first.spec.schedule = due_under(berlin_nights(), "2026-06-01T12:00:00Z").spec.schedule;
+    assert_eq!(first.decide(), Step::Begin { trigger: Trigger::Bootstrap });
+    // Every Secret emptied by hand: only a new key puts working credentials back.
+    let lost = due_under(berlin_nights(), "2026-06-01T12:00:00Z").secrets(SecretState::Missing);
+    assert_eq!(lost.decide(), Step::Begin { trigger: Trigger::Bootstrap });
+}
+
+#[test]
+fn a_key_not_yet_due_shows_the_windows_opening_as_its_next_rotation() {
+    // Due on Monday 2026-06-01 13:00 UTC; the rotation starts on Tuesday at 00:00 UTC.
+    let mut c = due_under(berlin_nights(), "2026-06-01T14:00:00Z");
+    c.observed.now = t("2026-06-01T12:00:00Z");
+    assert_eq!(c.decide_why(), "next rotation at 2026-06-02T00:00:00Z");
+    let created = t("2026-06-01T14:00:00Z") - secs(80 * 86_400 + 3_600);
+    let valid = crate::validate::validate(&c.spec).unwrap();
+    assert_eq!(due(created, &valid), t("2026-06-01T13:00:00Z"));
+    assert_eq!(due_at(created, &valid), t("2026-06-02T00:00:00Z"));
+}
+
+#[test]
+fn the_spread_delays_the_due_time_within_half_of_rotate_before() {
+    let created = now();
+    let mut valid = crate::validate::validate(&Case::new().spec).unwrap();
+    assert_eq!(due_at(created, &valid), created + secs(80 * 86_400), "no uid: no spread");
+    valid.spread =
+        crate::schedule::spread(crate::schedule::share("0b7c2f5e-1c8e-4a3c-9f55-6f1f2a0d3e11"), valid.rotate_before);
+    let at = due_at(created, &valid);
+    assert!(at > created + secs(80 * 86_400) && at < created + secs(85 * 86_400), "{at}");
+    assert_eq!(at, created + secs(80 * 86_400) + SignedDuration::try_from(valid.spread).unwrap());
+}
+
+#[test]
+fn a_resource_due_while_the_window_is_closed_starts_at_its_place_in_it() {
+    // Tuesday's window opens at 00:00 UTC; a share of a quarter puts this resource at 00:22:30.
+    let mut c = due_under(berlin_nights(), "2026-06-01T12:00:00Z");
+    let valid = |c: &Case| {
+        let mut v = crate::validate::validate(&c.spec).unwrap();
+        v.share = u32::MAX / 4 + 1;
+        v
+    };
+    let decide_at = |c: &Case| {
+        decide(&Input {
+            spec: &c.spec,
+            valid: &valid(c),
+            status: &c.status,
+            observed: &c.observed,
+            identity: &c.identity,
+            gates: &c.gates,
+        })
+        .step
+    };
+    match decide_at(&c) {
+        Step::WaitForWindow { opens, message, .. } => {
+            assert_eq!(opens, t("2026-06-02T00:22:30Z"));
+            assert!(message.ends_with("opens at 2026-06-02T00:00:00Z, and this resource's rotation starts at 2026-06-02T00:22:30Z (its place in the window)"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Open, but before its place: it still waits.
+    c.observed.now = t("2026-06-02T00:10:00Z");
+    assert!(matches!(decide_at(&c), Step::WaitForWindow { opens, .. } if opens == t("2026-06-02T00:22:30Z")));
+    c.observed.now = t("2026-06-02T00:22:30Z");
+    assert_eq!(decide_at(&c), Step::Begin { trigger: Trigger::Scheduled });
+    // An operator that was down through the whole window: the next window, at the same place.
+    c.observed.now = t("2026-06-02T04:00:00Z");
+    assert!(matches!(decide_at(&c), Step::WaitForWindow { opens, .. } if opens == t("2026-06-03T00:22:30Z")));
+    let created = c.status.active_key.as_ref().unwrap().created_at.as_ref().unwrap().0;
+    assert_eq!(due_at(created, &valid(&c)), t("2026-06-02T00:22:30Z"), "status.nextRotationTime");
+}
+
+#[test]
+fn a_window_after_max_key_age_holds_the_rotation_and_says_the_key_will_expire() {
+    // Due Monday 11:00 UTC with maxKeyAge 80d + 2h: it expires Monday 13:00, before Tuesday's window.
+    let mut c = due_under(berlin_nights(), "2026-06-01T12:00:00Z");
+    c.spec.max_key_age = crate::duration::SpecDuration::new("1922h");
+    c.spec.rotate_before = crate::duration::SpecDuration::new("2h");
+    match c.decide() {
+        Step::WaitForWindow { message, opens, .. } => {
+            assert_eq!(opens, t("2026-06-02T00:00:00Z"));
+            assert_eq!(
+                message,
+                format!(
+                    "key {OLD} is due for rotation; the next window of spec.schedule.windows opens at 2026-06-02T00:00:00Z; the key passes maxKeyAge at 2026-06-01T13:00:00Z, before then: set annotation rekey.dev/rotate to rotate now"
+                )
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_restart_waits_for_a_rollout_slot_and_the_namespace_cooldown_but_an_emergency_does_not() {
+    let stamp = Step::Stamp { key_id: NEW.into(), workloads: vec![wl("Deployment/web")] };
+    let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(OLD), true, 2);
+    c.gates = Gates { rollout_slot_free: false, max_rollouts: 2, ..Gates::default() };
+    assert_eq!(
+        c.decide(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(15)),
+            why: "waiting for a rollout slot (at most 2 rollouts at once)".into()
+        }
+    );
+    assert!(!c.decide().writes(), "the old key stays Active, nothing is written");
+    c.gates = Gates { restart_not_before: Some(now() + secs(20)), ..Gates::default() };
+    assert_eq!(
+        c.decide(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(20)),
+            why: "waiting until 2026-06-01T12:00:20Z to restart workloads (--rollout-cooldown since the last restart in namespace payments)".into()
+        }
+    );
+    // The cooldown is over.
+    c.gates = Gates { restart_not_before: Some(now()), ..Gates::default() };
+    assert_eq!(c.decide(), stamp);
+    // A leaked key's workloads are restarted at once.
+    let mut e = rolling(now(), Trigger::Emergency).workload("Deployment/web", Some(OLD), true, 2);
+    e.gates = Gates { rollout_slot_free: false, restart_not_before: Some(now() + secs(20)), ..Gates::default() };
+    assert_eq!(e.decide(), stamp);
+    // Workloads already stamped wait for nothing but their rollout.
+    let mut done = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 1);
+    done.gates = Gates { rollout_slot_free: false, ..Gates::default() };
+    assert!(matches!(done.decide(), Step::Wait { why, .. } if why.starts_with("waiting for the rollout of")));
+}
+
+#[test]
+fn a_restart_waits_within_the_cooldown_for_neighbours_handing_over_so_one_restart_carries_all() {
+    let stamp = Step::Stamp { key_id: NEW.into(), workloads: vec![wl("Deployment/web")] };
+    let mut c = rolling(now() - secs(5), Trigger::Requested).workload("Deployment/web", Some(OLD), true, 2);
+    c.gates = Gates { restart_cooldown: Duration::from_secs(20), handing_over: vec!["b".into()], ..Gates::default() };
+    assert_eq!(
+        c.decide(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(1)),
+            why: "waiting until 2026-06-01T12:00:15Z at most for b to hand over, so that one restart carries every new key".into()
+        }
+    );
+    // The cooldown since entering RollingOut is over: it restarts without them.
+    c.status.rotation.as_mut().unwrap().phase_since = Time(now() - secs(20));
+    assert_eq!(c.decide(), stamp);
+    // No cooldown configured: no waiting.
+    let mut c = rolling(now(), Trigger::Requested).workload("Deployment/web", Some(OLD), true, 2);
+    c.gates = Gates { handing_over: vec!["b".into()], ..Gates::default() };
+    assert_eq!(c.decide(), stamp);
+    // A neighbour's restart already carried this key: nothing to restart.
+    let c = rolling(now(), Trigger::Requested).workload("Deployment/web", Some(&format!("AKIAB,{NEW}")), true, 2);
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Deactivating });
+}

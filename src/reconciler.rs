@@ -30,7 +30,7 @@ use crate::plan::cleanup::{CleanupInput, cleanup};
 use crate::plan::snapshot::{Observed, SecretState};
 use crate::plan::{self, Decision, Gates, StallReason, Step};
 use crate::status::{self, Verdict};
-use crate::validate::{ValidSpec, validate_for};
+use crate::validate::{ValidSpec, validate_resource};
 
 /// At most this many steps in one reconcile (a rotation's steps up to the restart are six).
 const MAX_STEPS: usize = 8;
@@ -61,14 +61,17 @@ fn leaked_key_off(st: &IamKeyRotationStatus) -> bool {
 /// How long a reconcile that gave way to leaked keys waits before it looks again.
 const GIVE_WAY: Duration = Duration::from_secs(10);
 
-/// Whether this reconcile ends before its next step to give its slot and its AWS calls to leaked
-/// keys: the step would be routine work, and another reconcile is at work on a leaked key that may
-/// still be Active (or its calls wait for the budget). Reconciles are at most 32 at once; without
-/// this, routine steps (deletions of keys already Inactive) took half of the AWS budget while
-/// leaked keys waited (1,000 emergencies: 108–111 s). A soaking rotation keeps its slot: a rollback
-/// (reactivating a key pods need) is decided there.
-fn gives_way(st: &IamKeyRotationStatus, urgent: bool, urgent_waiting: bool) -> bool {
-    urgent_waiting && !urgent && st.phase != Phase::Soaking
+/// Whether this reconcile may end, instead of reading IAM for a routine step, to give its slot and
+/// the AWS budget to leaked keys: another reconcile is at work on a leaked key of the same account
+/// that may still be Active (or its calls wait for the budget). Reconciles are at most 32 at once;
+/// without this, routine steps (deletions of keys already Inactive) took half of the AWS budget
+/// while leaked keys waited (1,000 emergencies: 108–111 s). Only steps that read IAM first give
+/// way (Kubernetes-only steps such as writing a reverted Secret back never wait), and never a
+/// rotation whose write-ahead marker stands (a key appearing meanwhile would look like its orphan),
+/// one in Soaking (a rollback is decided there) or one repairing a reverted Secret.
+fn gives_way(st: &IamKeyRotationStatus, urgent: bool, leaked_keys_wait: bool) -> bool {
+    let repairing = st.rotation.as_ref().is_some_and(|r| r.reverting || r.reverts > 0);
+    leaked_keys_wait && !urgent && st.phase != Phase::Soaking && st.pending.is_none() && !repairing
 }
 
 /// Whether the next step follows in the same reconcile: the step asked to go on at once and is not
@@ -127,7 +130,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
     pub async fn apply(mut self) -> Result<Action, Error> {
         let requests = crate::observe::requests(&self.obj);
         let st = status::prepare(&self.before, self.obj.metadata.generation, &requests, &self.obj.spec.user_name);
-        let valid = match validate_for(&self.obj.spec, &self.identity.name) {
+        let valid = match validate_resource(&self.obj) {
             Ok(v) => v,
             Err(e) => {
                 let stall =
@@ -137,6 +140,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 return self.commit(st, &stall, Progress::default()).await;
             }
         };
+        let mut st = st;
+        st.next_rotation_time = status::next_rotation(&st, &valid);
         // A leaked key's rotation goes before routine IAM calls, its reads included.
         let emergency =
             st.emergency() || (requests.emergency.is_some() && requests.emergency != st.last_emergency_request);
@@ -159,23 +164,26 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             // An emergency's calls go first only while the leaked key may still be Active: its
             // deletion and cleanup wait their turn behind other leaked keys' deactivations.
             let urgent = emergency && !leaked_key_off(&st);
+            let account = self.account();
             if !urgent {
                 urgent_work = None;
             } else if urgent_work.is_none() {
-                urgent_work = Some(self.ctx.urgent_work());
+                urgent_work = Some(self.ctx.urgent_work(account));
             }
             let step_iam = iam.map(|i| if urgent { i.urgent() } else { i.routine() });
             let iam = step_iam.as_ref();
-            let leaked_keys_wait = self.ctx.urgent_in_flight() || iam.is_some_and(I::urgent_waiting);
-            if gives_way(&st, urgent, leaked_keys_wait) {
-                if last.is_none() {
-                    return Ok(Action::requeue(GIVE_WAY));
+            let leaked_keys_wait = self.ctx.urgent_in_flight(account) || iam.is_some_and(I::urgent_waiting);
+            let may_give_way = gives_way(&st, urgent, leaked_keys_wait);
+            let (decision, observed) = match self.look(valid, &st, iam, kept_iam.take(), may_give_way).await {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    tracing::debug!("gave way to leaked keys before routine AWS reads");
+                    if last.is_none() {
+                        return Ok(Action::requeue(GIVE_WAY));
+                    }
+                    done.requeue = Some(GIVE_WAY);
+                    break;
                 }
-                done.requeue = Some(GIVE_WAY);
-                break;
-            }
-            let (decision, observed) = match self.look(valid, &st, iam, kept_iam.take()).await {
-                Ok(d) => d,
                 Err((what, e)) => return self.stop(st, last, done, what, e).await,
             };
             let before_step = st.clone();
@@ -211,7 +219,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         st: &IamKeyRotationStatus,
         iam: Option<&I>,
         kept: Option<Observed>,
-    ) -> Result<(Decision, Observed), (&'static str, Error)> {
+        may_give_way: bool,
+    ) -> Result<Option<(Decision, Observed)>, (&'static str, Error)> {
         let live = |name: &str| self.ctx.exists(&self.identity.namespace, name);
         let mut observed =
             crate::observe::basic(&self.ctx.client, &self.obj, self.now, &live).await.map_err(|e| ("Observe", e))?;
@@ -220,7 +229,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             observed.other_resource = k.other_resource;
             observed.resources = k.resources;
         }
-        self.decide(valid, st, iam, observed).await
+        self.decide(valid, st, iam, observed, may_give_way).await
     }
 
     /// Performs one step (act).
@@ -244,7 +253,11 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             region: &region,
         };
         info!(step = step.name(), phase = %st.phase, "performing");
-        act::perform(&env, st, step).await
+        let out = act::perform(&env, st, step).await?;
+        if matches!(step, Step::Stamp { .. } | Step::Revert { .. }) {
+            self.ctx.pacing.restarted(&self.identity.namespace, self.now);
+        }
+        Ok(out)
     }
 
     /// A step failed after others succeeded in this reconcile: what they did is written first, so
@@ -265,13 +278,27 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         self.fail(what, e).await
     }
 
+    /// The AWS account this resource's calls go to ("" for the home account), as the budgets key it.
+    fn account(&self) -> &str {
+        let role = self.obj.spec.aws.as_ref().and_then(|a| a.role_arn.as_deref());
+        role.map_or("", crate::budget::account_of)
+    }
+
     fn region(&self) -> String {
         self.obj.spec.aws.as_ref().and_then(|a| a.region.clone()).unwrap_or_else(|| self.ctx.config.region.clone())
     }
 
-    fn gates(&self) -> Gates {
+    fn gates(&self, st: &IamKeyRotationStatus) -> Gates {
         let role = self.obj.spec.aws.as_ref().and_then(|a| a.role_arn.clone());
+        let (ns, cfg) = (&self.identity.namespace, &self.ctx.config);
+        let me = format!("{ns}/{}", self.identity.name);
+        let rolling = st.phase == Phase::RollingOut;
         Gates {
+            rollout_slot_free: self.ctx.pacing.slot(&me, rolling, &self.ctx.rolling_out(), cfg.max_concurrent_rollouts),
+            max_rollouts: cfg.max_concurrent_rollouts,
+            restart_not_before: self.ctx.pacing.not_before(ns, cfg.rollout_cooldown),
+            restart_cooldown: cfg.rollout_cooldown,
+            handing_over: self.ctx.handing_over(ns, &self.identity.name),
             denied_role: role.filter(|r| !crate::ownership::role_allowed(&self.ctx.config.allowed_role_arns, r)),
             slot_free: self.ctx.rotation_slot_free(&self.obj),
             max_rotations: self.ctx.config.max_concurrent_rotations,
@@ -286,8 +313,9 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         st: &IamKeyRotationStatus,
         iam: Option<&I>,
         mut observed: Observed,
-    ) -> Result<(Decision, Observed), (&'static str, Error)> {
-        let gates = self.gates();
+        may_give_way: bool,
+    ) -> Result<Option<(Decision, Observed)>, (&'static str, Error)> {
+        let gates = self.gates(st);
         loop {
             let decision = plan::decide(&plan::Input {
                 spec: &self.obj.spec,
@@ -298,6 +326,8 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 gates: &gates,
             });
             match (&decision.step, iam) {
+                // Routine IAM reads wait for the budget behind leaked keys: the slot goes to them.
+                (Step::NeedIam, Some(_)) if observed.iam.is_none() && may_give_way => return Ok(None),
                 (Step::NeedIam, Some(iam)) if observed.iam.is_none() => {
                     let (facts, other) = self.gather_iam(iam, st, valid).await.map_err(|e| ("ObserveIam", e))?;
                     observed.resources = Some(self.claimants(&facts.tags));
@@ -309,7 +339,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                         self.gather_workloads(st, observed.written_at).await.map_err(|e| ("ObserveWorkloads", e))?,
                     );
                 }
-                _ => return Ok((decision, observed)),
+                _ => return Ok(Some((decision, observed))),
             }
         }
     }
@@ -547,5 +577,13 @@ mod tests {
         assert!(!gives_way(&at(Phase::Deleting), false, false), "nothing urgent waits");
         assert!(!gives_way(&at(Phase::Deactivating), true, true), "a leaked key's own step");
         assert!(!gives_way(&at(Phase::Soaking), false, true), "a rollback may be decided");
+        let mut marked = at(Phase::Creating);
+        marked.pending = Some(crate::api::Pending::attempt(Timestamp::UNIX_EPOCH, vec![]));
+        assert!(!gives_way(&marked, false, true), "a standing marker");
+        let mut repairing = at(Phase::RollingOut);
+        let mut r = crate::api::RotationProgress::start(crate::api::Trigger::Scheduled, Timestamp::UNIX_EPOCH);
+        r.reverts = 1;
+        repairing.rotation = Some(r);
+        assert!(!gives_way(&repairing, false, true), "a reverted Secret being repaired");
     }
 }

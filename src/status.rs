@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::api::{IamKeyRotation, IamKeyRotationStatus, KeyRef, Phase};
 use crate::error::Error;
 use crate::plan::{Decision, DegradeReason, Requests, StallReason, Step};
+use crate::validate::ValidSpec;
 
 fn set(
     conds: &mut Vec<Condition>,
@@ -58,6 +59,8 @@ pub enum Verdict {
     Progressed,
     /// Nothing new (waiting, dry run, suspended), and why.
     Waiting(String),
+    /// A due scheduled rotation waits for a window of spec.schedule.windows to open.
+    WaitingForWindow(String),
     /// Waiting out the backoff after a failure: the conditions that failure set stand.
     Retrying(String),
     /// The operator's own Kubernetes permissions are missing: not Ready until a human fixes them.
@@ -93,6 +96,7 @@ impl Verdict {
             Step::Revert { .. } => Verdict::Waiting(String::new()),
             Step::Retry { why, .. } => Verdict::Retrying(why.clone()),
             Step::Wait { why, .. } => Verdict::Waiting(why.clone()),
+            Step::WaitForWindow { message, .. } => Verdict::WaitingForWindow(message.clone()),
             Step::Withhold { why, step } => {
                 Verdict::Waiting(format!("{}: the next step would be {}", why.describe(), step.name()))
             }
@@ -139,6 +143,14 @@ pub fn prepare(
     }
     st.observed_generation = generation;
     st
+}
+
+/// status.nextRotationTime as the spec says now: a spec edit (maxKeyAge, rotateBefore, windows)
+/// or the spread added in 0.1.0 moves it without a step of its own. Steps that change the active
+/// key set it the same way (`act`).
+pub fn next_rotation(st: &IamKeyRotationStatus, v: &ValidSpec) -> Option<Time> {
+    let created = st.active_key.as_ref()?.created_at.as_ref()?;
+    Some(Time(crate::plan::due_at(created.0, v)))
 }
 
 /// A failed step recorded: the backoff (failedAttempts, lastFailureTime) lives in status, so it
@@ -226,11 +238,13 @@ pub fn conditions(
         ),
         (None, false) => set(&mut c, "Ready", false, "NoKey", "no key is in the Secrets yet", generation, now),
     }
-    let why = match verdict {
-        Verdict::Waiting(why) => why.as_str(),
-        _ => "",
-    };
-    rotating(&mut c, st, why, generation, now);
+    match verdict {
+        Verdict::WaitingForWindow(message) => {
+            set(&mut c, "Rotating", false, "WaitingForWindow", message, generation, now)
+        }
+        Verdict::Waiting(why) => rotating(&mut c, st, why, generation, now),
+        _ => rotating(&mut c, st, "", generation, now),
+    }
     match verdict {
         Verdict::Stalled(reason, message) => set(&mut c, "Stalled", true, (*reason).into(), message, generation, now),
         Verdict::Forbidden(message) => set(&mut c, "Stalled", true, "Forbidden", message, generation, now),
@@ -494,6 +508,28 @@ mod tests {
         let key = KeyRef { access_key_id: "AKIA1".into(), created_at: created(29) };
         assert_eq!(until_expiry(&key, max, now), Some(Duration::from_secs(86_400)));
         assert_eq!(until_expiry(&KeyRef { created_at: created(31), ..key }, max, now), None);
+    }
+
+    #[test]
+    fn a_rotation_waiting_for_its_window_is_not_rotating_and_says_when_the_window_opens() {
+        let now: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        let mut st = status(Phase::Idle, true);
+        let max = Some(Duration::from_secs(30 * 86_400));
+        st.active_key.as_mut().unwrap().created_at = Some(Time(now - jiff_days(29)));
+        let why =
+            "key AKIA1 is due for rotation; the next window of spec.schedule.windows opens at 2026-03-03T01:00:00Z";
+        let waiting = Verdict::of(&Decision {
+            step: Step::WaitForWindow { requeue: Duration::from_secs(1), opens: now, message: why.into() },
+            caveat: None,
+        });
+        let c = conditions(&st, &waiting, max, None, now);
+        assert_eq!(cond(&c, "Rotating"), ("False", "WaitingForWindow"));
+        assert_eq!(get(&c, "Rotating").unwrap().message, why);
+        assert_eq!(cond(&c, "Ready"), ("True", "KeyInPlace"));
+        // Past maxKeyAge the window still holds, and Ready says the key expired.
+        st.active_key.as_mut().unwrap().created_at = Some(Time(now - jiff_days(31)));
+        let c = conditions(&st, &waiting, max, None, now);
+        assert_eq!((cond(&c, "Rotating"), cond(&c, "Ready")), (("False", "WaitingForWindow"), ("False", "KeyExpired")));
     }
 
     fn jiff_days(days: i64) -> k8s_openapi::jiff::SignedDuration {

@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::api::IamKeyRotationSpec;
+use crate::api::{IamKeyRotation, IamKeyRotationSpec};
+use crate::schedule::{self, Window};
 use crate::secrets;
 pub use crate::secrets::format::valid_secret_key;
 
@@ -17,6 +18,13 @@ pub struct ValidSpec {
     pub deactivate_after: Duration,
     pub delete_after: Duration,
     pub require_unused_for: Duration,
+    /// spec.schedule.windows (empty: a scheduled rotation may start at any time).
+    pub windows: Vec<Window>,
+    /// How much later than maxKeyAge - rotateBefore the key comes due (`schedule::spread`; zero
+    /// for a caller that does not know the resource's uid).
+    pub spread: Duration,
+    /// The resource's share (`schedule::share` of its uid): its spread, and its place in a window.
+    pub share: u32,
 }
 
 /// What to fix, in the user's terms.
@@ -36,6 +44,15 @@ pub fn validate_for(spec: &IamKeyRotationSpec, resource_name: &str) -> Result<Va
     check(spec, Some(resource_name))
 }
 
+/// Every check, and the resource's spread from its uid: what the reconcile decides with.
+pub fn validate_resource(obj: &IamKeyRotation) -> Result<ValidSpec, InvalidSpec> {
+    let name = obj.metadata.name.as_deref().unwrap_or_default();
+    let mut v = check(&obj.spec, Some(name))?;
+    v.share = schedule::share(obj.metadata.uid.as_deref().unwrap_or_default());
+    v.spread = schedule::spread(v.share, v.rotate_before);
+    Ok(v)
+}
+
 fn check(spec: &IamKeyRotationSpec, resource_name: Option<&str>) -> Result<ValidSpec, InvalidSpec> {
     let dur = |field: &str, d: &crate::duration::SpecDuration| {
         d.parse().map_err(|e| InvalidSpec(format!("spec.{field}: {e}")))
@@ -47,6 +64,9 @@ fn check(spec: &IamKeyRotationSpec, resource_name: Option<&str>) -> Result<Valid
         deactivate_after: dur("retirement.deactivateAfter", &spec.retirement.deactivate_after)?,
         delete_after: dur("retirement.deleteAfter", &spec.retirement.delete_after)?,
         require_unused_for: dur("retirement.requireOldKeyUnusedFor", &spec.retirement.require_old_key_unused_for)?,
+        windows: windows(spec)?,
+        spread: Duration::ZERO,
+        share: 0,
     };
     if v.max_key_age.is_zero() {
         return Err(InvalidSpec("spec.maxKeyAge must be more than 0s".into()));
@@ -84,6 +104,15 @@ fn check(spec: &IamKeyRotationSpec, resource_name: Option<&str>) -> Result<Valid
         secrets::format::of(s.format).validate(i, s).map_err(InvalidSpec)?;
     }
     Ok(v)
+}
+
+fn windows(spec: &IamKeyRotationSpec) -> Result<Vec<Window>, InvalidSpec> {
+    let listed = spec.schedule.as_ref().map(|s| s.windows.as_slice()).unwrap_or_default();
+    listed
+        .iter()
+        .enumerate()
+        .map(|(i, w)| Window::parse(w).map_err(|e| InvalidSpec(format!("spec.schedule.windows[{i}]: {e}"))))
+        .collect()
 }
 
 /// IAM's user name rule: `[\w+=,.@-]{1,64}`.
@@ -151,6 +180,14 @@ mod tests {
                 Box::new(|s| s.secrets[0] = template(&[("sasl_passwd", "{{ .AccessKeyId }}:{{ .SesSmtpPassword }}")])),
                 "spec.secrets[0]: a template using {{ .SesSmtpPassword }} needs region",
             ),
+            (
+                Box::new(|s| s.schedule = Some(window("02:00", "02:00", "UTC"))),
+                "spec.schedule.windows[0]: start and end are both \"02:00\": the window would be empty",
+            ),
+            (
+                Box::new(|s| s.schedule = Some(window("02:00", "05:00", "Europe/Berln"))),
+                "spec.schedule.windows[0]: timeZone \"Europe/Berln\" is not an IANA time zone",
+            ),
         ];
         for (mutate, want) in cases {
             let mut s = spec();
@@ -158,6 +195,10 @@ mod tests {
             let err = validate(&s).expect_err(want);
             assert!(err.0.contains(want), "{err} does not contain {want}");
         }
+    }
+
+    fn window(start: &str, end: &str, tz: &str) -> crate::api::ScheduleSpec {
+        serde_json::from_value(serde_json::json!({"windows": [{"start": start, "end": end, "timeZone": tz}]})).unwrap()
     }
 
     fn template(entries: &[(&str, &str)]) -> SecretTarget {

@@ -7,6 +7,7 @@
 //! belongs to a workload by its controller chain (owner references with uids), not by labels.
 
 pub mod census;
+pub mod stamp;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -171,7 +172,7 @@ pub async fn observe(
         let unstamped = pods
             .iter()
             .filter(|p| census.owner_of(p) == Some(&r))
-            .filter(|p| key_id.is_none_or(|k| stamp_of_pod(p) != Some(k)) || restarted_before(p, key.restart))
+            .filter(|p| key_id.is_none_or(|k| !stamp::carries(stamp_of_pod(p), k)) || restarted_before(p, key.restart))
             .count();
         items.push(state(r, s, if key_id.is_some() { unstamped } else { 0 }));
     }
@@ -246,17 +247,58 @@ fn stamp_of_pod(p: &Pod) -> Option<&str> {
     p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str)
 }
 
-/// TOUCHES THE CLUSTER. Restarts a workload onto `key_id` by stamping its pod template, with
-/// server-side apply under the resource's own field manager (idempotent; a GitOps tool sees
-/// another manager's field, not drift).
+/// TOUCHES THE CLUSTER (reads the namespace's IamKeyRotations and the workload, then writes).
+/// Restarts a workload onto `key_id` by stamping its pod template (`stamp::merged`: with the keys
+/// of other resources that its pods need too), with server-side apply under the resource's own
+/// field manager (idempotent; a GitOps tool sees another manager's field, not drift).
 pub async fn stamp(
     client: &kube::Client,
     ns: &str,
     id: &WorkloadRef,
     key_id: &str,
     manager: &str,
+    resource: &str,
 ) -> Result<(), Error> {
-    annotate_template(client, ns, id, json!({ACCESS_KEY_ANNOTATION: key_id}), manager).await
+    let others = neighbours(client, ns, resource).await?;
+    let value = stamp::merged(key_id, current_stamp(client, ns, id).await?.as_deref(), &others);
+    annotate_template(client, ns, id, json!({ACCESS_KEY_ANNOTATION: value}), manager).await
+}
+
+/// The namespace's other resources with a key in place, read fresh (a watch cache a moment behind
+/// would miss a resource that just handed over).
+async fn neighbours(client: &kube::Client, ns: &str, resource: &str) -> Result<Vec<stamp::Neighbour>, Error> {
+    let list = Api::<crate::api::IamKeyRotation>::namespaced(client.clone(), ns).list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|r| r.metadata.name.as_deref() != Some(resource))
+        .filter_map(|r| r.status)
+        .filter_map(|s| {
+            let rolling_out = s.phase == crate::api::Phase::RollingOut;
+            s.active_key.map(|k| stamp::Neighbour { active_key: k.access_key_id, rolling_out })
+        })
+        .collect())
+}
+
+async fn current_stamp(client: &kube::Client, ns: &str, id: &WorkloadRef) -> Result<Option<String>, Error> {
+    let template = match id.kind {
+        WorkloadKind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt(&id.name)
+            .await?
+            .and_then(|d| d.spec)
+            .map(|s| s.template),
+        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), ns)
+            .get_opt(&id.name)
+            .await?
+            .and_then(|d| d.spec)
+            .map(|s| s.template),
+        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), ns)
+            .get_opt(&id.name)
+            .await?
+            .and_then(|d| d.spec)
+            .map(|s| s.template),
+    };
+    Ok(stamp_of(template.as_ref()))
 }
 
 /// TOUCHES THE CLUSTER. Restarts a workload already stamped with `key_id` (its pods may have

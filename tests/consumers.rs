@@ -390,6 +390,13 @@ async fn a_pod_selected_by_match_expressions_is_waited_for() -> anyhow::Result<(
         Ok(if on_new == 2 { Ok(()) } else { Err(format!("{on_new} Ready on the new key")) })
     })
     .await?;
+    eventually("the held pod Terminating", WAIT, || async {
+        let p = pod_api.get(&held).await?;
+        Ok(if p.metadata.deletion_timestamp.is_some() { Ok(()) } else { Err("not deleted yet".to_owned()) })
+    })
+    .await?;
+    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    deployment_ready(&deploys, "web", WAIT).await?;
     // The rollout is complete; through at least one 5 s poll and every pod event in between, rekey
     // keeps the old key for the pod still running on it.
     let until = std::time::Instant::now() + Duration::from_secs(6);

@@ -62,7 +62,7 @@ pub fn advance<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, to: Phas
 /// Restarts workloads onto the key by stamping their pod templates.
 pub async fn stamp<I: Iam>(env: &Env<'_, I>, key_id: &str, ids: &[WorkloadRef]) -> Result<Outcome, Error> {
     for id in ids {
-        workloads::stamp(env.client, &env.identity.namespace, id, key_id, &env.manager()).await?;
+        workloads::stamp(env.client, &env.identity.namespace, id, key_id, &env.manager(), &env.identity.name).await?;
     }
     let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
     Ok(Outcome::requeue(plan::POLL).event(

@@ -730,7 +730,10 @@ async fn stamp_restarts_the_named_workloads_onto_the_key() {
     assert_eq!(stamp_of(template("unrelated")), None);
     let agent = fx.kube.object::<DaemonSet>(NS, "agent").and_then(|d| d.spec).map(|s| s.template);
     assert_eq!(stamp_of(agent), Some(new));
-    assert!(fx.kube.requests().iter().all(|r| r.field_manager.as_deref() == Some("rekey/billing")));
+    // The writes; the stamp reads the namespace's resources and the workload first.
+    let writes: Vec<_> = fx.kube.requests().into_iter().filter(|r| r.verb == "patch").collect();
+    assert_eq!(writes.len(), 2);
+    assert!(writes.iter().all(|r| r.field_manager.as_deref() == Some("rekey/billing")));
     assert_eq!(reasons(&out), ["Restarted"]);
     assert!(out.events[0].message.contains("Deployment/web") && out.events[0].message.contains("DaemonSet/agent"));
     assert_eq!((out.requeue, out.precondition), (Some(crate::plan::POLL), false));

@@ -228,6 +228,14 @@ pub struct RunArgs {
     /// At most this many rotations in flight at once.
     #[arg(long, env = "REKEY_MAX_CONCURRENT_ROTATIONS", default_value_t = 10)]
     pub max_concurrent_rotations: usize,
+    /// At most this many resources restarting workloads at once, cluster-wide (0: no limit of its
+    /// own besides --max-concurrent-rotations). Emergency rotations are not held back.
+    #[arg(long, env = "REKEY_MAX_CONCURRENT_ROLLOUTS", default_value_t = 0)]
+    pub max_concurrent_rollouts: usize,
+    /// The least time between two restarts by rekey in one namespace (0s: none). Emergency
+    /// rotations are not held back.
+    #[arg(long, env = "REKEY_ROLLOUT_COOLDOWN", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub rollout_cooldown: Duration,
     /// Role ARN patterns (comma-separated, `*` wildcard) that spec.aws.roleArn may name; none by default.
     #[arg(long, env = "REKEY_ALLOWED_ROLE_ARNS", value_delimiter = ',')]
     pub allowed_role_arns: Vec<String>,

@@ -54,6 +54,12 @@ pub fn cleanup(c: &CleanupInput) -> CleanupPlan {
     let own: Vec<String> = claims(tags).into_iter().filter(|(_, o)| is_own_claim(o, c.owner)).map(|(k, _)| k).collect();
     if c.policy == DeletionPolicy::Delete {
         delete.extend(own.iter().cloned());
+        // An emergency claims its new key only at the deletion of the leaked one (rule 7): until
+        // then the key in use is this resource's by its status alone, unless another owner claims it.
+        let unclaimed = |id: &String| claims(tags).get(id).is_none_or(|o| is_own_claim(o, c.owner));
+        if c.status.emergency() {
+            delete.extend(c.status.active_key.iter().map(|k| k.access_key_id.clone()).filter(unclaimed));
+        }
     }
     plan.delete_keys = delete.iter().filter(|k| exists(k)).cloned().collect();
     plan.release_claims = own.into_iter().filter(|k| !delete.contains(k)).collect();
@@ -88,7 +94,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
-    use crate::api::{KeyRef, Pending};
+    use crate::api::{KeyRef, Pending, RotationProgress, Trigger};
     use crate::ownership::claim_value;
 
     const OWNER: &str = "prod/payments/billing";
@@ -132,6 +138,28 @@ mod tests {
         // Once a Secret holds it, somebody may use it: kept.
         let p = cleanup(&input(DeletionPolicy::Retain, &st, &["NEW"], &["OLD", "NEW"]));
         assert!(p.delete_keys.is_empty());
+    }
+
+    #[test]
+    fn delete_mid_emergency_deletes_the_new_key_its_claim_waits_for() {
+        let mut st = IamKeyRotationStatus {
+            active_key: Some(KeyRef { access_key_id: "NEW".into(), created_at: None }),
+            rotation: Some(RotationProgress::start(Trigger::Emergency, now())),
+            ..Default::default()
+        };
+        let mut i = input(DeletionPolicy::Delete, &st, &["NEW"], &["LEAKED"]);
+        if let Some((keys, _)) = i.iam.as_mut() {
+            keys.push(key("NEW"));
+        }
+        assert_eq!(cleanup(&i).delete_keys, vec!["LEAKED", "NEW"]);
+        // Retain keeps it; a routine rotation's unclaimed key in use is not this resource's to delete.
+        i.policy = DeletionPolicy::Retain;
+        assert!(cleanup(&i).delete_keys.is_empty());
+        let iam = i.iam.clone();
+        st.rotation = Some(RotationProgress::start(Trigger::Scheduled, now()));
+        let mut i = input(DeletionPolicy::Delete, &st, &["NEW"], &["LEAKED"]);
+        i.iam = iam;
+        assert_eq!(cleanup(&i).delete_keys, vec!["LEAKED"]);
     }
 
     #[test]

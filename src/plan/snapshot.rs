@@ -40,7 +40,7 @@ pub struct IamState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadState {
     pub id: WorkloadRef,
-    /// Value of the rekey.dev/access-key-id annotation on its pod template.
+    /// Value of the rekey.dev/access-key-id annotation on its pod template (`workloads::stamp`).
     pub stamped: Option<String>,
     /// Rollout complete by `kubectl rollout status` rules and no unstamped pod left.
     pub complete: bool,

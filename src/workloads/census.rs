@@ -79,7 +79,11 @@ impl Census {
             let finished = matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
             let reads = p.spec.as_ref().is_some_and(|s| pod_references(s, secrets));
             let stamp = p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str);
-            if finished || !reads || (key_id.is_some() && stamp == key_id) || self.owner_of(p).is_some() {
+            if finished
+                || !reads
+                || key_id.is_some_and(|k| super::stamp::carries(stamp, k))
+                || self.owner_of(p).is_some()
+            {
                 continue;
             }
             let name = p.metadata.name.clone().unwrap_or_default();

@@ -1,0 +1,91 @@
+//! Restart pacing facts: which resources hold one of the --max-concurrent-rollouts slots, and when
+//! rekey last restarted workloads in each namespace (--rollout-cooldown). The plan decides from them
+//! (`plan::Gates`); this only remembers.
+//!
+//! This replica's memory, not status: pacing smooths load and guards nothing. After a restart of
+//! the operator, resources still rolling out take their slots again at their next look, and the
+//! cooldowns start empty (at worst one restart per namespace comes early).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+#[derive(Debug, Default)]
+pub struct Pacing {
+    /// "namespace/name" of the resources holding a rollout slot.
+    held: Mutex<BTreeSet<String>>,
+    /// When rekey last restarted workloads, per namespace.
+    restarts: Mutex<BTreeMap<String, Timestamp>>,
+}
+
+impl Pacing {
+    /// Whether `me` ("namespace/name") may restart workloads now: it holds a rollout slot, or takes
+    /// a free one while `rolling` (in phase RollingOut). Slots of resources the caches no longer
+    /// show rolling out (`rolling_out`) are given back first; a resource that leaves RollingOut gives
+    /// its own back. `max` 0: no limit. Two resources deciding at once may overshoot by one, which
+    /// load smoothing tolerates (as --max-concurrent-rotations does).
+    pub fn slot(&self, me: &str, rolling: bool, rolling_out: &BTreeSet<String>, max: usize) -> bool {
+        let Ok(mut held) = self.held.lock() else { return true };
+        let mine = held.contains(me);
+        held.retain(|k| rolling_out.contains(k) && k != me);
+        if !rolling {
+            return true;
+        }
+        if mine || max == 0 || held.len() < max {
+            held.insert(me.to_owned());
+            return true;
+        }
+        false
+    }
+
+    /// rekey restarted workloads in namespace `ns` at `at`.
+    pub fn restarted(&self, ns: &str, at: Timestamp) {
+        if let Ok(mut r) = self.restarts.lock() {
+            r.insert(ns.to_owned(), at);
+        }
+    }
+
+    /// The earliest instant the next restart in `ns` may happen (None: no restart remembered, or
+    /// no cooldown).
+    pub fn not_before(&self, ns: &str, cooldown: Duration) -> Option<Timestamp> {
+        let cooldown = SignedDuration::try_from(cooldown).ok().filter(|c| !c.is_zero())?;
+        let last = *self.restarts.lock().ok()?.get(ns)?;
+        last.checked_add(cooldown).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_slot_is_held_until_its_resource_stops_rolling_out() {
+        let p = Pacing::default();
+        assert!(p.slot("a/one", true, &set(&[]), 1), "free: taken");
+        assert!(!p.slot("a/two", true, &set(&["a/one", "a/two"]), 1), "the only slot is one's");
+        assert!(p.slot("a/one", true, &set(&["a/one", "a/two"]), 1), "one keeps its slot");
+        // one moved on (Deactivating): the caches no longer show it rolling out.
+        assert!(p.slot("a/two", true, &set(&["a/two"]), 1));
+        // Not rolling out: never held back, and holds nothing.
+        assert!(p.slot("a/three", false, &set(&["a/two"]), 1));
+        assert!(!p.slot("a/four", true, &set(&["a/two", "a/four"]), 1));
+        assert!(p.slot("a/four", true, &set(&["a/two", "a/four"]), 0), "0: no limit");
+    }
+
+    #[test]
+    fn a_cooldown_counts_from_the_last_restart_in_the_namespace() {
+        let p = Pacing::default();
+        let at: Timestamp = "2026-06-01T12:00:00Z".parse().unwrap();
+        assert_eq!(p.not_before("a", Duration::from_secs(30)), None);
+        p.restarted("a", at);
+        assert_eq!(p.not_before("a", Duration::from_secs(30)), Some(at + SignedDuration::from_secs(30)));
+        assert_eq!(p.not_before("b", Duration::from_secs(30)), None, "per namespace");
+        assert_eq!(p.not_before("a", Duration::ZERO), None, "no cooldown");
+    }
+}
