@@ -254,9 +254,10 @@ fn same_user(obj: &IamKeyRotation, user: &str) -> bool {
 fn same_account(obj: &IamKeyRotation, leak: &Leak, home: Option<&str>) -> bool {
     let role = obj.spec.aws.as_ref().and_then(|a| a.role_arn.as_deref());
     let account = role.map(crate::budget::account_of).or(home);
+    // A report that cannot be placed in an account matches nobody: user names repeat across accounts.
     match (&leak.account, account) {
         (Some(reported), Some(ours)) => reported == ours,
-        _ => true,
+        _ => false,
     }
 }
 

@@ -61,12 +61,12 @@ fn leaked_key_off(st: &IamKeyRotationStatus) -> bool {
 /// How long a reconcile that gave way to leaked keys waits before it looks again.
 const GIVE_WAY: Duration = Duration::from_secs(10);
 
-/// Whether this reconcile may end, instead of reading IAM for a routine step, to give its slot and
+/// Whether this reconcile may end, instead of calling IAM for a routine step, to give its slot and
 /// the AWS budget to leaked keys: another reconcile is at work on a leaked key of the same account
 /// that may still be Active (or its calls wait for the budget). Reconciles are at most 32 at once;
 /// without this, routine steps (deletions of keys already Inactive) took half of the AWS budget
-/// while leaked keys waited (1,000 emergencies: 108–111 s). Only steps that read IAM first give
-/// way (Kubernetes-only steps such as writing a reverted Secret back never wait), and never a
+/// while leaked keys waited (1,000 emergencies: 108–111 s). Only IAM reads and steps that call IAM
+/// give way (Kubernetes-only steps such as writing a reverted Secret back never wait), and never a
 /// rotation whose write-ahead marker stands (a key appearing meanwhile would look like its orphan),
 /// one in Soaking (a rollback is decided there) or one repairing a reverted Secret.
 fn gives_way(st: &IamKeyRotationStatus, urgent: bool, leaked_keys_wait: bool) -> bool {
@@ -84,6 +84,11 @@ fn goes_on(step: &Step, out: &Outcome) -> bool {
 /// The write-ahead points: committed before the step after them is performed.
 fn write_ahead(step: &Step) -> bool {
     matches!(step, Step::Begin { .. } | Step::RenewMarker { .. } | Step::DeleteOrphan { .. } | Step::MarkRevert { .. })
+}
+
+/// Whether the step makes IAM calls that can wait for leaked keys (a rollback never waits).
+fn routine_aws(step: &Step) -> bool {
+    touches_iam(step) && !matches!(step, Step::Reactivate { .. })
 }
 
 /// Whether the step changed anything in IAM (then the IAM facts are read again).
@@ -175,9 +180,9 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             let leaked_keys_wait = self.ctx.urgent_in_flight(account) || iam.is_some_and(I::urgent_waiting);
             let may_give_way = gives_way(&st, urgent, leaked_keys_wait);
             let (decision, observed) = match self.look(valid, &st, iam, kept_iam.take(), may_give_way).await {
-                Ok(Some(d)) => d,
-                Ok(None) => {
-                    tracing::debug!("gave way to leaked keys before routine AWS reads");
+                Ok(Some(d)) if !(may_give_way && routine_aws(&d.0.step)) => d,
+                Ok(_) => {
+                    tracing::debug!("gave way to leaked keys before routine AWS calls");
                     if last.is_none() {
                         return Ok(Action::requeue(GIVE_WAY));
                     }
@@ -294,11 +299,18 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         let me = format!("{ns}/{}", self.identity.name);
         let rolling = st.phase == Phase::RollingOut;
         Gates {
-            rollout_slot_free: self.ctx.pacing.slot(&me, rolling, &self.ctx.rolling_out(), cfg.max_concurrent_rollouts),
+            // Both read every cached resource: only when pacing is on (a look must not cost
+            // O(resources) otherwise).
+            rollout_slot_free: cfg.max_concurrent_rollouts == 0
+                || self.ctx.pacing.slot(&me, rolling, &self.ctx.rolling_out(), cfg.max_concurrent_rollouts),
             max_rollouts: cfg.max_concurrent_rollouts,
             restart_not_before: self.ctx.pacing.not_before(ns, cfg.rollout_cooldown),
             restart_cooldown: cfg.rollout_cooldown,
-            handing_over: self.ctx.handing_over(ns, &self.identity.name),
+            handing_over: if cfg.rollout_cooldown.is_zero() {
+                Vec::new()
+            } else {
+                self.ctx.handing_over(ns, &self.identity.name)
+            },
             denied_role: role.filter(|r| !crate::ownership::role_allowed(&self.ctx.config.allowed_role_arns, r)),
             slot_free: self.ctx.rotation_slot_free(&self.obj),
             max_rotations: self.ctx.config.max_concurrent_rotations,
