@@ -191,11 +191,13 @@ fn receive_count(m: &Message) -> u32 {
 /// user): `namespace/name` of each. Already-committed resources (a redelivery) are not patched
 /// again and get no second Event.
 async fn request_emergencies<I: Iam>(ctx: &Context<I>, leak: &Leak) -> Result<Vec<String>, LeakError> {
-    let value = leak.request();
     let home = home_account(ctx, leak).await?;
     let mut done = Vec::new();
     for obj in resources(ctx).await? {
         let Some(key) = held(&obj, leak, home.as_deref()) else { continue };
+        // The key in the request lets a rotation in flight tell whether the leaked key is the one
+        // it retires or the new one it just handed over (act::retire::escalate).
+        let value = format!("{}:{key}", leak.request());
         let ns = obj.namespace().unwrap_or_default();
         done.push(format!("{ns}/{}", obj.name_any()));
         if obj.annotations().get(ROTATE_EMERGENCY_ANNOTATION) == Some(&value) {

@@ -205,7 +205,7 @@ async fn a_crash_between_committing_a_leak_report_and_deleting_it_rotates_once()
     queue.send(&guardduty_event(&leaked.access_key_id, &f.user, &id)).await?;
     assert_eq!(op.exited(WAIT).await?, Some(137), "the failpoint ended the process");
     // Committed, not deleted: the request is on the resource and the report still in the queue.
-    let request = format!("guardduty:{id}");
+    let request = format!("guardduty:{id}:{}", leaked.access_key_id);
     let o = f.ikrs.get("app").await?;
     let annotation = o.metadata.annotations.as_ref().and_then(|a| a.get("rekey.dev/rotate-emergency"));
     assert_eq!(annotation, Some(&request));

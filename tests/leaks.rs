@@ -100,9 +100,9 @@ async fn each_aws_leak_report_starts_an_emergency_rotation_and_the_rest_change_n
     println!("leaked key off (Inactive or deleted) after being queued: {off:?}");
 
     let wants = [
-        ("health", format!("health:AWS_RISK_CREDENTIALS_EXPOSED_{}", ids[0])),
-        ("guardduty", format!("guardduty:{}", ids[1])),
-        ("cloudtrail", format!("cloudtrail:{}", ids[2])),
+        ("health", format!("health:AWS_RISK_CREDENTIALS_EXPOSED_{}:{}", ids[0], keys[0])),
+        ("guardduty", format!("guardduty:{}:{}", ids[1], keys[1])),
+        ("cloudtrail", format!("cloudtrail:{}:{}", ids[2], keys[2])),
     ];
     for (i, (source, request)) in wants.iter().enumerate() {
         let o = rotated_once(&f.ikrs, names[i]).await?;
@@ -150,8 +150,36 @@ async fn a_report_during_a_rotation_escalates_it() -> anyhow::Result<()> {
     queue.send(&guardduty_event(&old, &f.user, &id)).await?;
     key_off(&f, &f.user, &old).await?;
     let o = rotated_once(&f.ikrs, "app").await?;
-    assert_eq!(o.status.and_then(|s| s.last_emergency_request), Some(format!("guardduty:{id}")));
+    assert_eq!(o.status.and_then(|s| s.last_emergency_request), Some(format!("guardduty:{id}:{old}")));
     assert!(!f.env.keys(&f.user).await?.contains_key(&old), "the leaked retiring key is deleted without its soak");
+    queue.drained().await?;
+    Ok(())
+}
+
+/// The report names the key a rotation in flight just handed over: the old key goes at once, and
+/// the leaked new key is rotated away right after (before, it stayed Active until its next due time).
+#[tokio::test]
+async fn a_report_on_the_new_key_of_a_rotation_in_flight_rotates_it_too() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-new").await?;
+    let queue = EventsQueue::new(&f.env, "leak-new").await?;
+    let old = adopted(&f, "app", &f.user).await?;
+    let _op = Operator::start(&f.ns, &[("REKEY_AWS_EVENTS_QUEUE_URL", &queue.url)]).await?;
+    wait_ikr(&f.ikrs, "app", "adopted", |o| active_key(o).as_deref() == Some(old.as_str())).await?;
+    f.rotate("app", "routine").await?;
+    let o = wait_ikr(&f.ikrs, "app", "soaking", |o| phase(o) == Phase::Soaking).await?;
+    let leaked = active_key(&o).context("new key")?;
+    let id = unique("gd");
+    queue.send(&guardduty_event(&leaked, &f.user, &id)).await?;
+    key_off(&f, &f.user, &leaked).await?;
+    let o = wait_ikr(&f.ikrs, "app", "two rotations", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 2 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let keys = f.env.keys(&f.user).await?;
+    assert!(!keys.contains_key(&old) && !keys.contains_key(&leaked), "both keys are gone: {keys:?}");
+    let now = active_key(&o).context("active key")?;
+    assert_eq!(keys.get(&now).map(String::as_str), Some("Active"));
+    assert_eq!(o.status.and_then(|s| s.last_emergency_request), Some(format!("guardduty:{id}:{leaked}")));
     queue.drained().await?;
     Ok(())
 }
@@ -169,7 +197,7 @@ async fn the_rotating_condition_names_the_report_while_the_emergency_waits() -> 
     wait_ikr(&f.ikrs, "creds", "adopted", |o| active_key(o).as_deref() == Some(key.as_str())).await?;
     let id = unique("h");
     queue.send(&health_event(&key, &id)).await?;
-    let want = format!("EMERGENCY rotation (health:AWS_RISK_CREDENTIALS_EXPOSED_{id})");
+    let want = format!("EMERGENCY rotation (health:AWS_RISK_CREDENTIALS_EXPOSED_{id}:{key})");
     wait_ikr(&f.ikrs, "creds", "the Rotating condition names the report", |o| {
         condition(o, "Rotating").is_some_and(|c| c.0 == "True")
             && message(o, "Rotating").is_some_and(|m| m.starts_with(&want))

@@ -116,8 +116,13 @@ pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outc
     if let Some(r) = st.rotation.as_mut() {
         r.trigger = Trigger::Emergency;
     }
-    st.last_emergency_request.clone_from(&env.observed.requests.emergency);
-    let request = st.last_emergency_request.as_deref().unwrap_or_default();
+    let request = env.observed.requests.emergency.clone().unwrap_or_default();
+    // A request naming the key this rotation just handed over (a leak report names its key last)
+    // is not used up: retiring the old key at once frees IAM's two-key quota, and the request then
+    // rotates the leaked new key as soon as this rotation ends.
+    if !names_key(&request, active_id(st)) {
+        st.last_emergency_request.clone_from(&env.observed.requests.emergency);
+    }
     Outcome::next().committed().event(
         true,
         "Emergency",
@@ -125,6 +130,11 @@ pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outc
             "EMERGENCY rotation requested mid-rotation ({request}): the old key is retired as soon as the Secrets hold the new one"
         ),
     )
+}
+
+/// Whether an emergency request's last `:`-separated part is `key`.
+fn names_key(request: &str, key: Option<&str>) -> bool {
+    key.is_some_and(|k| request.rsplit(':').next() == Some(k))
 }
 
 /// UpdateAccessKey Inactive on the retiring key, after the fresh-list checks.

@@ -921,6 +921,24 @@ async fn delete_lists_afresh_deletes_the_retired_key_and_its_claim_then_finishes
     assert_eq!((reasons(&out), out.precondition), (vec!["Deleted", "Idle"], true));
 }
 
+/// Escalation uses up a request unless it names the key just handed over (a leak report names its
+/// key last): then the request stays, to rotate the leaked new key once this rotation ends.
+#[tokio::test]
+async fn escalate_keeps_a_request_naming_the_new_key_for_after_this_rotation() {
+    let mut fx = Fx::new();
+    let (old, _) = fx.retiring(Phase::Soaking, false).await;
+    fx.observed.requests.emergency = Some(format!("guardduty:e1:{old}"));
+    fx.run(&Step::Escalate).await.unwrap();
+    assert!(fx.st.emergency());
+    assert_eq!(fx.st.last_emergency_request, Some(format!("guardduty:e1:{old}")), "the retiring key: used up");
+    let mut fx = Fx::new();
+    let (_, new2) = fx.retiring(Phase::Soaking, false).await;
+    fx.observed.requests.emergency = Some(format!("guardduty:e2:{new2}"));
+    fx.run(&Step::Escalate).await.unwrap();
+    assert!(fx.st.emergency());
+    assert_eq!(fx.st.last_emergency_request, None, "the new key: kept for the next rotation");
+}
+
 /// A leaked key is switched off with no call it does not need: the new key's claim waits for the
 /// deletion, which writes it before the leaked key (and its claim) goes.
 #[tokio::test]
