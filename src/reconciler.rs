@@ -179,10 +179,17 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             let iam = step_iam.as_ref();
             let leaked_keys_wait = self.ctx.urgent_in_flight(account) || iam.is_some_and(I::urgent_waiting);
             let may_give_way = gives_way(&st, urgent, leaked_keys_wait);
-            // An idle look that follows a finished rotation's own status write is not even read:
-            // 1,000 of them kept the reconcile slots from 94 leaked keys for 34 s.
-            if may_give_way && last.is_none() && st.phase == Phase::Idle && !self.requested() {
-                return Ok(Action::requeue(GIVE_WAY));
+            // Neither an idle look with no request (after a finished rotation's own status write)
+            // nor the deletion after an emergency's leaked key is off is even read: every look
+            // costs the slot three apiserver reads, and 1,000 of them kept the slots from 94
+            // leaked keys for 34 s.
+            let follow_up = (st.phase == Phase::Idle && !self.requested()) || (emergency && !urgent);
+            if may_give_way && follow_up {
+                if last.is_none() {
+                    return Ok(Action::requeue(GIVE_WAY));
+                }
+                done.requeue = Some(GIVE_WAY);
+                break;
             }
             let (decision, observed) = match self.look(valid, &st, iam, kept_iam.take(), may_give_way).await {
                 Ok(Some(d)) if !(may_give_way && routine_aws(&d.0.step)) => d,
