@@ -47,6 +47,20 @@ impl Pacing {
         }
     }
 
+    /// Takes namespace `ns`'s next restart at `now` unless one was taken within `cooldown`: the
+    /// plan's cooldown check reads a snapshot, and up to 32 reconciles deciding at once would
+    /// otherwise all restart at the same instant.
+    pub fn reserve(&self, ns: &str, cooldown: Duration, now: Timestamp) -> bool {
+        let Ok(mut r) = self.restarts.lock() else { return true };
+        let cooldown = SignedDuration::try_from(cooldown).unwrap_or(SignedDuration::ZERO);
+        let taken = r.get(ns).and_then(|last| last.checked_add(cooldown).ok()).is_some_and(|until| until > now);
+        if taken && !cooldown.is_zero() {
+            return false;
+        }
+        r.insert(ns.to_owned(), now);
+        true
+    }
+
     /// The earliest instant the next restart in `ns` may happen (None: no restart remembered, or
     /// no cooldown).
     pub fn not_before(&self, ns: &str, cooldown: Duration) -> Option<Timestamp> {
@@ -62,6 +76,18 @@ mod tests {
 
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn one_restart_per_cooldown_even_when_several_decide_at_once() {
+        let p = Pacing::default();
+        let t: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
+        let cd = Duration::from_secs(60);
+        assert!(p.reserve("a", cd, t));
+        assert!(!p.reserve("a", cd, t), "the second one decided on the same snapshot waits");
+        assert!(p.reserve("b", cd, t), "another namespace");
+        assert!(p.reserve("a", cd, t.checked_add(SignedDuration::from_secs(60)).unwrap()));
+        assert!(p.reserve("a", Duration::ZERO, t) && p.reserve("a", Duration::ZERO, t), "no cooldown");
     }
 
     #[test]

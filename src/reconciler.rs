@@ -269,10 +269,16 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             identity: &self.identity,
             region: &region,
         };
+        let ns = &self.identity.namespace;
+        let cooldown = if st.emergency() { Duration::ZERO } else { self.ctx.config.rollout_cooldown };
+        if matches!(step, Step::Stamp { .. }) && !self.ctx.pacing.reserve(ns, cooldown, self.now) {
+            // Another rotation of the namespace took this restart since the snapshot: look again.
+            return Ok(Outcome { requeue: Some(Duration::from_secs(1)), ..Default::default() });
+        }
         info!(step = step.name(), phase = %st.phase, "performing");
         let out = act::perform(&env, st, step).await?;
-        if matches!(step, Step::Stamp { .. } | Step::Revert { .. }) {
-            self.ctx.pacing.restarted(&self.identity.namespace, self.now);
+        if matches!(step, Step::Revert { .. }) {
+            self.ctx.pacing.restarted(ns, self.now);
         }
         Ok(out)
     }
