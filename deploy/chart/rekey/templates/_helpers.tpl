@@ -70,9 +70,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   verbs: ["get", "create", "patch", "delete"]
 # Discover the workloads that read the Secrets (list), restart them onto the new key (patch), and
 # wake in-flight rotations on their changes (watch: metadata only, while a rotation is in flight).
+# The stamp reads the workload first (get) to keep the keys other rotations' pods still need.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets", "daemonsets"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 # The consumer census: which workload controls each pod, for rollout completion and the pods no
 # rolled workload covers. Read-only.
 - apiGroups: [""]
