@@ -159,7 +159,9 @@ impl AwsIam {
             users.extend(out.users().iter().map(|u| u.user_name().to_owned()));
             match (out.is_truncated(), out.marker()) {
                 (true, Some(m)) => marker = Some(m.to_owned()),
-                _ => return Ok((users, pages)),
+                // A partial account must never read as a complete one (an audit would pass on it).
+                (true, None) => return Err(Error::Internal("ListUsers was truncated without a marker".into())),
+                (false, _) => return Ok((users, pages)),
             }
         }
     }
@@ -371,17 +373,7 @@ impl Iam for AwsIam {
     }
 
     async fn last_used(&self, key_id: &str) -> Result<Option<Timestamp>, Error> {
-        self.call("GetAccessKeyLastUsed", async {
-            let out = self
-                .iam
-                .get_access_key_last_used()
-                .access_key_id(key_id)
-                .send()
-                .await
-                .map_err(|e| iam_error("GetAccessKeyLastUsed", e))?;
-            Ok(out.access_key_last_used().and_then(|u| u.last_used_date()).map(|d| ts(Some(d))))
-        })
-        .await
+        Ok(self.last_use(key_id).await?.map(|u| u.time))
     }
 
     async fn verify(&self, key: &AccessKey, region: &str) -> Result<Verification, Error> {
