@@ -234,14 +234,17 @@ async fn home_account<I: Iam>(ctx: &Context<I>, leak: &Leak) -> Result<Option<St
     Ok(Some(crate::budget::account_of(&arn).to_owned()))
 }
 
-/// The leaked key this resource holds, if the report is about it: its active key, or the key its
-/// rotation in flight is retiring (still live until deactivated); for a user, its active key.
+/// The leaked key this resource holds, if the report is about it: its active key, the key its
+/// rotation in flight is retiring (still live until deactivated), or the new key it is writing
+/// into the Secrets (it becomes the active key, so it is rotated once this rotation ends); for a
+/// user, its active key.
 pub fn held(obj: &IamKeyRotation, leak: &Leak, home: Option<&str>) -> Option<String> {
     let st = obj.status.as_ref()?;
     let active = st.active_key.as_ref().map(|k| k.access_key_id.as_str());
     let retiring = st.retiring_key.as_ref().map(|k| k.access_key_id.as_str());
+    let new = st.new_key.as_ref().map(|k| k.access_key_id.as_str());
     leak.subjects.iter().find_map(|s| match s {
-        Subject::Key(id) if Some(id.as_str()) == active || Some(id.as_str()) == retiring => Some(id.clone()),
+        Subject::Key(id) if [active, retiring, new].contains(&Some(id.as_str())) => Some(id.clone()),
         Subject::User(user) if same_user(obj, user) && same_account(obj, leak, home) => active.map(str::to_owned),
         _ => None,
     })
@@ -272,6 +275,7 @@ mod tests {
         let mut status = json!({"activeKey": {"accessKeyId": active}, "userName": user});
         if let Some(r) = retiring {
             status["retiringKey"] = json!({"accessKeyId": r, "state": "Active"});
+            status["newKey"] = json!({"accessKeyId": "AKIAPENDING"});
         }
         let mut spec = json!({"userName": user, "secrets": [{"name": "s"}]});
         if let Some(r) = role {
@@ -294,6 +298,7 @@ mod tests {
         let o = obj("billing", "AKIAACTIVE", Some("AKIARETIRING"), None);
         assert_eq!(held(&o, &key("AKIAACTIVE"), None).as_deref(), Some("AKIAACTIVE"));
         assert_eq!(held(&o, &key("AKIARETIRING"), None).as_deref(), Some("AKIARETIRING"));
+        assert_eq!(held(&o, &key("AKIAPENDING"), None).as_deref(), Some("AKIAPENDING"), "not in every Secret yet");
         assert_eq!(held(&o, &key("AKIAOTHER"), None), None);
         let user = |u: &str| leak(Subject::User(u.into()));
         assert_eq!(held(&o, &user("Billing"), Some("111")).as_deref(), Some("AKIAACTIVE"));

@@ -227,3 +227,63 @@ async fn a_crash_between_committing_a_leak_report_and_deleting_it_rotates_once()
     assert_eq!(seen, 1, "the redelivered report was read once more, and deleted");
     Ok(())
 }
+
+/// A report names the new key while it is on its way into the Secrets (status.newKey, not yet the
+/// active key; with real IAM a new key takes seconds to authenticate, so Verifying lasts): the
+/// operator cannot write the Secret (held at the write, then its `patch` on Secrets revoked),
+/// answers the report, and is killed. The next one ends the rotation at once and rotates the
+/// leaked key away right after. Before, the report matched nobody (or the escalation used it up)
+/// and the leaked key became the active one.
+#[tokio::test]
+async fn a_report_on_a_new_key_not_yet_in_the_secrets_rotates_it_after_the_handover() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-pending").await?;
+    let queue = EventsQueue::new(&f.env, "leak-pending").await?;
+    let old = f.env.create_key(&f.user).await?;
+    f.secrets.create(&PostParams::default(), &key_secret("creds", &old)?).await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "24h"}}))
+        .await?;
+    let old = old.access_key_id;
+    let name = "rekey-leak-pending";
+    let kubeconfig = operator_identity(&f.env, name, None).await?;
+    let url = ("REKEY_AWS_EVENTS_QUEUE_URL", queue.url.as_str());
+    let env = [
+        ("KUBECONFIG", kubeconfig.to_str().context("path")?),
+        ("REKEY_LEASE_NAMESPACE", OPERATOR_NS),
+        ("REKEY_LEASE_NAME", name),
+        ("FAILPOINTS", "before-distribute=return(pause:10000)"),
+        url,
+        FAST_LEASE,
+    ];
+    let mut op = Operator::start(&f.ns, &env).await?;
+    wait_ikr(&f.ikrs, "app", "adopted", |o| active_key(o).as_deref() == Some(old.as_str())).await?;
+    f.rotate("app", "routine").await?;
+    op.logged("failpoint hit: pausing").await?;
+    operator_identity(&f.env, name, Some(("secrets", "patch"))).await?;
+    let o = wait_ikr(&f.ikrs, "app", "a refused write", |o| {
+        o.status.as_ref().is_some_and(|s| s.new_key.is_some() && s.failed_attempts > 0)
+    })
+    .await?;
+    assert_eq!(phase(&o), Phase::Distributing);
+    let leaked = o.status.and_then(|s| s.new_key).context("status.newKey")?.access_key_id;
+    let id = rekey_testenv::env::unique("gd");
+    queue.send(&guardduty_event(&leaked, &f.user, &id)).await?;
+    let request = format!("guardduty:{id}:{leaked}");
+    wait_ikr(&f.ikrs, "app", "the emergency requested", |o| {
+        o.metadata.annotations.as_ref().and_then(|a| a.get("rekey.dev/rotate-emergency")) == Some(&request)
+    })
+    .await?;
+    queue.drained().await?;
+    op.kill().await?;
+
+    let _op = Operator::start(&f.ns, &[url, FAST_LEASE]).await?;
+    let o = wait_ikr(&f.ikrs, "app", "two rotations", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 2 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let keys = f.env.keys(&f.user).await?;
+    assert!(!keys.contains_key(&old) && !keys.contains_key(&leaked), "both keys are gone: {keys:?}");
+    let now = active_key(&o).context("active key")?;
+    assert_eq!(keys.get(&now).map(String::as_str), Some("Active"));
+    assert_eq!(o.status.and_then(|s| s.last_emergency_request), Some(request));
+    Ok(())
+}

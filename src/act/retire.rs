@@ -117,10 +117,12 @@ pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outc
         r.trigger = Trigger::Emergency;
     }
     let request = env.observed.requests.emergency.clone().unwrap_or_default();
-    // A request naming the key this rotation just handed over (a leak report names its key last)
-    // is not used up: retiring the old key at once frees IAM's two-key quota, and the request then
-    // rotates the leaked new key as soon as this rotation ends.
-    if !names_key(&request, active_id(st)) {
+    // A request naming the key this rotation hands over (a leak report names its key last), just
+    // handed over or still on its way into the Secrets, is not used up: retiring the old key at
+    // once frees IAM's two-key quota, and the request then rotates the leaked new key as soon as
+    // this rotation ends.
+    let new_id = st.new_key.as_ref().map(|k| k.access_key_id.as_str());
+    if !names_key(&request, active_id(st)) && !names_key(&request, new_id) {
         st.last_emergency_request.clone_from(&env.observed.requests.emergency);
     }
     Outcome::next().committed().event(

@@ -242,6 +242,7 @@ pub async fn abandon<I: Iam>(
 
 /// Writes the verified new key, from the staging Secret, into target Secrets (forward only).
 pub async fn distribute<I: Iam>(env: &Env<'_, I>, key_id: &str, names: &[String]) -> Result<Outcome, Error> {
+    crate::failpoint!("before-distribute");
     let key = env.staged_key(key_id).await?;
     env.write_targets(names, &key, false).await?;
     Ok(Outcome::next().event(false, "Distributed", format!("wrote key {key_id} into {}", names.join(", "))))

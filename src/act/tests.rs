@@ -937,6 +937,17 @@ async fn escalate_keeps_a_request_naming_the_new_key_for_after_this_rotation() {
     fx.run(&Step::Escalate).await.unwrap();
     assert!(fx.st.emergency());
     assert_eq!(fx.st.last_emergency_request, None, "the new key: kept for the next rotation");
+    // The new key leaked before it reached every Secret (status.newKey, not yet the active key).
+    let mut fx = Fx::new();
+    fx.idle().await;
+    fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
+    fx.observe().await;
+    fx.run(&Step::Create).await.unwrap();
+    let pending = fx.st.new_key.clone().unwrap().access_key_id;
+    fx.observed.requests.emergency = Some(format!("guardduty:e3:{pending}"));
+    fx.run(&Step::Escalate).await.unwrap();
+    assert!(fx.st.emergency());
+    assert_eq!(fx.st.last_emergency_request, None, "the key on its way: kept for the next rotation");
 }
 
 /// A leaked key is switched off with no call it does not need: the new key's claim waits for the
