@@ -49,6 +49,16 @@ pub fn is_own_claim(value_owner: &str, owner: &str) -> bool {
     ours.strip_prefix("rekey:") == Some(value_owner)
 }
 
+/// Whether a claim names a resource of `cluster` that no longer exists (deleted with
+/// deletionPolicy Retain before claims were released, renamed in Git): `read` tells whether every
+/// resource of a namespace was read, `exists` whether `namespace/name` is among them. Claims of
+/// other clusters, and cut (hashed) ones, always count.
+pub fn is_stale(claimed_by: &str, cluster: &str, read: impl Fn(&str) -> bool, exists: impl Fn(&str) -> bool) -> bool {
+    let Some(rest) = claimed_by.strip_prefix(cluster).and_then(|r| r.strip_prefix('/')) else { return false };
+    let ns = rest.split('/').next().unwrap_or_default();
+    read(ns) && !claimed_by.contains('~') && !exists(rest)
+}
+
 /// 32-bit FNV-1a: a stable short hash for names cut to fit a limit.
 pub fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))

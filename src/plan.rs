@@ -599,10 +599,8 @@ fn immutable(o: &Observed) -> Option<Step> {
 /// the key takes it over. Claims of other clusters, and cut (hashed) ones, always count.
 fn stale_claim(i: &Input, claimed_by: &str) -> bool {
     let Some(existing) = &i.observed.resources else { return false };
-    let Some(rest) = claimed_by.strip_prefix(&format!("{}/", i.identity.cluster)) else { return false };
-    let ns = rest.split('/').next().unwrap_or_default();
-    let watched = i.gates.watched.is_empty() || i.gates.watched.iter().any(|w| w == ns);
-    watched && !claimed_by.contains('~') && !existing.contains(rest)
+    let watched = |ns: &str| i.gates.watched.is_empty() || i.gates.watched.iter().any(|w| w == ns);
+    crate::ownership::is_stale(claimed_by, &i.identity.cluster, watched, |r| existing.contains(r))
 }
 
 /// The target Secrets that hold no key at all (deleted, or emptied).

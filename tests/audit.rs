@@ -182,6 +182,24 @@ async fn audit_counts_every_key_of_500_users_exactly_and_gates_on_uncovered_old_
     let by_status = doc["keys"].as_array().into_iter().flatten().find(|k| k["user"] == format!("{base}-u252"));
     assert_eq!(by_status.map(|k| k["coveredBy"].clone()), Some(json!(format!("{ns}/held-252"))));
 
+    // Named as the cluster the claims name, the audit knows their resources are gone (every
+    // namespace was read): 50 stale claims cover nothing, and the 25 old ones fail. Reading one
+    // namespace only, the claims in others cannot be judged and still count.
+    let summary = |d: &serde_json::Value, k: &str| d["summary"][k].as_u64().unwrap_or(u64::MAX);
+    let (covered, fail) = (summary(&doc, "covered"), summary(&doc, "fail"));
+    let named = [&common[..], &["--at", &at, "--cluster-name", "other-cluster"]].concat();
+    let (code, stale, err) = audit(&named).await?;
+    assert_eq!(
+        (code, summary(&stale, "covered"), summary(&stale, "fail")),
+        (Some(2), covered - 50, fail + 25),
+        "{err}"
+    );
+    let claimed = stale["keys"].as_array().into_iter().flatten().find(|k| k["user"] == format!("{base}-u1"));
+    let claimed = claimed.map(|k| (k["coverage"].clone(), k["staleClaim"].clone(), k["verdict"].clone()));
+    assert_eq!(claimed, Some((json!("staleClaim"), json!(format!("other-cluster/ns/{base}-u1")), json!("fail"))));
+    let (_, one_ns, err) = audit(&[&named[..], &["-n", &ns]].concat()).await?;
+    assert_eq!((summary(&one_ns, "covered"), summary(&one_ns, "fail")), (covered, fail), "{err}");
+
     // Today every key is young: nothing fails, the gate opens.
     let (code, doc, err) = audit(&common).await?;
     assert_eq!(

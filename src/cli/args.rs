@@ -176,6 +176,11 @@ pub struct AuditArgs {
     /// Only the users under this IAM path (e.g. /rekey/), as ListUsers' PathPrefix.
     #[arg(long, value_name = "PATH")]
     pub path_prefix: Option<String>,
+    /// This cluster's name, as the operator's --cluster-name: an owner claim naming an
+    /// IamKeyRotation of this cluster that no longer exists is then reported as a stale claim, not
+    /// as coverage (without it, every claim counts).
+    #[arg(long, env = "REKEY_CLUSTER_NAME", value_parser = cluster_name)]
+    pub cluster_name: Option<String>,
     /// Cap on IAM API calls per second (the operator's default: the account's quota is shared).
     #[arg(long, env = "REKEY_AWS_CALLS_PER_SECOND", default_value = "10")]
     pub aws_calls_per_second: std::num::NonZeroU32,

@@ -9,7 +9,7 @@ use kube::api::{Api, ListParams};
 
 use super::CliError;
 use super::args::{AuditArgs, AuditOutput};
-use super::audit_report::{Held, UserKeys, assess, table};
+use super::audit_report::{Cluster, UserKeys, assess, table};
 use super::connect::Connection;
 use crate::api::IamKeyRotation;
 use crate::iam::{AwsIam, Iam as _};
@@ -18,14 +18,15 @@ use crate::iam::{AwsIam, Iam as _};
 /// slow account does not pile up requests behind the cap.
 const IN_FLIGHT: usize = 8;
 
-/// The keys each IamKeyRotation's status holds (active, new, or retiring: all are rekey's).
-async fn held(conn: &Connection, namespaces: &[String]) -> Result<Held, CliError> {
+/// The keys each IamKeyRotation's status holds (active, new, or retiring: all are rekey's), and
+/// which resources exist.
+async fn cluster(conn: &Connection, namespaces: &[String], name: Option<String>) -> Result<Cluster, CliError> {
     let apis: Vec<Api<IamKeyRotation>> = if namespaces.is_empty() {
         vec![Api::all(conn.client.clone())]
     } else {
         namespaces.iter().map(|ns| Api::namespaced(conn.client.clone(), ns)).collect()
     };
-    let mut held = Held::new();
+    let mut c = Cluster { name, namespaces: namespaces.to_vec(), ..Default::default() };
     for api in apis {
         let items = match api.list(&ListParams::default()).await {
             Ok(l) => l.items,
@@ -39,6 +40,7 @@ async fn held(conn: &Connection, namespaces: &[String]) -> Result<Held, CliError
         };
         for o in items {
             let owner = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
+            c.resources.insert(owner.clone());
             let Some(st) = o.status else { continue };
             let ids = [
                 st.active_key.map(|k| k.access_key_id),
@@ -46,11 +48,11 @@ async fn held(conn: &Connection, namespaces: &[String]) -> Result<Held, CliError
                 st.retiring_key.map(|k| k.access_key_id),
             ];
             for id in ids.into_iter().flatten() {
-                held.insert(id, owner.clone());
+                c.held.insert(id, owner.clone());
             }
         }
     }
-    Ok(held)
+    Ok(c)
 }
 
 /// One user's keys, claims and last uses, and the calls that took: a user without keys costs one.
@@ -71,7 +73,7 @@ async fn user_keys(iam: &AwsIam, user: String) -> Result<(UserKeys, u64), CliErr
 }
 
 pub async fn run(conn: &Connection, args: &AuditArgs) -> Result<(), CliError> {
-    let held = held(conn, &args.namespace).await?;
+    let cluster = cluster(conn, &args.namespace, args.cluster_name.clone()).await?;
     let iam = AwsIam::from_env(args.aws_calls_per_second, None).await;
     let (names, pages) = iam.list_users(args.path_prefix.as_deref()).await?;
     let mut users: Vec<(UserKeys, u64)> =
@@ -79,7 +81,7 @@ pub async fn run(conn: &Connection, args: &AuditArgs) -> Result<(), CliError> {
     users.sort_by(|a, b| a.0.user.cmp(&b.0.user));
     let calls = u64::from(pages) + users.iter().map(|u| u.1).sum::<u64>();
     let users: Vec<UserKeys> = users.into_iter().map(|u| u.0).collect();
-    let report = assess(&users, &held, args.at.unwrap_or_else(Timestamp::now), args.max_age, calls);
+    let report = assess(&users, &cluster, args.at.unwrap_or_else(Timestamp::now), args.max_age, calls);
     match args.output {
         AuditOutput::Table => print!("{}", table(&report)),
         AuditOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),

@@ -1,7 +1,7 @@
 //! What `rekey audit` concludes from what it read (pure): each key's coverage and CIS 1.14 verdict,
 //! the counts, and the table or JSON document.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -21,6 +21,27 @@ pub struct UserKeys {
 
 /// What an IamKeyRotation's status holds: key id -> `namespace/name` (active, new or retiring key).
 pub type Held = BTreeMap<String, String>;
+
+/// What the cluster tells about coverage: the keys the statuses hold and, with this cluster's name
+/// (`--cluster-name`), every resource of the namespaces read, so that a claim naming a resource of
+/// this cluster that no longer exists is not taken for coverage.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub held: Held,
+    pub name: Option<String>,
+    /// `namespace/name` of every IamKeyRotation read.
+    pub resources: BTreeSet<String>,
+    /// The namespaces read (empty: every namespace).
+    pub namespaces: Vec<String>,
+}
+
+impl Cluster {
+    fn stale(&self, owner: &str) -> bool {
+        let Some(cluster) = &self.name else { return false };
+        let read = |ns: &str| self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == ns);
+        crate::ownership::is_stale(owner, cluster, read, |r| self.resources.contains(r))
+    }
+}
 
 /// CIS 1.14 ("access keys are rotated every 90 days or less") applies to active keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -55,8 +76,12 @@ pub struct KeyRow {
     pub last_used: Option<LastUsed>,
     /// The IamKeyRotation (`namespace/name`, or the claim's `cluster/namespace/name`).
     pub covered_by: Option<String>,
-    /// `status` (an IamKeyRotation's status holds the key) or `ownerClaim` (the user's tag).
+    /// `status` (an IamKeyRotation's status holds the key), `ownerClaim` (the user's tag), or
+    /// `staleClaim` (a tag naming a resource of this cluster that no longer exists: no coverage).
     pub coverage: Option<&'static str>,
+    /// The resource a stale claim names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_claim: Option<String>,
     pub verdict: Verdict,
 }
 
@@ -87,20 +112,24 @@ pub struct Report {
     pub keys: Vec<KeyRow>,
 }
 
-fn coverage(key: &str, user: &UserKeys, held: &Held) -> (Option<String>, Option<&'static str>) {
-    if let Some(r) = held.get(key) {
-        return (Some(r.clone()), Some("status"));
+/// Who covers the key, how, and the resource a stale claim names.
+type Coverage = (Option<String>, Option<&'static str>, Option<String>);
+
+fn coverage(key: &str, user: &UserKeys, cluster: &Cluster) -> Coverage {
+    if let Some(r) = cluster.held.get(key) {
+        return (Some(r.clone()), Some("status"), None);
     }
     match user.claims.get(key) {
-        Some(owner) => (Some(owner.clone()), Some("ownerClaim")),
-        None => (None, None),
+        Some(owner) if cluster.stale(owner) => (None, Some("staleClaim"), Some(owner.clone())),
+        Some(owner) => (Some(owner.clone()), Some("ownerClaim"), None),
+        None => (None, None, None),
     }
 }
 
-fn row(user: &UserKeys, key: &IamKey, held: &Held, at: Timestamp, max_age: Duration) -> KeyRow {
+fn row(user: &UserKeys, key: &IamKey, cluster: &Cluster, at: Timestamp, max_age: Duration) -> KeyRow {
     let age = at.duration_since(key.created).as_secs().max(0);
     let old = age as u64 > max_age.as_secs();
-    let (covered_by, coverage) = coverage(&key.id, user, held);
+    let (covered_by, coverage, stale_claim) = coverage(&key.id, user, cluster);
     let verdict = match (key.active, old, covered_by.is_some()) {
         (false, _, _) => Verdict::Inactive,
         (true, false, _) => Verdict::Pass,
@@ -120,14 +149,15 @@ fn row(user: &UserKeys, key: &IamKey, held: &Held, at: Timestamp, max_age: Durat
         }),
         covered_by,
         coverage,
+        stale_claim,
         verdict,
     }
 }
 
 /// Every key's row and the counts.
-pub fn assess(users: &[UserKeys], held: &Held, at: Timestamp, max_age: Duration, aws_calls: u64) -> Report {
+pub fn assess(users: &[UserKeys], cluster: &Cluster, at: Timestamp, max_age: Duration, aws_calls: u64) -> Report {
     let keys: Vec<KeyRow> =
-        users.iter().flat_map(|u| u.keys.iter().map(move |k| row(u, k, held, at, max_age))).collect();
+        users.iter().flat_map(|u| u.keys.iter().map(move |k| row(u, k, cluster, at, max_age))).collect();
     let count = |f: &dyn Fn(&KeyRow) -> bool| keys.iter().filter(|k| f(k)).count();
     let limit = max_age.as_secs() as i64;
     let summary = Summary {
@@ -163,7 +193,11 @@ pub fn table(report: &Report) -> String {
             used.map(|u| super::output::age(u.time, report.at) + " ago").unwrap_or_else(|| "never".into()),
             used.map(|u| u.service.clone()).unwrap_or_else(dash),
             used.map(|u| u.region.clone()).unwrap_or_else(dash),
-            k.covered_by.clone().unwrap_or_else(dash),
+            match (&k.covered_by, &k.stale_claim) {
+                (Some(by), _) => by.clone(),
+                (None, Some(gone)) => format!("- (stale claim: {gone})"),
+                (None, None) => dash(),
+            },
             serde_json::to_value(k.verdict).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
         ]);
     }
@@ -223,8 +257,8 @@ mod tests {
             UserKeys { user: "c".into(), keys: vec![key("K5", true, old)], ..Default::default() },
             UserKeys { user: "d".into(), ..Default::default() },
         ];
-        let held = Held::from([("K5".into(), "ns/c".into())]);
-        let r = assess(&users, &held, at, Duration::from_secs(90 * 86_400), 7);
+        let cluster = Cluster { held: Held::from([("K5".into(), "ns/c".into())]), ..Default::default() };
+        let r = assess(&users, &cluster, at, Duration::from_secs(90 * 86_400), 7);
         let v: Vec<_> = r.keys.iter().map(|k| (k.access_key_id.as_str(), k.verdict, k.coverage)).collect();
         assert_eq!(
             v,
@@ -243,5 +277,45 @@ mod tests {
         assert_eq!(r.keys[0].age_days, 151);
         let t = table(&r);
         assert!(t.lines().nth(2).unwrap().contains("s3") && t.contains("1 FAIL"), "{t}");
+    }
+
+    /// A claim naming a resource of this cluster that no longer exists covers nothing; one of
+    /// another cluster, one in a namespace not read, or one cut to fit IAM's limit still does.
+    #[test]
+    fn a_claim_naming_a_resource_that_is_gone_is_no_coverage() {
+        let at: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+        let old = "2026-01-01T00:00:00Z";
+        let claims = [
+            ("K1", "prod/ns/gone"),
+            ("K2", "prod/ns/app"),
+            ("K3", "staging/ns/gone"),
+            ("K4", "prod/other/gone"),
+            ("K5", "prod/ns/gone~0a1b2c3d"),
+        ];
+        let users = vec![UserKeys {
+            user: "a".into(),
+            keys: claims.iter().map(|(k, _)| key(k, true, old)).collect(),
+            claims: claims.iter().map(|(k, o)| ((*k).to_owned(), (*o).to_owned())).collect(),
+            ..Default::default()
+        }];
+        let mut cluster = Cluster {
+            name: Some("prod".into()),
+            resources: BTreeSet::from(["ns/app".to_owned()]),
+            namespaces: vec!["ns".into()],
+            ..Default::default()
+        };
+        let verdicts = |c: &Cluster| -> Vec<Verdict> {
+            assess(&users, c, at, Duration::from_secs(90 * 86_400), 0).keys.iter().map(|k| k.verdict).collect()
+        };
+        let fc = Verdict::FailCovered;
+        assert_eq!(verdicts(&cluster), [Verdict::Fail, fc, fc, fc, fc]);
+        let r = assess(&users, &cluster, at, Duration::from_secs(90 * 86_400), 0);
+        assert_eq!((r.keys[0].coverage, r.keys[0].stale_claim.as_deref()), (Some("staleClaim"), Some("prod/ns/gone")));
+        assert_eq!((r.summary.covered, r.summary.fail), (4, 1));
+        assert!(table(&r).contains("- (stale claim: prod/ns/gone)"), "{}", table(&r));
+        cluster.namespaces.clear();
+        assert_eq!(verdicts(&cluster), [Verdict::Fail, fc, fc, Verdict::Fail, fc], "every namespace read");
+        cluster.name = None;
+        assert_eq!(verdicts(&cluster), [fc; 5], "without --cluster-name no claim can be judged");
     }
 }
