@@ -25,19 +25,19 @@ impl Pacing {
     /// a free one while `rolling` (in phase RollingOut). Slots of resources the caches no longer
     /// show rolling out (`rolling_out`) are given back first; a resource that leaves RollingOut gives
     /// its own back. `max` 0: no limit. Two resources deciding at once may overshoot by one, which
-    /// load smoothing tolerates (as --max-concurrent-rotations does).
-    pub fn slot(&self, me: &str, rolling: bool, rolling_out: &BTreeSet<String>, max: usize) -> bool {
-        let Ok(mut held) = self.held.lock() else { return true };
+    /// load smoothing tolerates (as --max-concurrent-rotations does). Refused: the slots' holders.
+    pub fn slot(&self, me: &str, rolling: bool, rolling_out: &BTreeSet<String>, max: usize) -> Result<(), Vec<String>> {
+        let Ok(mut held) = self.held.lock() else { return Ok(()) };
         let mine = held.contains(me);
         held.retain(|k| rolling_out.contains(k) && k != me);
         if !rolling {
-            return true;
+            return Ok(());
         }
         if mine || max == 0 || held.len() < max {
             held.insert(me.to_owned());
-            return true;
+            return Ok(());
         }
-        false
+        Err(held.iter().cloned().collect())
     }
 
     /// rekey restarted workloads in namespace `ns` at `at`.
@@ -93,15 +93,15 @@ mod tests {
     #[test]
     fn a_slot_is_held_until_its_resource_stops_rolling_out() {
         let p = Pacing::default();
-        assert!(p.slot("a/one", true, &set(&[]), 1), "free: taken");
-        assert!(!p.slot("a/two", true, &set(&["a/one", "a/two"]), 1), "the only slot is one's");
-        assert!(p.slot("a/one", true, &set(&["a/one", "a/two"]), 1), "one keeps its slot");
+        assert_eq!(p.slot("a/one", true, &set(&[]), 1), Ok(()), "free: taken");
+        assert_eq!(p.slot("a/two", true, &set(&["a/one", "a/two"]), 1), Err(vec!["a/one".to_owned()]), "one's");
+        assert_eq!(p.slot("a/one", true, &set(&["a/one", "a/two"]), 1), Ok(()), "one keeps its slot");
         // one moved on (Deactivating): the caches no longer show it rolling out.
-        assert!(p.slot("a/two", true, &set(&["a/two"]), 1));
+        assert!(p.slot("a/two", true, &set(&["a/two"]), 1).is_ok());
         // Not rolling out: never held back, and holds nothing.
-        assert!(p.slot("a/three", false, &set(&["a/two"]), 1));
-        assert!(!p.slot("a/four", true, &set(&["a/two", "a/four"]), 1));
-        assert!(p.slot("a/four", true, &set(&["a/two", "a/four"]), 0), "0: no limit");
+        assert!(p.slot("a/three", false, &set(&["a/two"]), 1).is_ok());
+        assert!(p.slot("a/four", true, &set(&["a/two", "a/four"]), 1).is_err());
+        assert!(p.slot("a/four", true, &set(&["a/two", "a/four"]), 0).is_ok(), "0: no limit");
     }
 
     #[test]

@@ -196,8 +196,9 @@ pub struct Gates {
     pub slot_free: bool,
     /// --max-concurrent-rotations, for the message while waiting for a slot.
     pub max_rotations: usize,
-    /// This resource may restart workloads: it holds one of the --max-concurrent-rollouts slots.
-    pub rollout_slot_free: bool,
+    /// Who holds every --max-concurrent-rollouts slot while this resource may not restart
+    /// workloads (empty: it holds one, or there is no limit).
+    pub rollout_slot_holders: Vec<String>,
     /// --max-concurrent-rollouts, for the message while waiting for a slot.
     pub max_rollouts: usize,
     /// --rollout-cooldown: no restart in this namespace before this instant.
@@ -218,7 +219,7 @@ impl Default for Gates {
             denied_role: None,
             slot_free: true,
             max_rotations: 10,
-            rollout_slot_free: true,
+            rollout_slot_holders: Vec::new(),
             max_rollouts: 0,
             restart_not_before: None,
             restart_cooldown: Duration::ZERO,
@@ -1019,10 +1020,16 @@ fn paced(i: &Input) -> Option<Step> {
     if emergency(i) {
         return None;
     }
-    if !g.rollout_slot_free {
+    if !g.rollout_slot_holders.is_empty() {
+        // Named, so that a stuck rollout holding a slot (its Degraded/RolloutStalled) is found
+        // from the rotations waiting behind it.
         return Some(wait(
             Some(Duration::from_secs(15)),
-            format!("waiting for a rollout slot (at most {} rollouts at once)", g.max_rollouts),
+            format!(
+                "waiting for a rollout slot (at most {} rollouts at once; held by {})",
+                g.max_rollouts,
+                few(&g.rollout_slot_holders)
+            ),
         ));
     }
     let gather_until = add(phase_since(i), g.restart_cooldown);

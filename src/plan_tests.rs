@@ -1170,12 +1170,13 @@ fn a_window_after_max_key_age_holds_the_rotation_and_says_the_key_will_expire() 
 fn a_restart_waits_for_a_rollout_slot_and_the_namespace_cooldown_but_an_emergency_does_not() {
     let stamp = Step::Stamp { key_id: NEW.into(), workloads: vec![wl("Deployment/web")] };
     let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(OLD), true, 2);
-    c.gates = Gates { rollout_slot_free: false, max_rollouts: 2, ..Gates::default() };
+    let holders = vec!["a/one".to_owned(), "b/two".to_owned()];
+    c.gates = Gates { rollout_slot_holders: holders.clone(), max_rollouts: 2, ..Gates::default() };
     assert_eq!(
         c.decide(),
         Step::Wait {
             requeue: Some(Duration::from_secs(15)),
-            why: "waiting for a rollout slot (at most 2 rollouts at once)".into()
+            why: "waiting for a rollout slot (at most 2 rollouts at once; held by a/one, b/two)".into()
         }
     );
     assert!(!c.decide().writes(), "the old key stays Active, nothing is written");
@@ -1192,11 +1193,12 @@ fn a_restart_waits_for_a_rollout_slot_and_the_namespace_cooldown_but_an_emergenc
     assert_eq!(c.decide(), stamp);
     // A leaked key's workloads are restarted at once.
     let mut e = rolling(now(), Trigger::Emergency).workload("Deployment/web", Some(OLD), true, 2);
-    e.gates = Gates { rollout_slot_free: false, restart_not_before: Some(now() + secs(20)), ..Gates::default() };
+    e.gates =
+        Gates { rollout_slot_holders: holders.clone(), restart_not_before: Some(now() + secs(20)), ..Gates::default() };
     assert_eq!(e.decide(), stamp);
     // Workloads already stamped wait for nothing but their rollout.
     let mut done = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 1);
-    done.gates = Gates { rollout_slot_free: false, ..Gates::default() };
+    done.gates = Gates { rollout_slot_holders: holders, ..Gates::default() };
     assert!(matches!(done.decide(), Step::Wait { why, .. } if why.starts_with("waiting for the rollout of")));
 }
 

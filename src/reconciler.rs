@@ -323,11 +323,14 @@ impl<'a, I: Iam> Reconciler<'a, I> {
         let (ns, cfg) = (&self.identity.namespace, &self.ctx.config);
         let me = format!("{ns}/{}", self.identity.name);
         let rolling = st.phase == Phase::RollingOut;
+        // Both read every cached resource: only when pacing is on (a look must not cost
+        // O(resources) otherwise).
+        let slot = match cfg.max_concurrent_rollouts {
+            0 => Ok(()),
+            max => self.ctx.pacing.slot(&me, rolling, &self.ctx.rolling_out(), max),
+        };
         Gates {
-            // Both read every cached resource: only when pacing is on (a look must not cost
-            // O(resources) otherwise).
-            rollout_slot_free: cfg.max_concurrent_rollouts == 0
-                || self.ctx.pacing.slot(&me, rolling, &self.ctx.rolling_out(), cfg.max_concurrent_rollouts),
+            rollout_slot_holders: slot.err().unwrap_or_default(),
             max_rollouts: cfg.max_concurrent_rollouts,
             restart_not_before: self.ctx.pacing.not_before(ns, cfg.rollout_cooldown),
             restart_cooldown: cfg.rollout_cooldown,
