@@ -250,7 +250,8 @@ fn stamp_of_pod(p: &Pod) -> Option<&str> {
 /// TOUCHES THE CLUSTER (reads the namespace's IamKeyRotations and the workload, then writes).
 /// Restarts a workload onto `key_id` by stamping its pod template (`stamp::merged`: with the keys
 /// of other resources that its pods need too), with server-side apply under the resource's own
-/// field manager (idempotent; a GitOps tool sees another manager's field, not drift).
+/// field manager (idempotent; a GitOps tool sees another manager's field, not drift). With
+/// `restart`, a token beside it: a revert restarts the pods even where the stamp lists the key.
 pub async fn stamp(
     client: &kube::Client,
     ns: &str,
@@ -258,10 +259,15 @@ pub async fn stamp(
     key_id: &str,
     manager: &str,
     resource: &str,
+    restart: Option<&str>,
 ) -> Result<(), Error> {
     let others = neighbours(client, ns, resource).await?;
     let value = stamp::merged(key_id, current_stamp(client, ns, id).await?.as_deref(), &others);
-    annotate_template(client, ns, id, json!({ACCESS_KEY_ANNOTATION: value}), manager).await
+    let mut annotations = json!({ACCESS_KEY_ANNOTATION: value});
+    if let Some(at) = restart {
+        annotations[RESTART_ANNOTATION] = json!(at);
+    }
+    annotate_template(client, ns, id, annotations, manager).await
 }
 
 /// The namespace's other resources with a key in place, read fresh (a watch cache a moment behind
@@ -299,20 +305,6 @@ async fn current_stamp(client: &kube::Client, ns: &str, id: &WorkloadRef) -> Res
             .map(|s| s.template),
     };
     Ok(stamp_of(template.as_ref()))
-}
-
-/// TOUCHES THE CLUSTER. Restarts a workload already stamped with `key_id` (its pods may have
-/// started from a Secret another writer reverted): the stamp plus the time of this restart.
-pub async fn restart(
-    client: &kube::Client,
-    ns: &str,
-    id: &WorkloadRef,
-    key_id: &str,
-    at: &str,
-    manager: &str,
-) -> Result<(), Error> {
-    let annotations = json!({ACCESS_KEY_ANNOTATION: key_id, RESTART_ANNOTATION: at});
-    annotate_template(client, ns, id, annotations, manager).await
 }
 
 async fn annotate_template(

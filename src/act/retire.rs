@@ -62,7 +62,8 @@ pub fn advance<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, to: Phas
 /// Restarts workloads onto the key by stamping their pod templates.
 pub async fn stamp<I: Iam>(env: &Env<'_, I>, key_id: &str, ids: &[WorkloadRef]) -> Result<Outcome, Error> {
     for id in ids {
-        workloads::stamp(env.client, &env.identity.namespace, id, key_id, &env.manager(), &env.identity.name).await?;
+        workloads::stamp(env.client, &env.identity.namespace, id, key_id, &env.manager(), &env.identity.name, None)
+            .await?;
     }
     let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
     Ok(Outcome::requeue(plan::POLL).event(
@@ -101,7 +102,10 @@ pub async fn revert<I: Iam>(
     env.write_targets(names, &key, false).await?;
     let token = st.rotation.as_ref().and_then(|r| r.restart.clone()).unwrap_or_else(|| env.now().to_string());
     for id in ids {
-        workloads::restart(env.client, &env.identity.namespace, id, key_id, &token, &env.manager()).await?;
+        // The merged stamp, as a rollout's: a single-key one would take other rotations' keys
+        // off the pods and make them restart the workload again.
+        let (ns, name) = (&env.identity.namespace, &env.identity.name);
+        workloads::stamp(env.client, ns, id, key_id, &env.manager(), name, Some(&token)).await?;
     }
     if let Some(r) = st.rotation.as_mut() {
         r.reverting = false;

@@ -739,6 +739,44 @@ async fn stamp_restarts_the_named_workloads_onto_the_key() {
     assert_eq!((out.requeue, out.precondition), (Some(crate::plan::POLL), false));
 }
 
+/// A revert writes the active key back and restarts the workloads with a token, keeping on the
+/// stamp the key another rotation's pods were restarted onto (a single-key stamp made that rotation
+/// restart the workload again).
+#[tokio::test]
+async fn revert_writes_the_key_back_and_restarts_keeping_other_rotations_keys_on_the_stamp() {
+    let mut fx = Fx::new();
+    let (old, new) = fx.retiring(Phase::RollingOut, true).await;
+    fx.hold("a", &fx.access(&old)).await;
+    let mut both = [new.clone(), "AKIAOTHER".to_owned()];
+    both.sort();
+    fx.kube.put(json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"},
+            "annotations": {ACCESS_KEY_ANNOTATION: both.join(",")}}}}}));
+    fx.kube.put(json!({"apiVersion": "rekey.dev/v1alpha1", "kind": "IamKeyRotation",
+        "metadata": {"name": "other", "namespace": NS}, "spec": {"userName": "u2", "secrets": [{"name": "o"}]},
+        "status": {"phase": "Idle", "activeKey": {"accessKeyId": "AKIAOTHER"}}}));
+    fx.st.rotation.as_mut().unwrap().restart = Some("token-1".into());
+    let step = Step::Revert {
+        key_id: new.clone(),
+        from: None,
+        secrets: vec!["a".into()],
+        workloads: vec![web()],
+        message: "reverted".into(),
+    };
+    fx.run(&step).await.unwrap();
+    assert_eq!(fx.read_id("a"), Some(new.clone()), "the key is written back");
+    let annotations = fx
+        .kube
+        .object::<Deployment>(NS, "web")
+        .and_then(|d| d.spec)
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    assert_eq!(annotations.get(ACCESS_KEY_ANNOTATION), Some(&both.join(",")));
+    assert_eq!(annotations.get(crate::api::RESTART_ANNOTATION).map(String::as_str), Some("token-1"));
+    assert!(fx.st.rotation.as_ref().is_some_and(|r| !r.reverting && r.handed_over_at.is_some()));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Deactivate, Reactivate, TrackSoak
 

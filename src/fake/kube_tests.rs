@@ -120,17 +120,17 @@ async fn injected_failures_reach_the_caller_as_the_apiserver_sends_them() {
     fake.put(json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
         "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {}}}));
     fake.fail("patch", "deployments", 403, "Forbidden");
-    let err = crate::workloads::stamp(&client, "default", &web(), "AKIA1", "rekey/r", "r").await.unwrap_err();
+    let err = crate::workloads::stamp(&client, "default", &web(), "AKIA1", "rekey/r", "r", None).await.unwrap_err();
     assert_eq!(err.category(), "KubeForbidden");
     fake.clear_failures();
-    crate::workloads::stamp(&client, "default", &web(), "AKIA1", "rekey/r", "r").await.unwrap();
+    crate::workloads::stamp(&client, "default", &web(), "AKIA1", "rekey/r", "r", None).await.unwrap();
     let d: Deployment = fake.object("default", "web").unwrap();
     let stamp = d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[ACCESS_KEY_ANNOTATION].clone();
     assert_eq!((stamp.as_str(), d.metadata.generation), ("AKIA1", Some(2)));
 
     // A lost answer: the write happened, the client saw a transport error.
     fake.lose_next_response("patch", "deployments");
-    let err = crate::workloads::stamp(&client, "default", &web(), "AKIA2", "rekey/r", "r").await.unwrap_err();
+    let err = crate::workloads::stamp(&client, "default", &web(), "AKIA2", "rekey/r", "r", None).await.unwrap_err();
     assert_eq!(err.category(), "KubeError");
     let d: Deployment = fake.object("default", "web").unwrap();
     assert_eq!(d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[ACCESS_KEY_ANNOTATION], "AKIA2");
