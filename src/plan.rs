@@ -59,6 +59,8 @@ pub enum DegradeReason {
     GitOpsManagedSecret,
     UncoveredConsumers,
     SecretReverted,
+    /// The new key was reported leaked before any Secret held it: deleted, the rotation starts over.
+    NewKeyLeaked,
 }
 
 impl DegradeReason {
@@ -305,6 +307,9 @@ fn next_step(i: &Input) -> Step {
         return stall(StallReason::SecretConflict, i.observed.conflicts.join("; "));
     }
     if let Some(s) = backing_off(i) {
+        return s;
+    }
+    if let Some(s) = leaked_before_handover(i) {
         return s;
     }
     if st.phase != Phase::Idle && !st.emergency() && emergency_requested(i) {
@@ -1021,14 +1026,12 @@ fn paced(i: &Input) -> Option<Step> {
         return None;
     }
     if !g.rollout_slot_holders.is_empty() {
-        // Named, so that a stuck rollout holding a slot (its Degraded/RolloutStalled) is found
-        // from the rotations waiting behind it.
         return Some(wait(
             Some(Duration::from_secs(15)),
             format!(
                 "waiting for a rollout slot (at most {} rollouts at once; held by {})",
                 g.max_rollouts,
-                few(&g.rollout_slot_holders)
+                holders(&g.rollout_slot_holders, &i.identity.namespace)
             ),
         ));
     }
@@ -1050,6 +1053,49 @@ fn paced(i: &Input) -> Option<Step> {
             i.identity.namespace
         ),
     ))
+}
+
+/// Who holds the rollout slots, so that a stuck rollout (its Degraded/RolloutStalled) is found
+/// from the rotations waiting behind it: named in this namespace, only counted in others (a
+/// status tells its readers nothing of other tenants' resources).
+fn holders(all: &[String], ns: &str) -> String {
+    let (here, elsewhere): (Vec<String>, Vec<String>) =
+        all.iter().cloned().partition(|h| h.split_once('/').is_some_and(|(n, _)| n == ns));
+    let others = match elsewhere.len() {
+        0 => String::new(),
+        1 => "1 resource in another namespace".to_owned(),
+        n => format!("{n} resources in other namespaces"),
+    };
+    match (here.is_empty(), others.is_empty()) {
+        (false, false) => format!("{} and {others}", few(&here)),
+        (false, true) => few(&here),
+        _ => others,
+    }
+}
+
+/// The new key of this rotation was reported leaked before any Secret held it: deleting it closes
+/// the leak at once and restarts no pod, where carrying on would hand the leaked key over and then
+/// retire the old key as an emergency, whoever still uses it. The request is used up (the key is
+/// gone); the rotation starts over after the backoff.
+fn leaked_before_handover(i: &Input) -> Option<Step> {
+    let new = &i.status.new_key.as_ref()?.access_key_id;
+    let request = i.observed.requests.emergency.as_deref().filter(|_| emergency_requested(i))?;
+    let held = i.observed.secrets.iter().any(|(_, s)| matches!(s, SecretState::Holds(id) if id == new));
+    if held || !names_key(request, Some(new)) {
+        return None;
+    }
+    Some(Step::Abandon {
+        delete_key: Some(new.clone()),
+        reason: DegradeReason::NewKeyLeaked,
+        message: format!(
+            "new key {new} was reported leaked ({request}) before any Secret held it: it was deleted, and the rotation starts over after the backoff"
+        ),
+    })
+}
+
+/// Whether an emergency request's last `:`-separated part (a leak report's key) is `key`.
+pub fn names_key(request: &str, key: Option<&str>) -> bool {
+    key.is_some_and(|k| request.rsplit(':').next() == Some(k))
 }
 
 /// A new rekey.dev/rotate-emergency value: the key is leaked.

@@ -964,6 +964,33 @@ fn an_emergency_requested_mid_rotation_escalates_it_and_skips_the_waits() {
     assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() }, "a leaked key does not wait for consumers");
 }
 
+/// A leak report on the rotation's new key before any Secret holds it deletes the key (nobody
+/// has it) instead of handing it over; once a Secret holds it, or for a report on the old key, the
+/// rotation escalates. The same under an emergency already running.
+#[test]
+fn a_new_key_reported_leaked_before_any_secret_holds_it_is_deleted_not_handed_over() {
+    let leaked = |c: &Case| {
+        matches!(c.decide(), Step::Abandon { delete_key: Some(ref k), reason: DegradeReason::NewKeyLeaked, ref message }
+            if k == NEW && message.contains(&format!("guardduty:e1:{NEW}")))
+    };
+    let mut c = verifying(now());
+    c.observed.requests.emergency = Some(format!("guardduty:e1:{NEW}"));
+    assert!(leaked(&c), "{:?}", c.decide());
+    c.status.phase = Phase::Distributing;
+    assert!(leaked(&c), "{:?}", c.decide());
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    assert!(leaked(&c), "an emergency under way: {:?}", c.decide());
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Scheduled;
+    c.observed.secrets[0].1 = SecretState::Holds(NEW.into());
+    assert_eq!(c.decide(), Step::Escalate, "a Secret holds it: pods may start with it");
+    c.observed.secrets[0].1 = SecretState::Holds(OLD.into());
+    c.observed.requests.emergency = Some(format!("guardduty:e1:{OLD}"));
+    assert_eq!(c.decide(), Step::Escalate, "the old key leaked: it goes as soon as the Secrets hold the new one");
+    c.status.last_emergency_request = Some(format!("guardduty:e1:{NEW}"));
+    c.observed.requests.emergency = Some(format!("guardduty:e1:{NEW}"));
+    assert!(!matches!(c.decide(), Step::Abandon { .. } | Step::Escalate), "a request already acted on");
+}
+
 #[test]
 fn an_emergency_does_not_wait_for_a_rotation_slot() {
     let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now()).key(OLD, true, now());
@@ -1170,13 +1197,13 @@ fn a_window_after_max_key_age_holds_the_rotation_and_says_the_key_will_expire() 
 fn a_restart_waits_for_a_rollout_slot_and_the_namespace_cooldown_but_an_emergency_does_not() {
     let stamp = Step::Stamp { key_id: NEW.into(), workloads: vec![wl("Deployment/web")] };
     let mut c = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(OLD), true, 2);
-    let holders = vec!["a/one".to_owned(), "b/two".to_owned()];
+    let holders = vec!["a/one".to_owned(), "payments/web".to_owned(), "z/two".to_owned()];
     c.gates = Gates { rollout_slot_holders: holders.clone(), max_rollouts: 2, ..Gates::default() };
     assert_eq!(
         c.decide(),
         Step::Wait {
             requeue: Some(Duration::from_secs(15)),
-            why: "waiting for a rollout slot (at most 2 rollouts at once; held by a/one, b/two)".into()
+            why: "waiting for a rollout slot (at most 2 rollouts at once; held by payments/web and 2 resources in other namespaces)".into()
         }
     );
     assert!(!c.decide().writes(), "the old key stays Active, nothing is written");

@@ -270,10 +270,11 @@ fn rotating(c: &mut Vec<Condition>, st: &IamKeyRotationStatus, why: &str, genera
     let (status, reason, what) = match st.phase {
         Phase::Idle => (false, "Idle", "no rotation in flight".to_owned()),
         // An emergency names its request: the leak response's says which source and event.
-        p if st.emergency() => {
-            let request = st.last_emergency_request.as_deref().unwrap_or_default();
-            (true, p.into(), format!("EMERGENCY rotation ({request}) in phase {p}"))
-        }
+        p if st.emergency() => match st.last_emergency_request.as_deref() {
+            Some(request) => (true, p.into(), format!("EMERGENCY rotation ({request}) in phase {p}")),
+            // Escalated by a report on the key it hands over, kept for the rotation after this one.
+            None => (true, p.into(), format!("EMERGENCY rotation in phase {p}")),
+        },
         p => (true, p.into(), format!("rotation in phase {p}")),
     };
     let message = if why.is_empty() { what } else { format!("{what}; {why}") };

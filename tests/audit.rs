@@ -75,16 +75,20 @@ async fn users(
 
 /// Runs `rekey audit` as the administrator (the audit's reads need ListUsers on the account).
 async fn audit(args: &[&str]) -> anyhow::Result<(Option<i32>, serde_json::Value, String)> {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey"))
+    let out = audit_output(args).await?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let doc = serde_json::from_slice(&out.stdout).map_err(|e| anyhow::anyhow!("{e}: {err}"))?;
+    Ok((out.status.code(), doc, err))
+}
+
+async fn audit_output(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(tokio::process::Command::new(env!("CARGO_BIN_EXE_rekey"))
         .arg("audit")
         .args(args)
         .env("AWS_ACCESS_KEY_ID", std::env::var("REKEY_TEST_ADMIN_ACCESS_KEY_ID")?)
         .env("AWS_SECRET_ACCESS_KEY", std::env::var("REKEY_TEST_ADMIN_SECRET_ACCESS_KEY")?)
         .output()
-        .await?;
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let doc = serde_json::from_slice(&out.stdout).map_err(|e| anyhow::anyhow!("{e}: {err}"))?;
-    Ok((out.status.code(), doc, err))
+        .await?)
 }
 
 /// The IamKeyRotations whose status holds the `HELD` users' keys.
@@ -96,6 +100,10 @@ async fn hold(env: &TestEnv, ns: &str, base: &str, ids: &[(usize, String)]) -> a
         api.create(&Default::default(), &ikr(&name, spec)?).await?;
         let status = json!({"status": {"activeKey": {"accessKeyId": id}}});
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        // The claim rekey writes on the keys it holds, as a cluster named "other-cluster".
+        let tag =
+            aws_sdk_iam::types::Tag::builder().key(id).value(format!("rekey:other-cluster/{ns}/{name}")).build()?;
+        env.iam.tag_user().user_name(format!("{base}-u{i}")).tags(tag).send().await?;
     }
     Ok(())
 }
@@ -199,6 +207,12 @@ async fn audit_counts_every_key_of_500_users_exactly_and_gates_on_uncovered_old_
     assert_eq!(claimed, Some((json!("staleClaim"), json!(format!("other-cluster/ns/{base}-u1")), json!("fail"))));
     let (_, one_ns, err) = audit(&[&named[..], &["-n", &ns]].concat()).await?;
     assert_eq!((summary(&one_ns, "covered"), summary(&one_ns, "fail")), (covered, fail), "{err}");
+    // A name the claims of the held keys do not confirm would make every claim stale: refused.
+    let wrong = [&common[..], &["--at", &at, "--cluster-name", "prod"]].concat();
+    let out = audit_output(&wrong).await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--cluster-name prod is not the name"), "{err}");
 
     // Today every key is young: nothing fails, the gate opens.
     let (code, doc, err) = audit(&common).await?;

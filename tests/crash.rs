@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use rekey::api::Phase;
+use rekey::api::{HistoryOutcome, Phase};
 use rekey_testenv::env::eventually;
 use serde_json::json;
 use support::*;
@@ -228,19 +228,19 @@ async fn a_crash_between_committing_a_leak_report_and_deleting_it_rotates_once()
     Ok(())
 }
 
-/// A report names the new key while it is on its way into the Secrets (status.newKey, not yet the
-/// active key; with real IAM a new key takes seconds to authenticate, so Verifying lasts): the
+/// A report names the new key while it is on its way into the Secrets and none holds it yet
+/// (status.newKey; with real IAM a new key takes seconds to authenticate, so Verifying lasts): the
 /// operator cannot write the Secret (held at the write, then its `patch` on Secrets revoked),
-/// answers the report, and is killed. The next one ends the rotation at once and rotates the
-/// leaked key away right after. Before, the report matched nobody (or the escalation used it up)
-/// and the leaked key became the active one.
+/// answers the report, and is killed. The next one deletes the leaked key, which nobody has, and
+/// rotates again: the old key is never retired as an emergency and no pod restarts onto the
+/// leaked key. Before, the report matched nobody and the leaked key became the active one.
 #[tokio::test]
-async fn a_report_on_a_new_key_not_yet_in_the_secrets_rotates_it_after_the_handover() -> anyhow::Result<()> {
+async fn a_report_on_a_new_key_in_no_secret_yet_deletes_it_and_the_rotation_starts_over() -> anyhow::Result<()> {
     let f = Fixture::new("leak-pending").await?;
     let queue = EventsQueue::new(&f.env, "leak-pending").await?;
     let old = f.env.create_key(&f.user).await?;
     f.secrets.create(&PostParams::default(), &key_secret("creds", &old)?).await?;
-    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "24h"}}))
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "0s"}}))
         .await?;
     let old = old.access_key_id;
     let name = "rekey-leak-pending";
@@ -276,14 +276,23 @@ async fn a_report_on_a_new_key_not_yet_in_the_secrets_rotates_it_after_the_hando
     op.kill().await?;
 
     let _op = Operator::start(&f.ns, &[url, FAST_LEASE]).await?;
-    let o = wait_ikr(&f.ikrs, "app", "two rotations", |o| {
-        o.status.as_ref().is_some_and(|s| s.rotations == 2 && s.phase == Phase::Idle)
+    let o = wait_ikr(&f.ikrs, "app", "rotated", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
     })
     .await?;
     let keys = f.env.keys(&f.user).await?;
     assert!(!keys.contains_key(&old) && !keys.contains_key(&leaked), "both keys are gone: {keys:?}");
     let now = active_key(&o).context("active key")?;
     assert_eq!(keys.get(&now).map(String::as_str), Some("Active"));
-    assert_eq!(o.status.and_then(|s| s.last_emergency_request), Some(request));
+    let st = o.status.context("status")?;
+    assert_eq!(st.last_emergency_request, Some(request), "the report is answered");
+    let outcomes: Vec<_> = st.history.iter().map(|h| (h.outcome, h.new_key_id.clone())).collect();
+    assert_eq!(
+        outcomes,
+        [(HistoryOutcome::Abandoned, Some(leaked)), (HistoryOutcome::Completed, Some(now.clone()))],
+        "the leaked key was given up, the next one completed"
+    );
+    let held = f.secrets.get("creds").await?.data.and_then(|d| d.get("AWS_ACCESS_KEY_ID").cloned());
+    assert_eq!(held.map(|v| v.0), Some(now.into_bytes()));
     Ok(())
 }

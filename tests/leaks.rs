@@ -171,15 +171,7 @@ async fn a_report_on_the_new_key_of_a_rotation_in_flight_rotates_it_too() -> any
     let id = unique("gd");
     queue.send(&guardduty_event(&leaked, &f.user, &id)).await?;
     key_off(&f, &f.user, &leaked).await?;
-    let o = wait_ikr(&f.ikrs, "app", "two rotations", |o| {
-        o.status.as_ref().is_some_and(|s| s.rotations == 2 && s.phase == Phase::Idle)
-    })
-    .await?;
-    let keys = f.env.keys(&f.user).await?;
-    assert!(!keys.contains_key(&old) && !keys.contains_key(&leaked), "both keys are gone: {keys:?}");
-    let now = active_key(&o).context("active key")?;
-    assert_eq!(keys.get(&now).map(String::as_str), Some("Active"));
-    assert_eq!(o.status.and_then(|s| s.last_emergency_request), Some(format!("guardduty:{id}:{leaked}")));
+    leaked_new_key_rotated_away(&f, "app", &old, &leaked, &format!("guardduty:{id}:{leaked}")).await?;
     queue.drained().await?;
     Ok(())
 }

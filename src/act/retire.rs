@@ -121,12 +121,14 @@ pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outc
         r.trigger = Trigger::Emergency;
     }
     let request = env.observed.requests.emergency.clone().unwrap_or_default();
-    // A request naming the key this rotation hands over (a leak report names its key last), just
-    // handed over or still on its way into the Secrets, is not used up: retiring the old key at
-    // once frees IAM's two-key quota, and the request then rotates the leaked new key as soon as
-    // this rotation ends.
+    // A request naming the key this rotation hands over (a leak report names its key last) is not
+    // used up: retiring the old key at once frees IAM's two-key quota, and the request then rotates
+    // the leaked new key as soon as this rotation ends. That key is the active one once handed over
+    // (a retiring key stands), else the new key already in some Secret (one in none is deleted
+    // instead: plan::leaked_before_handover); before the handover the active key is the old one.
+    let handed_over = st.retiring_key.as_ref().and(active_id(st));
     let new_id = st.new_key.as_ref().map(|k| k.access_key_id.as_str());
-    if !names_key(&request, active_id(st)) && !names_key(&request, new_id) {
+    if !plan::names_key(&request, handed_over) && !plan::names_key(&request, new_id) {
         st.last_emergency_request.clone_from(&env.observed.requests.emergency);
     }
     Outcome::next().committed().event(
@@ -136,11 +138,6 @@ pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outc
             "EMERGENCY rotation requested mid-rotation ({request}): the old key is retired as soon as the Secrets hold the new one"
         ),
     )
-}
-
-/// Whether an emergency request's last `:`-separated part is `key`.
-fn names_key(request: &str, key: Option<&str>) -> bool {
-    key.is_some_and(|k| request.rsplit(':').next() == Some(k))
 }
 
 /// UpdateAccessKey Inactive on the retiring key, after the fresh-list checks.

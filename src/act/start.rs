@@ -213,12 +213,15 @@ pub async fn abandon<I: Iam>(
     message: &str,
 ) -> Result<Outcome, Error> {
     let now = env.now();
+    let mut gone = None;
     if let Some(k) = delete_key {
         let keys = env.fresh_keys().await?;
         let in_secret = env.observed.secrets.iter().any(|(_, s)| *s == SecretState::Holds(k.to_owned()));
-        if !in_secret && active_id(st) != Some(k) && keys.iter().any(|x| x.id == k) {
+        let exists = keys.iter().any(|x| x.id == k);
+        if !in_secret && active_id(st) != Some(k) && exists {
             env.delete_key(k).await?;
         }
+        gone = (!in_secret && active_id(st) != Some(k)).then_some(k);
     }
     secrets::delete_staging(&env.secrets(), env.name()).await?;
     let old = active_id(st).map(str::to_owned);
@@ -234,6 +237,13 @@ pub async fn abandon<I: Iam>(
             Some(Trigger::Emergency) => st.last_emergency_request = None,
             _ => {}
         }
+    }
+    // A leak report on the key just deleted is answered: the key is gone (an escalated rotation
+    // abandoned, or one whose new key leaked before the handover), and rotating the healthy key
+    // in use as an emergency would only cut off its consumers.
+    let request = env.observed.requests.emergency.as_deref();
+    if request.is_some_and(|r| plan::names_key(r, gone)) {
+        st.last_emergency_request = request.map(str::to_owned);
     }
     reset_to_idle(st);
     st.last_failure_time = Some(Time(now));

@@ -975,7 +975,7 @@ async fn escalate_keeps_a_request_naming_the_new_key_for_after_this_rotation() {
     fx.run(&Step::Escalate).await.unwrap();
     assert!(fx.st.emergency());
     assert_eq!(fx.st.last_emergency_request, None, "the new key: kept for the next rotation");
-    // The new key leaked before it reached every Secret (status.newKey, not yet the active key).
+    // The new key leaked when some Secrets held it already (status.newKey, not yet the active key).
     let mut fx = Fx::new();
     fx.idle().await;
     fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
@@ -986,6 +986,39 @@ async fn escalate_keeps_a_request_naming_the_new_key_for_after_this_rotation() {
     fx.run(&Step::Escalate).await.unwrap();
     assert!(fx.st.emergency());
     assert_eq!(fx.st.last_emergency_request, None, "the key on its way: kept for the next rotation");
+    // Before the handover the active key is the old one: a report on it is used up.
+    let mut fx = Fx::new();
+    fx.idle().await;
+    fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
+    fx.observe().await;
+    fx.run(&Step::Create).await.unwrap();
+    let active = fx.st.active_key.clone().unwrap().access_key_id;
+    fx.observed.requests.emergency = Some(format!("guardduty:e4:{active}"));
+    fx.run(&Step::Escalate).await.unwrap();
+    assert_eq!(fx.st.last_emergency_request, Some(format!("guardduty:e4:{active}")), "the old key: used up");
+}
+
+/// An abandoned rotation whose deleted new key is the one a leak report names has answered the
+/// report: the request is used up (the key in use never leaked, so no emergency rotation follows).
+#[tokio::test]
+async fn abandoning_the_reported_new_key_uses_the_request_up() {
+    let mut fx = Fx::new();
+    fx.idle().await;
+    fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
+    fx.observe().await;
+    fx.run(&Step::Create).await.unwrap();
+    let new = fx.st.new_key.clone().unwrap().access_key_id;
+    let request = format!("guardduty:e5:{new}");
+    fx.observed.requests.emergency = Some(request.clone());
+    let step = Step::Abandon {
+        delete_key: Some(new.clone()),
+        reason: crate::plan::DegradeReason::NewKeyLeaked,
+        message: "leaked".into(),
+    };
+    let out = fx.run(&step).await.unwrap();
+    assert_eq!(fx.active_in_iam(&new), None, "deleted");
+    assert_eq!(fx.st.last_emergency_request, Some(request));
+    assert_eq!((fx.st.phase, reasons(&out)), (Phase::Idle, vec!["NewKeyLeaked"]));
 }
 
 /// A leaked key is switched off with no call it does not need: the new key's claim waits for the

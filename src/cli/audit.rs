@@ -20,7 +20,7 @@ const IN_FLIGHT: usize = 8;
 
 /// The keys each IamKeyRotation's status holds (active, new, or retiring: all are rekey's), and
 /// which resources exist.
-async fn cluster(conn: &Connection, namespaces: &[String], name: Option<String>) -> Result<Cluster, CliError> {
+async fn read_cluster(conn: &Connection, namespaces: &[String], name: Option<String>) -> Result<Cluster, CliError> {
     let apis: Vec<Api<IamKeyRotation>> = if namespaces.is_empty() {
         vec![Api::all(conn.client.clone())]
     } else {
@@ -40,7 +40,8 @@ async fn cluster(conn: &Connection, namespaces: &[String], name: Option<String>)
         };
         for o in items {
             let owner = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
-            c.resources.insert(owner.clone());
+            let user = o.status.as_ref().and_then(|s| s.user_name.clone()).unwrap_or_else(|| o.spec.user_name.clone());
+            c.resources.insert(owner.clone(), user);
             let Some(st) = o.status else { continue };
             let ids = [
                 st.active_key.map(|k| k.access_key_id),
@@ -73,7 +74,7 @@ async fn user_keys(iam: &AwsIam, user: String) -> Result<(UserKeys, u64), CliErr
 }
 
 pub async fn run(conn: &Connection, args: &AuditArgs) -> Result<(), CliError> {
-    let cluster = cluster(conn, &args.namespace, args.cluster_name.clone()).await?;
+    let mut cluster = read_cluster(conn, &args.namespace, args.cluster_name.clone()).await?;
     let iam = AwsIam::from_env(args.aws_calls_per_second, None).await;
     let (names, pages) = iam.list_users(args.path_prefix.as_deref()).await?;
     let mut users: Vec<(UserKeys, u64)> =
@@ -81,6 +82,21 @@ pub async fn run(conn: &Connection, args: &AuditArgs) -> Result<(), CliError> {
     users.sort_by(|a, b| a.0.user.cmp(&b.0.user));
     let calls = u64::from(pages) + users.iter().map(|u| u.1).sum::<u64>();
     let users: Vec<UserKeys> = users.into_iter().map(|u| u.0).collect();
+    match cluster.name_confirmed(&users) {
+        Some(false) => {
+            return Err(CliError::Usage(format!(
+                "--cluster-name {} is not the name in the owner claims of the keys this cluster's IamKeyRotations hold: a wrong name would report every claim as stale",
+                cluster.name.unwrap_or_default()
+            )));
+        }
+        None if cluster.name.is_some() => {
+            eprintln!(
+                "rekey audit: no key an IamKeyRotation holds carries a claim that confirms --cluster-name: stale claims are not judged"
+            );
+            cluster.name = None;
+        }
+        _ => {}
+    }
     let report = assess(&users, &cluster, args.at.unwrap_or_else(Timestamp::now), args.max_age, calls);
     match args.output {
         AuditOutput::Table => print!("{}", table(&report)),

@@ -1,7 +1,7 @@
 //! What `rekey audit` concludes from what it read (pure): each key's coverage and CIS 1.14 verdict,
 //! the counts, and the table or JSON document.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -29,17 +29,37 @@ pub type Held = BTreeMap<String, String>;
 pub struct Cluster {
     pub held: Held,
     pub name: Option<String>,
-    /// `namespace/name` of every IamKeyRotation read.
-    pub resources: BTreeSet<String>,
+    /// Every IamKeyRotation read: `namespace/name` -> the IAM user it rotates.
+    pub resources: BTreeMap<String, String>,
     /// The namespaces read (empty: every namespace).
     pub namespaces: Vec<String>,
 }
 
 impl Cluster {
-    fn stale(&self, owner: &str) -> bool {
+    /// A claim of this cluster on `user`'s key naming no resource of this cluster that rotates
+    /// `user` (deleted, or re-created under the same name for another user).
+    fn stale(&self, owner: &str, user: &str) -> bool {
         let Some(cluster) = &self.name else { return false };
         let read = |ns: &str| self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == ns);
-        crate::ownership::is_stale(owner, cluster, read, |r| self.resources.contains(r))
+        let rotates = |r: &str| self.resources.get(r).is_some_and(|u| u.eq_ignore_ascii_case(user));
+        crate::ownership::is_stale(owner, cluster, read, rotates)
+    }
+
+    /// Whether the claims confirm `name` is this cluster's: `Some(true)` when a key an
+    /// IamKeyRotation's status holds carries a claim of that cluster naming that resource,
+    /// `Some(false)` when such keys carry claims but none of that cluster (a wrong name would
+    /// report every claim as stale), `None` when no claim tells.
+    pub fn name_confirmed(&self, users: &[UserKeys]) -> Option<bool> {
+        let name = self.name.as_deref()?;
+        let mut told = None;
+        for (key, owner) in users.iter().flat_map(|u| u.claims.iter()) {
+            let Some(resource) = self.held.get(key) else { continue };
+            if *owner == format!("{name}/{resource}") {
+                return Some(true);
+            }
+            told = Some(false);
+        }
+        told
     }
 }
 
@@ -120,7 +140,7 @@ fn coverage(key: &str, user: &UserKeys, cluster: &Cluster) -> Coverage {
         return (Some(r.clone()), Some("status"), None);
     }
     match user.claims.get(key) {
-        Some(owner) if cluster.stale(owner) => (None, Some("staleClaim"), Some(owner.clone())),
+        Some(owner) if cluster.stale(owner, &user.user) => (None, Some("staleClaim"), Some(owner.clone())),
         Some(owner) => (Some(owner.clone()), Some("ownerClaim"), None),
         None => (None, None, None),
     }
@@ -300,7 +320,7 @@ mod tests {
         }];
         let mut cluster = Cluster {
             name: Some("prod".into()),
-            resources: BTreeSet::from(["ns/app".to_owned()]),
+            resources: BTreeMap::from([("ns/app".to_owned(), "A".to_owned())]),
             namespaces: vec!["ns".into()],
             ..Default::default()
         };
@@ -315,7 +335,26 @@ mod tests {
         assert!(table(&r).contains("- (stale claim: prod/ns/gone)"), "{}", table(&r));
         cluster.namespaces.clear();
         assert_eq!(verdicts(&cluster), [Verdict::Fail, fc, fc, Verdict::Fail, fc], "every namespace read");
+        cluster.resources.insert("ns/app".into(), "b".into());
+        let f = Verdict::Fail;
+        assert_eq!(verdicts(&cluster), [f, f, fc, f, fc], "ns/app now rotates another user");
         cluster.name = None;
         assert_eq!(verdicts(&cluster), [fc; 5], "without --cluster-name no claim can be judged");
+    }
+
+    /// The claims on the keys the statuses hold tell whether --cluster-name is this cluster's.
+    #[test]
+    fn the_cluster_name_is_confirmed_by_the_claims_of_held_keys() {
+        let users = vec![UserKeys {
+            user: "a".into(),
+            claims: BTreeMap::from([("K1".into(), "prod/ns/app".into()), ("K2".into(), "prod/ns/gone".into())]),
+            ..Default::default()
+        }];
+        let held = |k: &str| Held::from([(k.to_owned(), "ns/app".to_owned())]);
+        let cluster = |name: &str, k: &str| Cluster { name: Some(name.into()), held: held(k), ..Default::default() };
+        assert_eq!(cluster("prod", "K1").name_confirmed(&users), Some(true));
+        assert_eq!(cluster("staging", "K1").name_confirmed(&users), Some(false), "a wrong name");
+        assert_eq!(cluster("prod", "K9").name_confirmed(&users), None, "no held key carries a claim");
+        assert_eq!(Cluster { held: held("K1"), ..Default::default() }.name_confirmed(&users), None);
     }
 }

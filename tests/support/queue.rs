@@ -144,3 +144,27 @@ pub fn quarantine_event(user: &str, account: &str, id: &str) -> Value {
 
 /// How long a test waits for a leaked key to go.
 pub const LEAK_WAIT: Duration = Duration::from_secs(120);
+
+/// Waits until resource `name` has done two rotations, the second replacing the leaked new key of
+/// the first: both `old` and `leaked` are gone from IAM, the active key is Active, and `request`
+/// (the report's emergency request) is the one acted on.
+pub async fn leaked_new_key_rotated_away(
+    f: &super::Fixture,
+    name: &str,
+    old: &str,
+    leaked: &str,
+    request: &str,
+) -> anyhow::Result<()> {
+    use rekey::api::Phase;
+    let o = super::wait_ikr(&f.ikrs, name, "two rotations", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 2 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let keys = f.env.keys(&f.user).await?;
+    anyhow::ensure!(!keys.contains_key(old) && !keys.contains_key(leaked), "both keys are gone: {keys:?}");
+    let now = super::active_key(&o).context("active key")?;
+    anyhow::ensure!(keys.get(&now).map(String::as_str) == Some("Active"), "{now} is Active: {keys:?}");
+    let acted_on = o.status.and_then(|s| s.last_emergency_request);
+    anyhow::ensure!(acted_on.as_deref() == Some(request), "acted on {acted_on:?}, not {request}");
+    Ok(())
+}
