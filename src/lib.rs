@@ -74,3 +74,17 @@ macro_rules! failpoint {
         }
     };
 }
+
+/// Whether failpoint `name` is set (`FAILPOINTS=verify-rejected=return`): the outside world
+/// answers as it may (IAM not accepting a new key yet), so that a test can hold a phase. Always
+/// false when compiled without `--features failpoints`.
+#[macro_export]
+macro_rules! failpoint_set {
+    ($name:literal) => {{
+        #[cfg(feature = "failpoints")]
+        let set = fail::eval($name, |_| ()).is_some();
+        #[cfg(not(feature = "failpoints"))]
+        let set = false;
+        set
+    }};
+}

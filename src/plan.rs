@@ -1073,15 +1073,24 @@ fn holders(all: &[String], ns: &str) -> String {
     }
 }
 
-/// The new key of this rotation was reported leaked before any Secret held it: deleting it closes
+/// The new key of this rotation was reported leaked before it was written into a Secret: deleting it closes
 /// the leak at once and restarts no pod, where carrying on would hand the leaked key over and then
 /// retire the old key as an emergency, whoever still uses it. The request is used up (the key is
 /// gone); the rotation starts over after the backoff.
 fn leaked_before_handover(i: &Input) -> Option<Step> {
+    // Before Distributing, no target Secret was ever written with it (one written and then
+    // emptied or reverted may have been read meanwhile); an unreadable Secret tells nothing.
+    if !matches!(i.status.phase, Phase::Creating | Phase::Verifying) {
+        return None;
+    }
     let new = &i.status.new_key.as_ref()?.access_key_id;
     let request = i.observed.requests.emergency.as_deref().filter(|_| emergency_requested(i))?;
-    let held = i.observed.secrets.iter().any(|(_, s)| matches!(s, SecretState::Holds(id) if id == new));
-    if held || !names_key(request, Some(new)) {
+    let unsure = i.observed.secrets.iter().any(|(_, s)| match s {
+        SecretState::Holds(id) => id == new,
+        SecretState::Unreadable(_) => true,
+        _ => false,
+    });
+    if unsure || !names_key(request, Some(new)) {
         return None;
     }
     Some(Step::Abandon {

@@ -976,11 +976,14 @@ fn a_new_key_reported_leaked_before_any_secret_holds_it_is_deleted_not_handed_ov
     let mut c = verifying(now());
     c.observed.requests.emergency = Some(format!("guardduty:e1:{NEW}"));
     assert!(leaked(&c), "{:?}", c.decide());
-    c.status.phase = Phase::Distributing;
-    assert!(leaked(&c), "{:?}", c.decide());
     c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
     assert!(leaked(&c), "an emergency under way: {:?}", c.decide());
     c.status.rotation.as_mut().unwrap().trigger = Trigger::Scheduled;
+    c.observed.secrets[1].1 = SecretState::Unreadable("not a key".into());
+    assert_eq!(c.decide(), Step::Escalate, "an unreadable Secret may hold it");
+    c.observed.secrets[1].1 = SecretState::Holds(OLD.into());
+    c.status.phase = Phase::Distributing;
+    assert_eq!(c.decide(), Step::Escalate, "a Secret may have held it and been reverted since");
     c.observed.secrets[0].1 = SecretState::Holds(NEW.into());
     assert_eq!(c.decide(), Step::Escalate, "a Secret holds it: pods may start with it");
     c.observed.secrets[0].1 = SecretState::Holds(OLD.into());

@@ -228,11 +228,10 @@ async fn a_crash_between_committing_a_leak_report_and_deleting_it_rotates_once()
     Ok(())
 }
 
-/// A report names the new key while it is on its way into the Secrets and none holds it yet
-/// (status.newKey; with real IAM a new key takes seconds to authenticate, so Verifying lasts): the
-/// operator cannot write the Secret (held at the write, then its `patch` on Secrets revoked),
-/// answers the report, and is killed. The next one deletes the leaked key, which nobody has, and
-/// rotates again: the old key is never retired as an emergency and no pod restarts onto the
+/// A report names the new key while it is verified, before any Secret holds it (status.newKey;
+/// with real IAM a new key takes seconds to authenticate, so Verifying lasts: here IAM is made to
+/// reject it): rekey deletes the leaked key, which nobody has, counts the report as answered, and
+/// rotates again. The old key is never retired as an emergency and no pod restarts onto the
 /// leaked key. Before, the report matched nobody and the leaked key became the active one.
 #[tokio::test]
 async fn a_report_on_a_new_key_in_no_secret_yet_deletes_it_and_the_rotation_starts_over() -> anyhow::Result<()> {
@@ -241,6 +240,65 @@ async fn a_report_on_a_new_key_in_no_secret_yet_deletes_it_and_the_rotation_star
     let old = f.env.create_key(&f.user).await?;
     f.secrets.create(&PostParams::default(), &key_secret("creds", &old)?).await?;
     f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "0s"}}))
+        .await?;
+    let old = old.access_key_id;
+    let url = ("REKEY_AWS_EVENTS_QUEUE_URL", queue.url.as_str());
+    let mut op = Operator::start(&f.ns, &[url, ("FAILPOINTS", "verify-rejected=return"), FAST_LEASE]).await?;
+    wait_ikr(&f.ikrs, "app", "adopted", |o| active_key(o).as_deref() == Some(old.as_str())).await?;
+    f.rotate("app", "routine").await?;
+    let o = wait_ikr(&f.ikrs, "app", "verifying", |o| {
+        phase(o) == Phase::Verifying && o.status.as_ref().is_some_and(|s| s.new_key.is_some())
+    })
+    .await?;
+    let leaked = o.status.and_then(|s| s.new_key).context("status.newKey")?.access_key_id;
+    let id = rekey_testenv::env::unique("gd");
+    queue.send(&guardduty_event(&leaked, &f.user, &id)).await?;
+    let request = format!("guardduty:{id}:{leaked}");
+    let o = wait_ikr(&f.ikrs, "app", "the leaked key given up", |o| {
+        o.status.as_ref().is_some_and(|s| s.history.iter().any(|h| h.outcome == HistoryOutcome::Abandoned))
+    })
+    .await?;
+    assert!(is_true(&o, "Degraded", "NewKeyLeaked"), "{:?}", o.status.map(|s| s.conditions));
+    assert!(!f.env.keys(&f.user).await?.contains_key(&leaked), "the leaked key is deleted");
+    queue.drained().await?;
+    op.kill().await?;
+
+    // IAM accepts new keys again: the rotation starts over and completes, with no second rotation.
+    let _op = Operator::start(&f.ns, &[url, FAST_LEASE]).await?;
+    let o = wait_ikr(&f.ikrs, "app", "rotated", |o| {
+        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
+    })
+    .await?;
+    let keys = f.env.keys(&f.user).await?;
+    assert!(!keys.contains_key(&old) && !keys.contains_key(&leaked), "both keys are gone: {keys:?}");
+    let now = active_key(&o).context("active key")?;
+    assert_eq!(keys.get(&now).map(String::as_str), Some("Active"));
+    let st = o.status.context("status")?;
+    assert_eq!(st.last_emergency_request, Some(request), "the report is answered");
+    let outcomes: Vec<_> = st.history.iter().map(|h| (h.outcome, h.new_key_id.clone())).collect();
+    assert_eq!(
+        outcomes,
+        [(HistoryOutcome::Abandoned, Some(leaked)), (HistoryOutcome::Completed, Some(now.clone()))],
+        "the leaked key was given up, the next one completed"
+    );
+    let held = f.secrets.get("creds").await?.data.and_then(|d| d.get("AWS_ACCESS_KEY_ID").cloned());
+    assert_eq!(held.map(|v| v.0), Some(now.into_bytes()));
+    Ok(())
+}
+
+/// A report names the new key while it is being written into the Secrets (Distributing: a Secret
+/// may have held it already and been reverted since, so it is not deleted): the operator cannot
+/// write the Secret (held at the write, then its `patch` on Secrets revoked), answers the report,
+/// and is killed. The next one ends the rotation at once and rotates the leaked key away right
+/// after. Before, the report matched nobody (or the escalation used it up) and the leaked key
+/// became the active one.
+#[tokio::test]
+async fn a_report_on_a_new_key_being_distributed_rotates_it_after_the_handover() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-pending").await?;
+    let queue = EventsQueue::new(&f.env, "leak-pending").await?;
+    let old = f.env.create_key(&f.user).await?;
+    f.secrets.create(&PostParams::default(), &key_secret("creds", &old)?).await?;
+    f.create("app", json!({"userName": f.user, "secrets": [{"name": "creds"}], "retirement": {"deleteAfter": "24h"}}))
         .await?;
     let old = old.access_key_id;
     let name = "rekey-leak-pending";
@@ -276,23 +334,5 @@ async fn a_report_on_a_new_key_in_no_secret_yet_deletes_it_and_the_rotation_star
     op.kill().await?;
 
     let _op = Operator::start(&f.ns, &[url, FAST_LEASE]).await?;
-    let o = wait_ikr(&f.ikrs, "app", "rotated", |o| {
-        o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
-    })
-    .await?;
-    let keys = f.env.keys(&f.user).await?;
-    assert!(!keys.contains_key(&old) && !keys.contains_key(&leaked), "both keys are gone: {keys:?}");
-    let now = active_key(&o).context("active key")?;
-    assert_eq!(keys.get(&now).map(String::as_str), Some("Active"));
-    let st = o.status.context("status")?;
-    assert_eq!(st.last_emergency_request, Some(request), "the report is answered");
-    let outcomes: Vec<_> = st.history.iter().map(|h| (h.outcome, h.new_key_id.clone())).collect();
-    assert_eq!(
-        outcomes,
-        [(HistoryOutcome::Abandoned, Some(leaked)), (HistoryOutcome::Completed, Some(now.clone()))],
-        "the leaked key was given up, the next one completed"
-    );
-    let held = f.secrets.get("creds").await?.data.and_then(|d| d.get("AWS_ACCESS_KEY_ID").cloned());
-    assert_eq!(held.map(|v| v.0), Some(now.into_bytes()));
-    Ok(())
+    leaked_new_key_rotated_away(&f, "app", &old, &leaked, &request).await
 }

@@ -178,7 +178,11 @@ pub async fn delete_orphan<I: Iam>(
 pub async fn verify<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, key_id: &str) -> Result<Outcome, Error> {
     let key = env.staged_key(key_id).await?;
     let attempts = st.rotation.as_ref().map(|r| r.verify_attempts).unwrap_or(0);
-    match env.iam.verify(&key, env.region).await? {
+    let verification = match crate::failpoint_set!("verify-rejected") {
+        true => Verification::Rejected("InvalidClientTokenId (failpoint)".into()),
+        false => env.iam.verify(&key, env.region).await?,
+    };
+    match verification {
         Verification::Authenticated(arn) if user_of_arn(&arn).is_some_and(|u| u.eq_ignore_ascii_case(env.user())) => {
             enter(st, Phase::Distributing, env.now());
             Ok(Outcome::next().committed().event(false, "Verified", format!("key {key_id} authenticates as {arn}")))
@@ -215,13 +219,13 @@ pub async fn abandon<I: Iam>(
     let now = env.now();
     let mut gone = None;
     if let Some(k) = delete_key {
-        let keys = env.fresh_keys().await?;
+        // Deleted even when the fresh list lacks it: IAM's list may lag a key created seconds
+        // ago, and deleting a key that is gone is a no-op (NoSuchEntity).
         let in_secret = env.observed.secrets.iter().any(|(_, s)| *s == SecretState::Holds(k.to_owned()));
-        let exists = keys.iter().any(|x| x.id == k);
-        if !in_secret && active_id(st) != Some(k) && exists {
+        if !in_secret && active_id(st) != Some(k) {
             env.delete_key(k).await?;
+            gone = Some(k);
         }
-        gone = (!in_secret && active_id(st) != Some(k)).then_some(k);
     }
     secrets::delete_staging(&env.secrets(), env.name()).await?;
     let old = active_id(st).map(str::to_owned);
@@ -238,11 +242,12 @@ pub async fn abandon<I: Iam>(
             _ => {}
         }
     }
-    // A leak report on the key just deleted is answered: the key is gone (an escalated rotation
-    // abandoned, or one whose new key leaked before the handover), and rotating the healthy key
-    // in use as an emergency would only cut off its consumers.
+    // A leak report on the new key just deleted is answered (the key is gone): rotating the
+    // healthy key in use as an emergency would only cut off its consumers. Not in an emergency:
+    // its own leaked key, the one in use, is still to be rotated, and the pending request does so.
     let request = env.observed.requests.emergency.as_deref();
-    if request.is_some_and(|r| plan::names_key(r, gone)) {
+    let emergency = st.rotation.as_ref().is_some_and(|r| r.trigger == Trigger::Emergency);
+    if !emergency && request.is_some_and(|r| plan::names_key(r, gone)) {
         st.last_emergency_request = request.map(str::to_owned);
     }
     reset_to_idle(st);

@@ -1019,6 +1019,28 @@ async fn abandoning_the_reported_new_key_uses_the_request_up() {
     assert_eq!(fx.active_in_iam(&new), None, "deleted");
     assert_eq!(fx.st.last_emergency_request, Some(request));
     assert_eq!((fx.st.phase, reasons(&out)), (Phase::Idle, vec!["NewKeyLeaked"]));
+
+    // An emergency (its own key leaked) whose new key is reported too: the new key goes, and the
+    // emergency is not over: the request stays pending, to rotate the leaked key in use.
+    let mut fx = Fx::new();
+    fx.idle().await;
+    fx.observed.requests.emergency = Some("guardduty:e0:old".into());
+    fx.run(&Step::Begin { trigger: Trigger::Emergency }).await.unwrap();
+    fx.observe().await;
+    fx.run(&Step::Create).await.unwrap();
+    let new = fx.st.new_key.clone().unwrap().access_key_id;
+    fx.observed.requests.emergency = Some(format!("guardduty:e6:{new}"));
+    fx.run(&step_for(&new)).await.unwrap();
+    assert_eq!(fx.active_in_iam(&new), None, "deleted");
+    assert_eq!(fx.st.last_emergency_request, None, "the emergency starts again");
+}
+
+fn step_for(new: &str) -> Step {
+    Step::Abandon {
+        delete_key: Some(new.to_owned()),
+        reason: crate::plan::DegradeReason::NewKeyLeaked,
+        message: "leaked".into(),
+    }
 }
 
 /// A leaked key is switched off with no call it does not need: the new key's claim waits for the

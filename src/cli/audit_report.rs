@@ -54,7 +54,7 @@ impl Cluster {
         let mut told = None;
         for (key, owner) in users.iter().flat_map(|u| u.claims.iter()) {
             let Some(resource) = self.held.get(key) else { continue };
-            if *owner == format!("{name}/{resource}") {
+            if crate::ownership::is_own_claim(owner, &format!("{name}/{resource}")) {
                 return Some(true);
             }
             told = Some(false);
