@@ -246,6 +246,15 @@ impl Fx {
 
     /// Past the handover, in `phase`: NEW active and in the targets, OLD retiring, Active or
     /// Inactive (an hour ago) in IAM and status alike.
+    /// A rotation started by `trigger` from Idle, its new key created: the new key id.
+    async fn created(&mut self, trigger: Trigger) -> String {
+        self.idle().await;
+        self.run(&Step::Begin { trigger }).await.unwrap();
+        self.observe().await;
+        self.run(&Step::Create).await.unwrap();
+        self.st.new_key.clone().unwrap().access_key_id
+    }
+
     async fn retiring(&mut self, phase: Phase, old_active: bool) -> (String, String) {
         let (old, new) = self.rotating(phase).await;
         for t in TARGETS {
@@ -977,21 +986,14 @@ async fn escalate_keeps_a_request_naming_the_new_key_for_after_this_rotation() {
     assert_eq!(fx.st.last_emergency_request, None, "the new key: kept for the next rotation");
     // The new key leaked when some Secrets held it already (status.newKey, not yet the active key).
     let mut fx = Fx::new();
-    fx.idle().await;
-    fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
-    fx.observe().await;
-    fx.run(&Step::Create).await.unwrap();
-    let pending = fx.st.new_key.clone().unwrap().access_key_id;
+    let pending = fx.created(Trigger::Requested).await;
     fx.observed.requests.emergency = Some(format!("guardduty:e3:{pending}"));
     fx.run(&Step::Escalate).await.unwrap();
     assert!(fx.st.emergency());
     assert_eq!(fx.st.last_emergency_request, None, "the key on its way: kept for the next rotation");
     // Before the handover the active key is the old one: a report on it is used up.
     let mut fx = Fx::new();
-    fx.idle().await;
-    fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
-    fx.observe().await;
-    fx.run(&Step::Create).await.unwrap();
+    fx.created(Trigger::Requested).await;
     let active = fx.st.active_key.clone().unwrap().access_key_id;
     fx.observed.requests.emergency = Some(format!("guardduty:e4:{active}"));
     fx.run(&Step::Escalate).await.unwrap();
@@ -1003,19 +1005,10 @@ async fn escalate_keeps_a_request_naming_the_new_key_for_after_this_rotation() {
 #[tokio::test]
 async fn abandoning_the_reported_new_key_uses_the_request_up() {
     let mut fx = Fx::new();
-    fx.idle().await;
-    fx.run(&Step::Begin { trigger: Trigger::Requested }).await.unwrap();
-    fx.observe().await;
-    fx.run(&Step::Create).await.unwrap();
-    let new = fx.st.new_key.clone().unwrap().access_key_id;
+    let new = fx.created(Trigger::Requested).await;
     let request = format!("guardduty:e5:{new}");
     fx.observed.requests.emergency = Some(request.clone());
-    let step = Step::Abandon {
-        delete_key: Some(new.clone()),
-        reason: crate::plan::DegradeReason::NewKeyLeaked,
-        message: "leaked".into(),
-    };
-    let out = fx.run(&step).await.unwrap();
+    let out = fx.run(&step_for(&new)).await.unwrap();
     assert_eq!(fx.active_in_iam(&new), None, "deleted");
     assert_eq!(fx.st.last_emergency_request, Some(request));
     assert_eq!((fx.st.phase, reasons(&out)), (Phase::Idle, vec!["NewKeyLeaked"]));
@@ -1023,12 +1016,8 @@ async fn abandoning_the_reported_new_key_uses_the_request_up() {
     // An emergency (its own key leaked) whose new key is reported too: the new key goes, and the
     // emergency is not over: the request stays pending, to rotate the leaked key in use.
     let mut fx = Fx::new();
-    fx.idle().await;
     fx.observed.requests.emergency = Some("guardduty:e0:old".into());
-    fx.run(&Step::Begin { trigger: Trigger::Emergency }).await.unwrap();
-    fx.observe().await;
-    fx.run(&Step::Create).await.unwrap();
-    let new = fx.st.new_key.clone().unwrap().access_key_id;
+    let new = fx.created(Trigger::Emergency).await;
     fx.observed.requests.emergency = Some(format!("guardduty:e6:{new}"));
     fx.run(&step_for(&new)).await.unwrap();
     assert_eq!(fx.active_in_iam(&new), None, "deleted");
