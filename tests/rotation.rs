@@ -14,19 +14,6 @@ use rekey_testenv::env::{TestEnv, eventually};
 use serde_json::json;
 use support::*;
 
-fn env_deployment(name: &str, secret: &str) -> anyhow::Result<Deployment> {
-    Ok(serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": name}},
-            "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [
-                {"name": "app", "image": "app:1", "envFrom": [{"secretRef": {"name": secret}}]}]}},
-        }
-    }))?)
-}
-
 fn text(s: &Secret, key: &str) -> Option<String> {
     s.data.as_ref()?.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok())
 }
@@ -74,7 +61,7 @@ async fn bootstrap_then_on_demand_rotation_with_a_deployment() -> anyhow::Result
     let ns = env.namespace("rot").await?;
     let user = consenting_user(&env, "rot", &ns).await?;
     let deploys: Api<Deployment> = Api::namespaced(env.kube.clone(), &ns);
-    deploys.create(&PostParams::default(), &env_deployment("app", "env-creds")?).await?;
+    deploys.create(&PostParams::default(), &deployment("app", 2, "env-creds")?).await?;
     let api: Api<IamKeyRotation> = Api::namespaced(env.kube.clone(), &ns);
     api.create(&PostParams::default(), &ikr("billing", spec(&user))?).await?;
     let _op = Operator::start(&ns, &[]).await?;
