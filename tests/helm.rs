@@ -493,9 +493,9 @@ async fn every_option_renders_and_is_accepted(helm: &Helm) -> anyhow::Result<()>
     }
     assert!(find(&objects_one, "Deployment")?["spec"]["template"]["spec"]["topologySpreadConstraints"].is_null());
 
-    // The apiserver (1.20) validates and admits every object (server-side dry run), rendered with
-    // its own API versions (helm install --dry-run=server: PodDisruptionBudget is policy/v1beta1
-    // there). The Prometheus Operator's CRDs are not installed on the test control plane.
+    // The apiserver validates and admits every object (server-side dry run), rendered with its own
+    // API versions (helm install --dry-run=server). The Prometheus Operator's CRDs are not installed
+    // on the test control plane.
     let mut no_monitoring = values.clone();
     no_monitoring["monitoring"] = json!({});
     let file = values_file(&no_monitoring)?;
@@ -516,7 +516,7 @@ async fn every_option_renders_and_is_accepted(helm: &Helm) -> anyhow::Result<()>
     let release: Value = serde_json::from_str(&out).context("helm install --output json")?;
     let rendered = documents(release["manifest"].as_str().context("manifest")?)?;
     let pdb = find(&rendered, "PodDisruptionBudget")?;
-    assert_eq!(pdb["apiVersion"], "policy/v1beta1", "{}: the cluster's PodDisruptionBudget version", helm.version);
+    assert_eq!(pdb["apiVersion"], "policy/v1", "{}: the cluster's PodDisruptionBudget version", helm.version);
     for o in &rendered {
         apply_manifest(&env.kube, o, true).await.with_context(|| format!("{}: {}", helm.version, key(o)))?;
     }
@@ -539,19 +539,13 @@ fn shipped_rules(dir: &str, kind: &str) -> anyhow::Result<Value> {
     Ok(o.with_context(|| format!("no {kind} rekey in deploy/{dir}"))?["rules"].clone())
 }
 
-/// A PodDisruptionBudget in `ns`, whichever of policy/v1 and policy/v1beta1 the apiserver serves.
+/// The PodDisruptionBudget `ns`/`name`, if there is one.
 async fn pdb(kube: &kube::Client, ns: &str, name: &str) -> anyhow::Result<Option<DynamicObject>> {
-    for version in ["v1", "v1beta1"] {
-        let ar = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("policy", version, "PodDisruptionBudget"),
-            "poddisruptionbudgets",
-        );
-        // get_opt answers None for an API version the apiserver does not serve too (404).
-        if let Some(found) = Api::<DynamicObject>::namespaced_with(kube.clone(), ns, &ar).get_opt(name).await? {
-            return Ok(Some(found));
-        }
-    }
-    Ok(None)
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("policy", "v1", "PodDisruptionBudget"),
+        "poddisruptionbudgets",
+    );
+    Ok(Api::<DynamicObject>::namespaced_with(kube.clone(), ns, &ar).get_opt(name).await?)
 }
 
 struct Kept {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{PodSpec, Secret};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Secret};
 
 /// An access key pair as an application would read it.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -62,11 +62,22 @@ fn secret_entries(secret: &Secret) -> BTreeMap<String, String> {
     out
 }
 
+/// The containers that run for the pod's life: sidecars (init containers with `restartPolicy:
+/// Always`, started before the others and kept running) and the regular containers.
+pub fn running_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    spec.init_containers.iter().flatten().filter(|c| is_sidecar(c)).chain(spec.containers.iter())
+}
+
+/// A restartable init container (a sidecar, GA in Kubernetes 1.33).
+pub fn is_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
+}
+
 /// Credentials from environment variables, fixed when the container starts.
 pub fn env_credentials(spec: &PodSpec, secrets: &impl SecretLookup) -> PodCredentials {
     let mut out = PodCredentials::default();
     let mut referenced = false;
-    for c in &spec.containers {
+    for c in running_containers(spec) {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for from in c.env_from.iter().flatten() {
             let Some(sref) = &from.secret_ref else { continue };

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use rekey_testenv::env::{TestEnv, eventually};
 use serde_json::json;
 
@@ -116,18 +117,21 @@ async fn service_account_kubeconfig(env: &TestEnv, name: &str) -> anyhow::Result
 /// A copy of $KUBECONFIG that authenticates with the token of ServiceAccount `ns`/`name` (the Helm
 /// chart's, installed in a release namespace of the test's choosing).
 pub async fn service_account_kubeconfig_in(env: &TestEnv, ns: &str, name: &str) -> anyhow::Result<PathBuf> {
-    // Kubernetes 1.20 mints a token Secret for every ServiceAccount.
+    // A bound token from the TokenRequest API (1.24 on no longer mints token Secrets); the
+    // ServiceAccount may be seconds old.
     let sas: Api<ServiceAccount> = Api::namespaced(env.kube.clone(), ns);
-    let secret_name = eventually("ServiceAccount token", WAIT, || async {
-        let sa = sas.get(name).await?;
-        Ok(sa.secrets.and_then(|s| s.into_iter().next()).and_then(|r| r.name).ok_or_else(|| "no token yet".to_owned()))
+    let request = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(24 * 3600), ..Default::default() },
+        ..Default::default()
+    };
+    let token = eventually("ServiceAccount token", WAIT, || async {
+        let minted = sas.create_token_request(name, &PostParams::default(), &request).await?;
+        minted.status.map(|s| s.token).filter(|t| !t.is_empty()).ok_or_else(|| "no token yet".to_owned())
     })
     .await?;
-    let token_secret: Secret = Api::<Secret>::namespaced(env.kube.clone(), ns).get(&secret_name).await?;
-    let token = token_secret.data.and_then(|d| d.get("token").cloned()).context("token")?;
     let mut kubeconfig: serde_json::Value =
         serde_saphyr::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").context("KUBECONFIG")?)?)?;
-    kubeconfig["users"][0]["user"] = json!({"token": String::from_utf8(token.0)?});
+    kubeconfig["users"][0]["user"] = json!({"token": token});
     let file = if ns == OPERATOR_NS { format!("kubeconfig-{name}") } else { format!("kubeconfig-{ns}-{name}") };
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(file);
     std::fs::write(&path, serde_saphyr::to_string(&kubeconfig)?)?;

@@ -23,9 +23,12 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use rekey_testenv::creds::{KeyPair, PodCredentials, env_credentials, file_credentials};
+use rekey_testenv::creds::{KeyPair, PodCredentials, env_credentials, file_credentials, is_sidecar, running_containers};
 use serde_json::json;
 use tracing::{debug, info, warn};
+
+/// The kubelet version the Node reports: the control plane's own (a node may not be newer).
+const KUBELET_VERSION: &str = "v1.34.0";
 
 /// Annotation on a pod: it exits successfully this long after it started (Job pods, bare pods).
 const EXIT_AFTER: &str = "sim.rekey.dev/exit-after-seconds";
@@ -152,8 +155,8 @@ async fn set_node_ready(client: &kube::Client, name: &str) -> anyhow::Result<()>
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
             "message": "kubelet-sim is posting ready status", "lastHeartbeatTime": now, "lastTransitionTime": now}],
         "nodeInfo": {"machineID": "sim", "systemUUID": "sim", "bootID": "sim", "kernelVersion": "sim",
-            "osImage": "kubelet-sim", "containerRuntimeVersion": "sim://1", "kubeletVersion": "v1.20.2",
-            "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64"},
+            "osImage": "kubelet-sim", "containerRuntimeVersion": "sim://1", "kubeletVersion": KUBELET_VERSION,
+            "kubeProxyVersion": KUBELET_VERSION, "operatingSystem": "linux", "architecture": "amd64"},
     }});
     nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.context("node status")?;
     // The apiserver taints a new node not-ready; the node lifecycle controller that would lift the
@@ -193,7 +196,7 @@ impl Sim {
         spec: &k8s_openapi::api::core::v1::PodSpec,
     ) -> Option<HashMap<String, Secret>> {
         let mut names = BTreeSet::new();
-        for c in &spec.containers {
+        for c in running_containers(spec) {
             names.extend(c.env_from.iter().flatten().filter_map(|f| f.secret_ref.as_ref()).map(|r| r.name.clone()));
             names.extend(
                 c.env
@@ -470,10 +473,7 @@ impl Sim {
             _ => now.clone(),
         };
         let spec = pod.spec.clone().unwrap_or_default();
-        let containers: Vec<serde_json::Value> = spec
-            .containers
-            .iter()
-            .map(|c| {
+        let status_of = |c: &k8s_openapi::api::core::v1::Container| {
                 let state = if waiting {
                     json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}})
                 } else if new_phase == "Succeeded" {
@@ -483,8 +483,12 @@ impl Sim {
                 };
                 json!({"name": c.name, "ready": ready, "restartCount": 0, "started": !waiting,
                     "image": c.image.clone().unwrap_or_default(), "imageID": "", "state": state})
-            })
-            .collect();
+        };
+        let containers: Vec<serde_json::Value> = spec.containers.iter().map(status_of).collect();
+        // Sidecars run (and are ready) like the containers; they are reported among the init
+        // containers, as the kubelet does.
+        let sidecars: Vec<serde_json::Value> =
+            spec.init_containers.iter().flatten().filter(|c| is_sidecar(c)).map(status_of).collect();
         let mut conditions = vec![
             json!({"type": "Initialized", "status": "True", "lastTransitionTime": start}),
             json!({"type": "Ready", "status": flag, "lastTransitionTime": transition, "message": message,
@@ -498,7 +502,7 @@ impl Sim {
         }
         let patch = json!({"status": {
             "phase": new_phase, "hostIP": "127.0.0.1", "podIP": pod_ip(pod), "startTime": start,
-            "conditions": conditions, "containerStatuses": containers,
+            "conditions": conditions, "containerStatuses": containers, "initContainerStatuses": sidecars,
         }});
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
