@@ -1,8 +1,9 @@
 //! The `IamKeyRotation` resource (group `rekey.dev`, version `v1alpha1`).
 //!
 //! Field names are API: they are the ones docs/design.md documents. Doc comments become `kubectl explain`
-//! text. Validation the apiserver can enforce lives in the schema (patterns, enums, bounds); what
-//! only the operator can judge is checked by `validate` and reported as `Stalled/InvalidSpec`.
+//! text. Validation the apiserver can enforce lives in the schema (patterns, enums, bounds, and the
+//! cross-field CEL rules of `cel`); `validate` checks them again, with what only the operator can
+//! judge, and reports a failure as `Stalled/InvalidSpec`.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +53,7 @@ pub const FINALIZER: &str = "rekey.dev/cleanup";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::cel::spec)]
 pub struct IamKeyRotationSpec {
     /// Name of the IAM user whose access keys are rotated. The user must carry the tag
     /// `rekey.dev/allow/<namespace>` with the operator's cluster name (or `*`) as value.
@@ -128,6 +130,7 @@ fn default_true() -> bool {
 /// A Secret that receives the key, and the layout the key is written in.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::cel::secret_target)]
 pub struct SecretTarget {
     /// Name of the Secret (in this namespace). Created if missing.
     #[schemars(
@@ -161,7 +164,9 @@ pub struct SecretTarget {
     /// template format: Secret key -> text with the placeholders {{ .AccessKeyId }},
     /// {{ .SecretAccessKey }}, {{ .UserName }}, {{ .Region }} and {{ .SesSmtpPassword }} (the SES
     /// SMTP password for this entry's `region`); plain substitution.
+    /// At most 32 entries of at most 4 KiB each: bounds the CRD's CEL rules can be costed by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     pub template: Option<BTreeMap<String, String>>,
 
     /// sesSmtp format, and a template using {{ .SesSmtpPassword }}: the SES region the SMTP
@@ -194,6 +199,7 @@ pub enum SecretFormat {
 /// The workloads restarted onto each new key.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::cel::workloads)]
 pub struct WorkloadsSpec {
     /// Workloads to restart, named explicitly.
     #[serde(default)]
@@ -269,27 +275,31 @@ pub struct ScheduleSpec {
     /// rekey.dev/rotate and rekey.dev/rotate-emergency, to the first key, nor to a replacement for
     /// a key no Secret holds any more: those start at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub windows: Vec<RotationWindow>,
 }
 
 /// A weekly time span in which scheduled rotations may start.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::cel::window)]
 pub struct RotationWindow {
     /// The days it opens on (Mon, Tue, Wed, Thu, Fri, Sat, Sun); none listed: every day. A window
     /// spanning midnight belongs to the day it opens on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
     pub days: Vec<Weekday>,
     /// When it opens, "HH:MM" (24-hour clock) in timeZone. A time a daylight-saving change skips
     /// opens it at the first instant after the skipped hour; a repeated time, at its first pass.
-    #[schemars(pattern(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    #[schemars(length(max = 5), pattern(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
     pub start: String,
     /// When it closes, "HH:MM" in timeZone; earlier than start: on the next day (the window spans
     /// midnight). Equal to start is refused. A repeated time closes it at its second pass.
-    #[schemars(pattern(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    #[schemars(length(max = 5), pattern(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
     pub end: String,
     /// The IANA time zone start and end are in, e.g. Europe/Berlin (default UTC).
     #[serde(default = "default_time_zone")]
+    #[schemars(length(max = 64))]
     pub time_zone: String,
 }
 
@@ -518,6 +528,8 @@ pub enum HistoryOutcome {
     Abandoned,
 }
 
+/// What rekey observed and did: the keys it tracks, the rotation in flight (phase, write-ahead
+/// marker), counters, history and conditions. Written by rekey only; enough to resume after a restart.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = drop_time_boilerplate)]
@@ -593,6 +605,10 @@ fn drop_time_boilerplate(schema: &mut schemars::Schema) {
             s.get("description").and_then(|d| d.as_str()).is_some_and(|d| d.starts_with("Time is a wrapper"));
         if boilerplate {
             s.remove("description");
+        }
+        // OpenAPI knows int32 and int64; the apiserver warns on schemars' "uint32" at every apply.
+        if s.get("format").and_then(|f| f.as_str()) == Some("uint32") {
+            s.remove("format");
         }
     });
     drop.transform(schema);

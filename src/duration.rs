@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 /// The grammar as an OpenAPI pattern.
 pub const PATTERN: &str = "^([0-9]+[dhms])+$";
+/// The longest duration text the schema admits: the CRD's CEL rules scan these strings, and the
+/// apiserver refuses a rule whose cost it cannot bound.
+pub const MAX_LENGTH: usize = 32;
 
 /// A duration as written in the spec.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +51,7 @@ impl JsonSchema for SpecDuration {
         json_schema!({
             "type": "string",
             "pattern": PATTERN,
+            "maxLength": MAX_LENGTH,
             "description": "One or more <integer><unit> with unit d, h, m or s, e.g. 90d, 2160h, 1h30m, 0s.",
         })
     }

@@ -9,6 +9,7 @@ pub mod act;
 pub mod api;
 pub mod budget;
 pub mod cache;
+pub mod cel;
 pub mod cli;
 pub mod context;
 pub mod controller;

@@ -1,5 +1,7 @@
-//! Validation of a spec beyond what the CRD schema can say (no CEL on the 1.20 apiserver).
-//! Pure: no cluster, no IAM. A failure becomes `Stalled/InvalidSpec` with this text.
+//! Validation of a spec: the backstop of the CRD's schema and CEL rules (`cel`), which the apiserver
+//! applies at admission, and the rules CEL cannot express (a time zone's existence, a duration that
+//! overflows, the staging Secret's name). Pure: no cluster, no IAM. A failure becomes
+//! `Stalled/InvalidSpec` with this text; `rekey check` runs it on files.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

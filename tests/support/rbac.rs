@@ -126,7 +126,7 @@ pub async fn service_account_kubeconfig_in(env: &TestEnv, ns: &str, name: &str) 
     };
     let token = eventually("ServiceAccount token", WAIT, || async {
         let minted = sas.create_token_request(name, &PostParams::default(), &request).await?;
-        minted.status.map(|s| s.token).filter(|t| !t.is_empty()).ok_or_else(|| "no token yet".to_owned())
+        Ok(minted.status.map(|s| s.token).filter(|t| !t.is_empty()).ok_or_else(|| "no token yet".to_owned()))
     })
     .await?;
     let mut kubeconfig: serde_json::Value =
