@@ -120,9 +120,10 @@ pub fn secret_target(schema: &mut Schema) {
                     "self.format != 'template' || !has(self.template) || self.template.exists(k, \
                      self.template[k].contains({SECRET}) || self.template[k].contains({SES_PASSWORD}))"
                 ),
-                message: "the template uses neither {{ .SecretAccessKey }} nor {{ .SesSmtpPassword }} so no key would be \
+                message:
+                    "the template uses neither {{ .SecretAccessKey }} nor {{ .SesSmtpPassword }} so no key would be \
                           delivered"
-                    .into(),
+                        .into(),
                 field: Some(".template".into()),
             },
             Rule {
@@ -135,9 +136,10 @@ pub fn secret_target(schema: &mut Schema) {
                     "has(self.region) || !(self.format == 'sesSmtp' || (self.format == 'template' && has(self.template) && {}))",
                     uses(SES_PASSWORD)
                 ),
-                message: "format sesSmtp, and a template using {{ .SesSmtpPassword }}, need region (the SES region the SMTP \
+                message:
+                    "format sesSmtp, and a template using {{ .SesSmtpPassword }}, need region (the SES region the SMTP \
                           password is for)"
-                    .into(),
+                        .into(),
                 field: Some(".region".into()),
             },
             Rule {

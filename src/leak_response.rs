@@ -206,7 +206,7 @@ async fn request_emergencies<I: Iam>(ctx: &Context<I>, leak: &Leak) -> Result<Ve
         let report = format!("{} report {} on key {key}", <&str>::from(leak.source), leak.event_id);
         let patch = json!({"metadata": {"annotations": {ROTATE_EMERGENCY_ANNOTATION: value, LEAK_ANNOTATION: report}}});
         let api: Api<IamKeyRotation> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        api.patch(&obj.name_any(), &PatchParams::default().validation_strict(), &Patch::Merge(&patch)).await?;
         let note = format!("AWS reported key {key} leaked ({report}): EMERGENCY rotation requested ({value})");
         ctx.events.publish(&obj, true, "LeakReported", note, "RequestEmergency");
     }

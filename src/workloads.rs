@@ -319,7 +319,7 @@ async fn annotate_template(
         "apiVersion": "apps/v1", "kind": kind, "metadata": {"name": id.name},
         "spec": {"template": {"metadata": {"annotations": annotations}}},
     });
-    let pp = PatchParams::apply(manager).force();
+    let pp = PatchParams::apply(manager).force().validation_strict();
     let patch = Patch::Apply(&body);
     match id.kind {
         WorkloadKind::Deployment => {

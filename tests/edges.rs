@@ -174,31 +174,67 @@ async fn the_schema_rejects_what_it_can_express() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn what_only_rekey_can_judge_stalls_with_a_reason_and_writes_nothing_to_iam() -> anyhow::Result<()> {
+async fn cross_field_mistakes_are_refused_at_apply_and_what_only_rekey_can_judge_stalls() -> anyhow::Result<()> {
     let f = Fixture::new("judge").await?;
-    let cases = [
-        ("zero-age", json!({"maxKeyAge": "0s"}), "maxKeyAge must be more than 0s"),
-        ("zero-timeout", json!({"workloads": {"rolloutTimeout": "0s"}}), "rolloutTimeout must be more than 0s"),
-        ("before-too-long", json!({"maxKeyAge": "10d", "rotateBefore": "10d"}), "rotateBefore (10d) must be less"),
-        ("overflow", json!({"maxKeyAge": "99999999999999999999d"}), "spec.maxKeyAge"),
+    // The CRD's CEL rules: `kubectl apply` (and --dry-run=server, a GitOps diff) refuses these with
+    // the field and the message validate would give after apply.
+    let refused = [
+        (json!({"maxKeyAge": "0s"}), "spec.maxKeyAge", "maxKeyAge must be more than 0s"),
+        (
+            json!({"workloads": {"rolloutTimeout": "0s"}}),
+            "spec.workloads.rolloutTimeout",
+            "rolloutTimeout must be more than 0s",
+        ),
+        (
+            json!({"maxKeyAge": "10d", "rotateBefore": "240h"}),
+            "spec.rotateBefore",
+            "rotateBefore must be less than spec.maxKeyAge",
+        ),
+        (json!({"maxKeyAge": "99999999999999999999d"}), "spec", "maxKeyAge"),
+        (
+            json!({"schedule": {"windows": [{"start": "02:00", "end": "02:00"}]}}),
+            "spec.schedule.windows[0].end",
+            "the window would be empty",
+        ),
+        (
+            json!({"secrets": [{"name": "t", "format": "template", "template": {"k": "{{ .AccessKeyId }}"}}]}),
+            "spec.secrets[0].template",
+            "so no key would be delivered",
+        ),
+        (json!({"secrets": [{"name": "t", "format": "sesSmtp"}]}), "spec.secrets[0].region", "need region"),
+        (
+            json!({"secrets": [{"name": "t", "profile": "p"}]}),
+            "spec.secrets[0].profile",
+            "profile belongs to format credentialsFile",
+        ),
+        (
+            json!({"secrets": [{"name": "t", "secretAccessKeyKey": "AWS_ACCESS_KEY_ID"}]}),
+            "spec.secrets[0].secretAccessKeyKey",
+            "must differ",
+        ),
     ];
-    for (name, extra, _) in &cases {
-        let mut spec = json!({"userName": f.user, "secrets": [{"name": format!("{name}-creds")}]});
+    for (i, (extra, field, message)) in refused.iter().enumerate() {
+        let mut spec = json!({"userName": f.user, "secrets": [{"name": "creds"}]});
         for (k, v) in extra.as_object().context("object")? {
             spec[k] = v.clone();
         }
-        f.create(name, spec).await?;
+        let err = f.create(&format!("bad-{i}"), spec.clone()).await.expect_err(&format!("{spec} refused"));
+        let text = format!("{err:#}");
+        assert!(text.contains(field) && text.contains(message), "{spec}: {text}");
+        // validate stays the backstop of every rule but the one a stray field breaks (harmless).
+        if !message.contains("belongs to") {
+            let parsed: rekey::api::IamKeyRotationSpec = serde_json::from_value(spec)?;
+            assert!(rekey::validate::validate(&parsed).is_err(), "{message}: validate agrees");
+        }
     }
+    // What CEL cannot judge (a time zone's existence) is admitted and stalls with a reason.
+    let tz = json!({"userName": f.user, "secrets": [{"name": "tz-creds"}],
+        "schedule": {"windows": [{"start": "02:00", "end": "05:00", "timeZone": "Europe/Berln"}]}});
+    f.create("bad-zone", tz).await?;
     let _op = f.operator().await?;
-    for (name, _, message) in cases {
-        let o = wait_ikr(&f.ikrs, name, &format!("{name} stalled"), |o| is_true(o, "Stalled", "InvalidSpec")).await?;
-        let m = o
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Stalled"))
-            .map(|c| c.message.clone());
-        assert!(m.as_deref().is_some_and(|m| m.contains(message)), "{name}: {m:?}");
-    }
+    let o = wait_ikr(&f.ikrs, "bad-zone", "bad-zone stalled", |o| is_true(o, "Stalled", "InvalidSpec")).await?;
+    let m = message(&o, "Stalled").unwrap_or_default();
+    assert!(m.contains("timeZone \"Europe/Berln\" is not an IANA time zone"), "{m}");
     assert!(f.env.keys(&f.user).await?.is_empty(), "no IAM write");
     Ok(())
 }

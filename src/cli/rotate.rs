@@ -83,7 +83,7 @@ pub fn outcome(o: &IamKeyRotation, r: &Request) -> Option<Outcome> {
 
 async fn annotate(api: &Api<IamKeyRotation>, name: &str, key: &str, value: &str) -> Result<IamKeyRotation, CliError> {
     let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
-    Ok(api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?)
+    Ok(api.patch(name, &PatchParams::default().validation_strict(), &Patch::Merge(&patch)).await?)
 }
 
 fn api_for(conn: &Connection, o: &IamKeyRotation) -> Api<IamKeyRotation> {

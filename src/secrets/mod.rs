@@ -178,7 +178,7 @@ async fn apply(
     force: bool,
     dry_run: bool,
 ) -> Result<(), kube::Error> {
-    let mut pp = PatchParams::apply(&field_manager(resource));
+    let mut pp = PatchParams::apply(&field_manager(resource)).validation_strict();
     pp.force = force;
     if dry_run {
         pp = pp.dry_run();
@@ -333,7 +333,8 @@ pub async fn write_staging(
         .map(|(k, v)| (k, ByteString(v.expose_secret().as_bytes().to_vec())))
         .collect();
     let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: key.id}}, "data": data});
-    let pp = if dry_run { PatchParams::default().dry_run() } else { PatchParams::default() };
+    let pp = PatchParams::default().validation_strict();
+    let pp = if dry_run { pp.dry_run() } else { pp };
     api.patch(&t.name, &pp, &Patch::Merge(&patch)).await.map_err(|e| summarise("write", &t.name, e))?;
     Ok(())
 }
@@ -343,7 +344,8 @@ pub async fn write_staging(
 pub async fn clear_staging(api: &Api<Secret>, resource: &str) -> Result<(), SecretWriteError> {
     let name = staging_name(resource);
     let patch = json!({"metadata": {"annotations": {ACCESS_KEY_ANNOTATION: null}}, "data": null});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| summarise("clear", &name, e))?;
+    let pp = PatchParams::default().validation_strict();
+    api.patch(&name, &pp, &Patch::Merge(&patch)).await.map_err(|e| summarise("clear", &name, e))?;
     Ok(())
 }
 

@@ -23,7 +23,9 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use rekey_testenv::creds::{KeyPair, PodCredentials, env_credentials, file_credentials, is_sidecar, running_containers};
+use rekey_testenv::creds::{
+    KeyPair, PodCredentials, env_credentials, file_credentials, is_sidecar, running_containers,
+};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -474,14 +476,14 @@ impl Sim {
         };
         let spec = pod.spec.clone().unwrap_or_default();
         let status_of = |c: &k8s_openapi::api::core::v1::Container| {
-                let state = if waiting {
-                    json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}})
-                } else if new_phase == "Succeeded" {
-                    json!({"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": start, "finishedAt": now}})
-                } else {
-                    json!({"running": {"startedAt": start}})
-                };
-                json!({"name": c.name, "ready": ready, "restartCount": 0, "started": !waiting,
+            let state = if waiting {
+                json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}})
+            } else if new_phase == "Succeeded" {
+                json!({"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": start, "finishedAt": now}})
+            } else {
+                json!({"running": {"startedAt": start}})
+            };
+            json!({"name": c.name, "ready": ready, "restartCount": 0, "started": !waiting,
                     "image": c.image.clone().unwrap_or_default(), "imageID": "", "state": state})
         };
         let containers: Vec<serde_json::Value> = spec.containers.iter().map(status_of).collect();
