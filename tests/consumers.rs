@@ -310,7 +310,12 @@ async fn a_secret_reverted_after_the_handover_is_written_back_and_nothing_loses_
     let o = wait_ikr(&f.ikrs, "app", "Degraded/SecretReverted", |o| is_true(o, "Degraded", "SecretReverted")).await?;
     let msg = message(&o, "Degraded").unwrap_or_default();
     assert!(msg.contains("creds (written by helm)"), "{msg}");
-    assert_eq!(held_key(&f.secrets, "creds").await?, Some(new.clone()), "the active key is written back");
+    // The condition is written ahead of the write-back (step MarkRevert, then Revert): wait for it.
+    eventually("the active key written back", WAIT, || async {
+        let held = held_key(&f.secrets, "creds").await?;
+        Ok(if held.as_deref() == Some(new.as_str()) { Ok(()) } else { Err(format!("holds {held:?}")) })
+    })
+    .await?;
     let template = deploys.get("web").await?.spec.and_then(|s| s.template.metadata).and_then(|m| m.annotations);
     assert!(template.is_some_and(|a| a.contains_key("rekey.dev/restarted-at")), "the Deployment is restarted");
     assert_eq!(key_status(&f, &old.access_key_id).await?.as_deref(), Some("Active"), "not retired meanwhile");
