@@ -90,67 +90,60 @@ const SES_PASSWORD: &str = "'{{ .SesSmtpPassword }}'";
 
 /// `spec.secrets[]`: what each format needs, and the fields that belong to another format.
 pub fn secret_target(schema: &mut Schema) {
-    let uses = |placeholder: &str| format!("self.template.exists(k, self.template[k].contains({placeholder}))");
-    // A field of another format is refused at apply time only: rekey ignores it, so `validate`
-    // does not stall a resource that already has one (and CEL ratcheting lets it be updated).
-    let only = |field: &str, format: &str| Rule {
-        rule: format!("!has(self.{field}) || self.format == '{format}'"),
-        message: format!("{field} belongs to format {format}"),
+    let rule = |rule: String, message: &str, field: &str| Rule {
+        rule,
+        message: message.to_owned(),
         field: Some(format!(".{field}")),
     };
+    // Two Secret keys of one format (with their defaults) must not be the same key: the second
+    // value would overwrite the first.
+    let differ = |format: &str, (a, a_default): (&str, &str), (b, b_default): (&str, &str)| {
+        let rule_text =
+            format!("self.format != '{format}' || {} != {}", or_default(a, a_default), or_default(b, b_default));
+        rule(rule_text, &format!("{a} and {b} must differ"), b)
+    };
+    // A field of another format is refused at apply time only: rekey ignores it, so `validate`
+    // does not stall a resource that already has one (and CEL ratcheting lets it be updated).
+    let only = |field: &str, format: &str| {
+        rule(
+            format!("!has(self.{field}) || self.format == '{format}'"),
+            &format!("{field} belongs to format {format}"),
+            field,
+        )
+    };
+    let uses_ses = format!("self.template.exists(k, self.template[k].contains({SES_PASSWORD}))");
     add(
         schema,
         vec![
-            Rule {
-                rule: format!(
-                    "self.format != 'env' || {} != {}",
-                    or_default("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
-                    or_default("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")
-                ),
-                message: "accessKeyIdKey and secretAccessKeyKey must differ".into(),
-                field: Some(".secretAccessKeyKey".into()),
-            },
-            Rule {
-                rule: "self.format != 'template' || (has(self.template) && size(self.template) > 0)".to_owned(),
-                message: "format template needs a non-empty template map".into(),
-                field: Some(".template".into()),
-            },
-            Rule {
-                rule: format!(
+            differ("env", ("accessKeyIdKey", "AWS_ACCESS_KEY_ID"), ("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")),
+            differ("sesSmtp", ("usernameKey", "SMTP_USERNAME"), ("passwordKey", "SMTP_PASSWORD")),
+            rule(
+                "self.format != 'template' || (has(self.template) && size(self.template) > 0)".to_owned(),
+                "format template needs a non-empty template map",
+                "template",
+            ),
+            rule(
+                format!(
                     "self.format != 'template' || !has(self.template) || self.template.exists(k, \
                      self.template[k].contains({SECRET}) || self.template[k].contains({SES_PASSWORD}))"
                 ),
-                message:
-                    "the template uses neither {{ .SecretAccessKey }} nor {{ .SesSmtpPassword }} so no key would be \
-                          delivered"
-                        .into(),
-                field: Some(".template".into()),
-            },
-            Rule {
-                rule: "!has(self.template) || self.template.all(k, k.matches('^[-._a-zA-Z0-9]+$'))".to_owned(),
-                message: "every template key must be a valid Secret key (letters, digits, '-', '_' and '.')".into(),
-                field: Some(".template".into()),
-            },
-            Rule {
-                rule: format!(
-                    "has(self.region) || !(self.format == 'sesSmtp' || (self.format == 'template' && has(self.template) && {}))",
-                    uses(SES_PASSWORD)
+                "the template uses neither {{ .SecretAccessKey }} nor {{ .SesSmtpPassword }} so no key would be delivered",
+                "template",
+            ),
+            rule(
+                "!has(self.template) || self.template.all(k, k.matches('^[-._a-zA-Z0-9]+$'))".to_owned(),
+                "every template key must be a valid Secret key (letters, digits, '-', '_' and '.')",
+                "template",
+            ),
+            rule(
+                format!(
+                    "has(self.region) || !(self.format == 'sesSmtp' || (self.format == 'template' && \
+                     has(self.template) && {uses_ses}))"
                 ),
-                message:
-                    "format sesSmtp, and a template using {{ .SesSmtpPassword }}, need region (the SES region the SMTP \
-                          password is for)"
-                        .into(),
-                field: Some(".region".into()),
-            },
-            Rule {
-                rule: format!(
-                    "self.format != 'sesSmtp' || {} != {}",
-                    or_default("usernameKey", "SMTP_USERNAME"),
-                    or_default("passwordKey", "SMTP_PASSWORD")
-                ),
-                message: "usernameKey and passwordKey must differ".into(),
-                field: Some(".passwordKey".into()),
-            },
+                "format sesSmtp, and a template using {{ .SesSmtpPassword }}, need region (the SES region the SMTP \
+                 password is for)",
+                "region",
+            ),
             only("accessKeyIdKey", "env"),
             only("secretAccessKeyKey", "env"),
             only("profile", "credentialsFile"),
