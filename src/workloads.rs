@@ -21,14 +21,18 @@ use crate::error::Error;
 use crate::plan::snapshot::{WorkloadState, WorkloadsState};
 use census::Census;
 
-/// Whether a pod spec reads any of `secrets` (env valueFrom, envFrom, volume, projected volume).
+/// Whether a pod spec reads any of `secrets` (env valueFrom, envFrom, secret, projected or CSI volume).
 pub fn references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
     census::pod_references(spec, secrets)
 }
 
+/// A secret volume, a projected volume, or a CSI volume's nodePublishSecretRef (how S3 CSI
+/// drivers take their keys: the driver reads the Secret when the pod's volume is mounted, so the
+/// pod holds the key for as long as it runs).
 pub(crate) fn volume_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
     spec.volumes.iter().flatten().any(|v| {
         v.secret.as_ref().and_then(|s| s.secret_name.as_ref()).is_some_and(|n| secrets.contains(n))
+            || v.csi.as_ref().and_then(|c| c.node_publish_secret_ref.as_ref()).is_some_and(|r| secrets.contains(&r.name))
             || v.projected.as_ref().is_some_and(|p| {
                 p.sources.iter().flatten().any(|s| s.secret.as_ref().is_some_and(|s| secrets.contains(&s.name)))
             })
@@ -168,16 +172,22 @@ pub async fn observe(
     let census = Census::new(chosen.values().map(|s| (s.uid.clone(), s.reference.clone())), &replicasets);
     let mut items: Vec<WorkloadState> = targets.iter().filter(|t| !chosen.contains_key(*t)).map(missing).collect();
     for (r, s) in chosen {
-        // Every pod of the workload, old templates and terminating ones included, by controller chain.
-        let unstamped = pods
-            .iter()
-            .filter(|p| census.owner_of(p) == Some(&r))
-            .filter(|p| key_id.is_none_or(|k| !stamp::carries(stamp_of_pod(p), k)) || restarted_before(p, key.restart))
-            .count();
-        items.push(state(r, s, if key_id.is_some() { unstamped } else { 0 }));
+        let unstamped = old_pods(&pods, &census, &r, key);
+        items.push(state(r, s, unstamped));
     }
     let outsiders = census.outsiders(&pods, secrets, key_id, key.handed_over);
     Ok(WorkloadsState { items, uncovered: outsiders.uncovered, jobs: outsiders.jobs })
+}
+
+/// The pods of workload `r` that may still hold a key other than the active one: every pod of it
+/// by controller chain, old templates and terminating ones included, but not the finished ones
+/// (`census::finished`: an evicted pod of the old template runs nothing). 0 without an active key.
+fn old_pods(pods: &[Pod], census: &Census, r: &WorkloadRef, key: &KeyFacts<'_>) -> usize {
+    let Some(k) = key.id else { return 0 };
+    pods.iter()
+        .filter(|p| census.owner_of(p) == Some(r) && !census::finished(p))
+        .filter(|p| !stamp::carries(stamp_of_pod(p), k) || restarted_before(p, key.restart))
+        .count()
 }
 
 /// The explicit targets plus, with discovery, the workloads whose template reads a target Secret.
@@ -366,7 +376,54 @@ mod tests {
         assert!(references(&vol, &s));
         let proj = c(json!({"volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "creds"}}]}}]}));
         assert!(references(&proj, &s));
+        let csi = |secret: &str| {
+            c(json!({"volumes": [{"name": "v", "csi": {"driver": "s3.csi.example.com",
+                "nodePublishSecretRef": {"name": secret}}}]}))
+        };
+        assert!(references(&csi("creds"), &s), "a CSI driver mounting with the Secret's key");
+        assert!(!references(&csi("other"), &s));
+        assert!(!references(&c(json!({"volumes": [{"name": "v", "csi": {"driver": "d"}}]})), &s));
         assert!(!references(&c(json!({"envFrom": [{"secretRef": {"name": "other"}}]})), &s));
+    }
+
+    /// A pod of ReplicaSet rs-1 (Deployment web), stamped with `key`, in `phase`.
+    fn web_pod(name: &str, key: &str, phase: &str, terminating: bool) -> Pod {
+        let mut p: Pod = serde_json::from_value(json!({"metadata": {"name": name,
+            "annotations": {ACCESS_KEY_ANNOTATION: key},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "rs-1", "controller": true}]},
+            "status": {"phase": phase}}))
+        .unwrap();
+        if terminating {
+            p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-06-01T12:00:00Z".parse().unwrap(),
+            ));
+        }
+        p
+    }
+
+    #[test]
+    fn finished_pods_of_the_old_template_are_not_left_on_it() {
+        let web = WorkloadRef { kind: WorkloadKind::Deployment, name: "web".into() };
+        let rs: ReplicaSet = serde_json::from_value(json!({"metadata": {"name": "web-1", "uid": "rs-1", "ownerReferences": [
+            {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "d-1", "controller": true}]}}))
+        .unwrap();
+        let census = Census::new([("d-1".to_owned(), web.clone())], &[rs]);
+        let key = KeyFacts { id: Some("AKIANEW"), ..Default::default() };
+        // (pods, old pods left): evicted, completed and failed pods run nothing; a terminating or
+        // pending pod of the old template still may.
+        let cases = [
+            (vec![web_pod("new", "AKIANEW", "Running", false)], 0),
+            (vec![web_pod("new", "AKIANEW", "Running", false), web_pod("evicted", "AKIAOLD", "Failed", false)], 0),
+            (vec![web_pod("done", "AKIAOLD", "Succeeded", false), web_pod("gone", "AKIAOLD", "Failed", true)], 0),
+            (vec![web_pod("old", "AKIAOLD", "Running", false), web_pod("evicted", "AKIAOLD", "Failed", false)], 1),
+            (vec![web_pod("leaving", "AKIAOLD", "Running", true), web_pod("starting", "AKIAOLD", "Pending", false)], 2),
+        ];
+        for (pods, want) in cases {
+            let names: Vec<_> = pods.iter().map(|p| p.metadata.name.clone().unwrap_or_default()).collect();
+            assert_eq!(old_pods(&pods, &census, &web, &key), want, "{names:?}");
+        }
+        let no_key = KeyFacts::default();
+        assert_eq!(old_pods(&[web_pod("old", "AKIAOLD", "Running", false)], &census, &web, &no_key), 0);
     }
 
     #[test]

@@ -61,7 +61,8 @@ impl Census {
     }
 
     /// The pods that read a target Secret, hold a key other than `key_id`, and are not controlled
-    /// by a workload of this rotation. Terminating pods count: they run until they are gone. A pod
+    /// by a workload of this rotation. Terminating pods count: they run until they are gone;
+    /// finished ones do not (`finished`). A pod
     /// created after `handed_over` (every target Secret held the active key from then on) read it.
     pub fn outsiders(
         &self,
@@ -76,10 +77,9 @@ impl Census {
             if handed_over.is_some_and(|h| created.is_some_and(|c| c > h)) {
                 continue;
             }
-            let finished = matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
             let reads = p.spec.as_ref().is_some_and(|s| pod_references(s, secrets));
             let stamp = p.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ANNOTATION)).map(String::as_str);
-            if finished
+            if finished(p)
                 || !reads
                 || key_id.is_some_and(|k| super::stamp::carries(stamp, k))
                 || self.owner_of(p).is_some()
@@ -97,8 +97,17 @@ impl Census {
     }
 }
 
+/// Whether a pod runs nothing any more: phase Succeeded or Failed (completed, evicted, its node
+/// shut down). Its containers are gone and never restart, so it holds no key, whatever template it
+/// was made from; pods like these stay until pod GC (12,500 of them by default), so counting them
+/// would keep a rotation waiting forever.
+pub fn finished(p: &Pod) -> bool {
+    matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
 /// Whether a pod reads any of `secrets`: env valueFrom or envFrom of any container (init and
-/// ephemeral ones included), a secret volume, or a projected volume.
+/// ephemeral ones included), a secret volume, a projected volume, or a CSI volume's
+/// nodePublishSecretRef.
 pub fn pod_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
     let env_of = |env: Option<&Vec<k8s_openapi::api::core::v1::EnvVar>>,
                   from: Option<&Vec<k8s_openapi::api::core::v1::EnvFromSource>>| {
@@ -177,6 +186,7 @@ mod tests {
             json!({"containers": [{"name": "a"}], "ephemeralContainers": [{"name": "e", "envFrom": [{"secretRef": {"name": "creds"}}]}]}),
             json!({"containers": [{"name": "a"}], "volumes": [{"name": "v", "secret": {"secretName": "creds"}}]}),
             json!({"containers": [{"name": "a"}], "volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "creds"}}]}}]}),
+            json!({"containers": [{"name": "a"}], "volumes": [{"name": "v", "csi": {"driver": "s3.csi.example.com", "nodePublishSecretRef": {"name": "creds"}}}]}),
         ];
         for spec in ways {
             let p = pod("p", None, spec.clone());
@@ -188,6 +198,12 @@ mod tests {
     fn finished_pods_and_pods_on_the_active_key_hold_nothing_old() {
         let mut done = pod("done", None, env_from());
         done.status = Some(serde_json::from_value(json!({"phase": "Succeeded"})).unwrap());
+        let mut evicted = pod("evicted", Some(("apps/v1", "ReplicaSet", "rs-bare")), env_from());
+        evicted.status = Some(serde_json::from_value(json!({"phase": "Failed", "reason": "Evicted"})).unwrap());
+        let mut running = pod("running", None, env_from());
+        running.status = Some(serde_json::from_value(json!({"phase": "Running"})).unwrap());
+        assert!(finished(&done) && finished(&evicted) && !finished(&running));
+        assert_eq!(census().outsiders(&[evicted], &secrets(), Some("AKIANEW"), None), Outsiders::default());
         let mut stamped = pod("stamped", None, env_from());
         stamped.metadata.annotations = Some([(ACCESS_KEY_ANNOTATION.to_owned(), "AKIANEW".to_owned())].into());
         assert_eq!(census().outsiders(&[done, stamped], &secrets(), Some("AKIANEW"), None), Outsiders::default());
