@@ -277,7 +277,7 @@ pub async fn perform<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, st
     }
     match step {
         Step::Wait { requeue, .. } => Ok(Outcome { requeue: *requeue, ..Default::default() }),
-        Step::WaitForWindow { requeue, .. } => Ok(Outcome::requeue(*requeue)),
+        Step::WaitForWindow { requeue, .. } | Step::WaitForSlot { requeue, .. } => Ok(Outcome::requeue(*requeue)),
         Step::Retry { requeue, .. } | Step::Degrade { requeue, .. } => Ok(Outcome::requeue(*requeue)),
         Step::NeedIam | Step::NeedWorkloads => Err(Error::Internal("the plan asked for facts twice".into())),
         Step::Stall { .. } => Ok(Outcome::requeue(STALL_RECHECK)),

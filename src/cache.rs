@@ -2,8 +2,8 @@
 //!
 //! Every decision reads the resource afresh from the apiserver (docs/design.md, rule 4), so the watch cache
 //! only has to answer three questions: which resources exist and whom they name (the one-owner
-//! check, which counts only resources whose spec is valid), which are mid-rotation
-//! (--max-concurrent-rotations) and how often each failed (the retry backoff). The controller therefore watches IamKeyRotations as [`Cached`], which deserializes
+//! check, which counts only resources whose spec is valid), which are mid-rotation and making
+//! progress (--max-concurrent-rotations, --max-concurrent-rollouts) and how often each failed (the retry backoff). The controller therefore watches IamKeyRotations as [`Cached`], which deserializes
 //! only that: managedFields, conditions, history and annotations were most of the operator's
 //! memory at 10,000 resources and answer none of the three.
 
@@ -40,13 +40,22 @@ pub struct CachedStatus {
     pub phase: Phase,
     #[serde(default)]
     pub failed_attempts: u32,
-    /// Stalled with reason InvalidSpec: such a resource rotates nothing, so it owns no user.
-    #[serde(rename = "conditions", default, deserialize_with = "invalid_spec", skip_serializing)]
-    pub invalid_spec: bool,
+    /// What the conditions say, as far as the cache needs it.
+    #[serde(rename = "conditions", default, deserialize_with = "condition_flags", skip_serializing)]
+    pub conditions: ConditionFlags,
 }
 
-/// Reads only whether the conditions say Stalled/InvalidSpec; the conditions themselves are not kept.
-fn invalid_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+/// What the cache keeps of the conditions (the conditions themselves are not kept).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConditionFlags {
+    /// Stalled with reason InvalidSpec: such a resource rotates nothing, so it owns no user.
+    pub invalid_spec: bool,
+    /// Its rotation waits on something outside rekey's control (`plan::slots::waits_outside`): it
+    /// holds no rotation or rollout slot.
+    pub waits_outside: bool,
+}
+
+fn condition_flags<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ConditionFlags, D::Error> {
     #[derive(Deserialize)]
     struct Cond {
         #[serde(rename = "type")]
@@ -56,7 +65,11 @@ fn invalid_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error
         reason: String,
     }
     let conds = Vec::<Cond>::deserialize(d)?;
-    Ok(conds.iter().any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == "InvalidSpec"))
+    let triples = || conds.iter().map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()));
+    Ok(ConditionFlags {
+        invalid_spec: triples().any(|c| c == ("Stalled", "True", "InvalidSpec")),
+        waits_outside: crate::plan::slots::waits_outside_by(triples()),
+    })
 }
 
 /// The same API resource as [`IamKeyRotation`] (group, version, kind, plural, namespaced).
@@ -156,12 +169,17 @@ mod tests {
         assert_eq!(o.finalizers(), ["rekey.dev/cleanup".to_owned()]);
         assert_eq!(o.spec.user_name, "billing");
         let st = o.status.as_ref().unwrap();
-        assert_eq!((st.phase, st.failed_attempts, st.invalid_spec), (Phase::RollingOut, 2, false));
+        assert_eq!((st.phase, st.failed_attempts, st.conditions), (Phase::RollingOut, 2, ConditionFlags::default()));
         let mut invalid = full();
         invalid["status"]["conditions"] = serde_json::json!([{"type": "Stalled", "status": "True", "reason": "InvalidSpec",
             "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
         let o: Cached = serde_json::from_value(invalid).unwrap();
-        assert!(o.status.unwrap().invalid_spec);
+        assert_eq!(o.status.unwrap().conditions, ConditionFlags { invalid_spec: true, waits_outside: true });
+        let mut uncovered = full();
+        uncovered["status"]["conditions"] = serde_json::json!([{"type": "Degraded", "status": "True",
+            "reason": "UncoveredConsumers", "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+        let o: Cached = serde_json::from_value(uncovered).unwrap();
+        assert_eq!(o.status.unwrap().conditions, ConditionFlags { invalid_spec: false, waits_outside: true });
     }
 
     #[test]

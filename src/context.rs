@@ -2,6 +2,7 @@
 //! caches say about other resources (who else names a user, how many rotations are in flight).
 //! Reads the cluster (the caches, and a fresh list where a cache cannot answer) and IAM (whoami).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::cache::Cached;
 use crate::error::Error;
 use crate::iam::Iam;
 use crate::ownership::{fnv1a, role_allowed};
+use crate::plan::slots::{RotationSlots, holds_slot};
 
 /// The operator's settings (the `rekey run` flags).
 #[derive(Clone, Debug)]
@@ -209,13 +211,18 @@ impl<I: Iam> Context<I> {
         Ok(out)
     }
 
-    /// "namespace/name" of every resource the watch caches show in phase RollingOut.
-    pub fn rolling_out(&self) -> std::collections::BTreeSet<String> {
+    /// "namespace/name" of every resource the watch caches show in phase RollingOut, but for those
+    /// that wait on something outside rekey's control (a stalled rollout): they hold no rollout slot.
+    pub fn rolling_out(&self) -> BTreeSet<String> {
         let Ok(stores) = self.stores.lock() else { return Default::default() };
         stores
             .iter()
             .flat_map(|s| s.state())
-            .filter(|o| o.status.as_ref().is_some_and(|s| s.phase == crate::api::Phase::RollingOut))
+            .filter(|o| {
+                o.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == crate::api::Phase::RollingOut && !s.conditions.waits_outside)
+            })
             .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
             .collect()
     }
@@ -238,19 +245,34 @@ impl<I: Iam> Context<I> {
             .collect()
     }
 
-    /// Whether fewer than --max-concurrent-rotations other resources are mid-rotation. Counted from
-    /// the cache: two resources deciding at the same instant may overshoot by one, which this limit
-    /// (load smoothing, not a safety rule) tolerates.
-    pub fn rotation_slot_free(&self, obj: &IamKeyRotation) -> bool {
-        let Ok(stores) = self.stores.lock() else { return true };
-        let me = (obj.namespace(), obj.name_any());
-        let busy = stores
-            .iter()
-            .flat_map(|s| s.state())
-            .filter(|o| (o.namespace(), o.name_any()) != me)
-            .filter(|o| o.status.as_ref().is_some_and(|s| s.phase != crate::api::Phase::Idle))
-            .count();
-        busy < self.config.max_concurrent_rotations
+    /// Who holds the --max-concurrent-rotations slots, for `obj` deciding whether to start a
+    /// rotation (`plan::slots`); `waiting`: the namespaces whose rotations waited for one lately.
+    /// Counted from the cache: two resources deciding at the same instant may overshoot by one,
+    /// which this limit (load smoothing, not a safety rule) tolerates.
+    pub fn rotation_slots(&self, obj: &IamKeyRotation, waiting: &BTreeSet<String>) -> RotationSlots {
+        let (ns, me) = (obj.namespace().unwrap_or_default(), obj.name_any());
+        let mut contending: BTreeSet<String> = waiting.iter().filter(|n| **n != ns).cloned().collect();
+        let mut s = RotationSlots {
+            max: self.config.max_concurrent_rotations,
+            others_waiting: !contending.is_empty(),
+            ..Default::default()
+        };
+        let Ok(stores) = self.stores.lock() else { return s };
+        for o in stores.iter().flat_map(|s| s.state()) {
+            let holds = o.status.as_ref().is_some_and(|st| holds_slot(st.phase, st.conditions.waits_outside));
+            let o_ns = o.namespace().unwrap_or_default();
+            if !holds || (o_ns == ns && o.name_any() == me) {
+                continue;
+            }
+            s.held += 1;
+            if o_ns == ns {
+                s.held_here += 1;
+            } else {
+                contending.insert(o_ns);
+            }
+        }
+        s.contending = contending.len();
+        s
     }
 }
 

@@ -120,7 +120,7 @@ pub async fn iam<I: Iam>(
     let older = resources
         .iter()
         .filter(|o| o.spec.user_name.eq_ignore_ascii_case(user) && o.meta().deletion_timestamp.is_none())
-        .filter(|o| !o.status.as_ref().is_some_and(|s| s.invalid_spec))
+        .filter(|o| !o.status.as_ref().is_some_and(|s| s.conditions.invalid_spec))
         .filter(|o| consents(&o.namespace().unwrap_or_default()))
         .map(|o| (o.creation_timestamp().map(|t| t.0), o.namespace().unwrap_or_default(), o.name_any()))
         .filter(|other| *other < me)

@@ -1,6 +1,7 @@
-//! Restart pacing facts: which resources hold one of the --max-concurrent-rollouts slots, and when
-//! rekey last restarted workloads in each namespace (--rollout-cooldown). The plan decides from them
-//! (`plan::Gates`); this only remembers.
+//! Pacing facts: which resources hold one of the --max-concurrent-rollouts slots, when rekey last
+//! restarted workloads in each namespace (--rollout-cooldown), and which resources waited for a
+//! --max-concurrent-rotations slot lately (the namespaces' fair shares, `plan::slots`). The plan
+//! decides from them (`plan::Gates`); this only remembers.
 //!
 //! This replica's memory, not status: pacing smooths load and guards nothing. After a restart of
 //! the operator, resources still rolling out take their slots again at their next look, and the
@@ -18,7 +19,13 @@ pub struct Pacing {
     held: Mutex<BTreeSet<String>>,
     /// When rekey last restarted workloads, per namespace.
     restarts: Mutex<BTreeMap<String, Timestamp>>,
+    /// "namespace/name" of the resources whose rotation waited for a rotation slot, and when last.
+    waiting: Mutex<BTreeMap<String, Timestamp>>,
 }
+
+/// A resource waiting for a rotation slot looks again every 15 s: one not seen waiting for this
+/// long got a slot, was deleted, or wants none any more.
+const WAITING_FOR: SignedDuration = SignedDuration::from_secs(60);
 
 impl Pacing {
     /// Whether `me` ("namespace/name") may restart workloads now: it holds a rollout slot, or takes
@@ -38,6 +45,23 @@ impl Pacing {
             return Ok(());
         }
         Err(held.iter().cloned().collect())
+    }
+
+    /// Whether `me` ("namespace/name") waits for a rotation slot, decided at `now`.
+    pub fn waits_for_rotation_slot(&self, me: &str, waits: bool, now: Timestamp) {
+        let Ok(mut w) = self.waiting.lock() else { return };
+        if waits {
+            w.insert(me.to_owned(), now);
+        } else {
+            w.remove(me);
+        }
+    }
+
+    /// The namespaces with a resource that waited for a rotation slot lately.
+    pub fn waiting_namespaces(&self, now: Timestamp) -> BTreeSet<String> {
+        let Ok(mut w) = self.waiting.lock() else { return BTreeSet::new() };
+        w.retain(|_, at| at.checked_add(WAITING_FOR).is_ok_and(|until| until > now));
+        w.keys().filter_map(|k| k.split_once('/')).map(|(ns, _)| ns.to_owned()).collect()
     }
 
     /// rekey restarted workloads in namespace `ns` at `at`.
@@ -102,6 +126,21 @@ mod tests {
         assert!(p.slot("a/three", false, &set(&["a/two"]), 1).is_ok());
         assert!(p.slot("a/four", true, &set(&["a/two", "a/four"]), 1).is_err());
         assert!(p.slot("a/four", true, &set(&["a/two", "a/four"]), 0).is_ok(), "0: no limit");
+    }
+
+    #[test]
+    fn namespaces_waiting_for_a_rotation_slot_are_remembered_for_a_minute() {
+        let p = Pacing::default();
+        let t: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
+        p.waits_for_rotation_slot("a/one", true, t);
+        p.waits_for_rotation_slot("a/two", true, t);
+        p.waits_for_rotation_slot("b/one", true, t);
+        assert_eq!(p.waiting_namespaces(t), set(&["a", "b"]));
+        p.waits_for_rotation_slot("b/one", false, t);
+        assert_eq!(p.waiting_namespaces(t), set(&["a"]), "b/one got its slot");
+        p.waits_for_rotation_slot("a/two", true, t + SignedDuration::from_secs(30));
+        assert_eq!(p.waiting_namespaces(t + SignedDuration::from_secs(61)), set(&["a"]), "a/two waits still");
+        assert_eq!(p.waiting_namespaces(t + SignedDuration::from_secs(91)), set(&[]), "not seen since");
     }
 
     #[test]

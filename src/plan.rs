@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 pub mod cleanup;
+pub mod slots;
 pub mod snapshot;
 
 use crate::api::{
@@ -88,6 +89,9 @@ pub enum Withheld {
 pub enum Step {
     /// Nothing to write; look again after `requeue` (None: only on a watch event).
     Wait { requeue: Option<Duration>, why: String },
+    /// A rotation would start but waits for a --max-concurrent-rotations slot (`slots`): nothing is
+    /// written; the operator remembers that this resource waits, for the namespaces' fair shares.
+    WaitForSlot { requeue: Duration, message: String },
     /// A scheduled rotation is due but no window of spec.schedule.windows is open: nothing is
     /// written (the key in use stays Active) until `opens`.
     WaitForWindow { requeue: Duration, opens: Timestamp, message: String },
@@ -162,6 +166,7 @@ impl Step {
         !matches!(
             self,
             Step::Wait { .. }
+                | Step::WaitForSlot { .. }
                 | Step::WaitForWindow { .. }
                 | Step::Retry { .. }
                 | Step::NeedIam
@@ -194,10 +199,8 @@ pub struct Input<'a> {
 pub struct Gates {
     /// `spec.aws.roleArn`, when the operator's allow-list (--allowed-role-arns) does not match it.
     pub denied_role: Option<String>,
-    /// Fewer than --max-concurrent-rotations other resources are mid-rotation.
-    pub slot_free: bool,
-    /// --max-concurrent-rotations, for the message while waiting for a slot.
-    pub max_rotations: usize,
+    /// Who holds the --max-concurrent-rotations slots (`slots`).
+    pub rotation_slots: slots::RotationSlots,
     /// Who holds every --max-concurrent-rollouts slot while this resource may not restart
     /// workloads (empty: it holds one, or there is no limit).
     pub rollout_slot_holders: Vec<String>,
@@ -219,8 +222,7 @@ impl Default for Gates {
     fn default() -> Self {
         Self {
             denied_role: None,
-            slot_free: true,
-            max_rotations: 10,
+            rotation_slots: slots::RotationSlots { max: 10, ..Default::default() },
             rollout_slot_holders: Vec::new(),
             max_rollouts: 0,
             restart_not_before: None,
@@ -783,11 +785,12 @@ fn begin(i: &Input, trigger: Trigger) -> Step {
             requeue: backoff(st.failed_attempts + 1),
         };
     }
-    if !i.gates.slot_free && trigger != Trigger::Emergency {
-        return wait(
-            Some(Duration::from_secs(15)),
-            format!("waiting for a rotation slot (at most {} rotations at once)", i.gates.max_rotations),
-        );
+    let slots = &i.gates.rotation_slots;
+    if let Some(why) = slots::refusal(slots, trigger) {
+        return Step::WaitForSlot {
+            requeue: Duration::from_secs(15),
+            message: slots::waiting_message(slots, why, &i.identity.namespace),
+        };
     }
     Step::Begin { trigger }
 }

@@ -689,13 +689,99 @@ fn a_rotation_waits_for_a_slot_and_says_so() {
         true,
         now() - secs(86 * 86_400),
     );
-    c.gates = Gates { slot_free: false, max_rotations: 3, ..Gates::default() };
+    c.gates.rotation_slots = slots::RotationSlots { max: 3, held: 3, held_here: 1, ..Default::default() };
     match c.decide() {
-        Step::Wait { why, .. } => assert!(why.contains("rotation slot (at most 3"), "{why}"),
+        Step::WaitForSlot { message, .. } => assert!(
+            message.contains(
+                "rotation slot (at most 3 rotations at once; held by 1 in namespace payments and 2 in other namespaces"
+            ),
+            "{message}"
+        ),
         other => panic!("{other:?}"),
     }
-    c.gates.slot_free = true;
+    c.gates.rotation_slots.held = 2;
     assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Scheduled });
+}
+
+/// --max-concurrent-rotations is load smoothing: it must not let other namespaces starve a first
+/// key or a person's request, nor one namespace keep the freed slots while others wait.
+#[test]
+fn rotation_slots_table() {
+    use Trigger::*;
+    use slots::{Refusal, RotationSlots, refusal};
+    let s = |held, held_here, contending, others_waiting| RotationSlots {
+        max: 4,
+        held,
+        held_here,
+        contending,
+        others_waiting,
+    };
+    let table = [
+        // (slots, trigger, refused?, why)
+        (s(3, 0, 1, false), Scheduled, None, "a free slot"),
+        (s(4, 0, 2, true), Scheduled, Some(Refusal::Full), "every slot held, by others"),
+        (s(4, 4, 0, false), Scheduled, Some(Refusal::Full), "every slot held, here"),
+        (s(4, 0, 2, true), Bootstrap, None, "a first key: other namespaces' rotations do not count"),
+        (s(4, 0, 2, true), Requested, None, "a request: other namespaces' rotations do not count"),
+        (s(9, 3, 2, true), Requested, None, "its own namespace holds fewer than the limit"),
+        (s(4, 4, 0, false), Bootstrap, Some(Refusal::FullHere), "its own namespace holds every slot"),
+        (s(4, 4, 0, false), Requested, Some(Refusal::FullHere), "its own namespace holds every slot"),
+        (s(40, 40, 0, true), Emergency, None, "a leaked key never waits"),
+        // Fair shares: 4 slots, this namespace and one other contending, 2 each.
+        (s(3, 2, 1, true), Scheduled, Some(Refusal::Share(2)), "its share held while another namespace waits"),
+        (s(3, 2, 1, false), Scheduled, None, "its share held, nobody else waits: the slot is not left idle"),
+        (s(3, 1, 1, true), Scheduled, None, "below its share"),
+        // Three others contend: a share of 4 / 4 = 1.
+        (s(2, 1, 3, true), Scheduled, Some(Refusal::Share(1)), "its one slot of four namespaces"),
+        (s(2, 0, 3, true), Scheduled, None, "none yet: it gets the freed slot"),
+        // More namespaces than slots: a share is still 1.
+        (s(3, 1, 9, true), Scheduled, Some(Refusal::Share(1)), "at least one each"),
+    ];
+    for (slots, trigger, want, why) in table {
+        assert_eq!(refusal(&slots, trigger), want, "{why}: {slots:?} {trigger}");
+    }
+    assert_eq!(refusal(&RotationSlots { max: 0, held: 100, ..Default::default() }, Scheduled), None, "no limit");
+}
+
+/// Only a rotation rekey makes progress on holds a slot: one that waits on consumers rekey does
+/// not restart, a stalled rollout, a parked rollback, another owner or a refused call holds none.
+#[test]
+fn who_holds_a_rotation_slot_table() {
+    use slots::{holds_slot, waits_outside_by};
+    type Conditions<'a> = &'a [(&'a str, &'a str, &'a str)];
+    let table: [(Conditions, Phase, bool, &str); 12] = [
+        (&[], Phase::Creating, true, "creating"),
+        (&[("Degraded", "False", "AsExpected")], Phase::Soaking, true, "soaking: rekey's own wait"),
+        (&[], Phase::Idle, false, "idle"),
+        (&[("Degraded", "True", "UncoveredConsumers")], Phase::Deactivating, false, "a bare pod or ReplicaSet"),
+        (&[("Degraded", "True", "RolloutStalled")], Phase::RollingOut, false, "a stalled or paused rollout"),
+        (&[("Stalled", "True", "ParkedAfterRollback")], Phase::Soaking, false, "a parked rollback"),
+        (&[("Stalled", "True", "InvalidSpec")], Phase::RollingOut, false, "a workload rekey cannot roll"),
+        (&[("Degraded", "True", "IamAccessDenied")], Phase::Creating, false, "a refused create"),
+        (&[("Degraded", "True", "KeyQuotaExhausted")], Phase::Creating, false, "a foreign key in the way"),
+        (&[("Degraded", "True", "IamThrottled")], Phase::Creating, true, "throttled: rekey retries it"),
+        (&[("Degraded", "True", "SecretReverted")], Phase::RollingOut, true, "a revert rekey is writing back"),
+        (&[("Degraded", "True", "GitOpsManagedSecret")], Phase::RollingOut, true, "a caveat, not a wait"),
+    ];
+    for (conds, phase, holds, why) in table {
+        assert_eq!(holds_slot(phase, waits_outside_by(conds.iter().copied())), holds, "{why}");
+    }
+}
+
+#[test]
+fn a_first_key_and_a_request_do_not_wait_for_other_namespaces_slots() {
+    let full = slots::RotationSlots { max: 2, held: 2, held_here: 0, contending: 1, others_waiting: false };
+    let mut c = Case::new();
+    c.gates.rotation_slots = full.clone();
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Bootstrap }, "the first key");
+    let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now()).key(OLD, true, now());
+    c.gates.rotation_slots = full;
+    c.observed.requests.rotate = Some("now".into());
+    assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Requested });
+    c.gates.rotation_slots.held_here = 2;
+    assert!(
+        matches!(c.decide(), Step::WaitForSlot { ref message, .. } if message.contains("all held by rotations of namespace payments"))
+    );
 }
 
 #[test]
@@ -997,7 +1083,7 @@ fn a_new_key_reported_leaked_before_any_secret_holds_it_is_deleted_not_handed_ov
 #[test]
 fn an_emergency_does_not_wait_for_a_rotation_slot() {
     let mut c = Case::new().secrets(SecretState::Holds(OLD.into())).active(OLD, now()).key(OLD, true, now());
-    c.gates.slot_free = false;
+    c.gates.rotation_slots = slots::RotationSlots { max: 1, held: 1, held_here: 1, ..Default::default() };
     c.observed.requests.emergency = Some("leak".into());
     assert_eq!(c.decide(), Step::Begin { trigger: Trigger::Emergency });
 }

@@ -270,6 +270,9 @@ impl<'a, I: Iam> Reconciler<'a, I> {
             region: &region,
         };
         let ns = &self.identity.namespace;
+        // Remembered for the namespaces' fair shares of the rotation slots (`plan::slots`).
+        let me = format!("{ns}/{}", self.identity.name);
+        self.ctx.pacing.waits_for_rotation_slot(&me, matches!(step, Step::WaitForSlot { .. }), self.now);
         let cooldown = if st.emergency() { Duration::ZERO } else { self.ctx.config.rollout_cooldown };
         if matches!(step, Step::Stamp { .. }) && !self.ctx.pacing.reserve(ns, cooldown, self.now) {
             // Another rotation of the namespace took this restart since the snapshot: look again.
@@ -340,8 +343,7 @@ impl<'a, I: Iam> Reconciler<'a, I> {
                 self.ctx.handing_over(ns, &self.identity.name)
             },
             denied_role: role.filter(|r| !crate::ownership::role_allowed(&self.ctx.config.allowed_role_arns, r)),
-            slot_free: self.ctx.rotation_slot_free(&self.obj),
-            max_rotations: self.ctx.config.max_concurrent_rotations,
+            rotation_slots: self.ctx.rotation_slots(&self.obj, &self.ctx.pacing.waiting_namespaces(self.now)),
             watched: self.ctx.config.namespaces.clone(),
         }
     }

@@ -95,7 +95,7 @@ impl Verdict {
             // Carrying out the revert marked before: its Degraded stands.
             Step::Revert { .. } => Verdict::Waiting(String::new()),
             Step::Retry { why, .. } => Verdict::Retrying(why.clone()),
-            Step::Wait { why, .. } => Verdict::Waiting(why.clone()),
+            Step::Wait { why, .. } | Step::WaitForSlot { message: why, .. } => Verdict::Waiting(why.clone()),
             Step::WaitForWindow { message, .. } => Verdict::WaitingForWindow(message.clone()),
             Step::Withhold { why, step } => {
                 Verdict::Waiting(format!("{}: the next step would be {}", why.describe(), step.name()))

@@ -1,5 +1,7 @@
 //! Restart pacing on the real control plane: rotations that hand over together restart a workload
-//! they share once; a rotation waits for a rollout slot in view.
+//! they share once; a rotation waits for a rollout slot in view; rotations stuck on what rekey does
+//! not control hold no rotation slot, and other namespaces' rotations never hold back a first key
+//! or a request.
 
 mod support;
 
@@ -7,8 +9,9 @@ use std::collections::BTreeSet;
 
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use kube::api::{Api, PostParams};
-use rekey::api::Phase;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rekey::api::{IamKeyRotation, Phase};
 use rekey_testenv::env::eventually;
 use serde_json::json;
 use support::*;
@@ -141,5 +144,78 @@ async fn a_rotation_waiting_for_a_rollout_slot_names_its_holder_and_goes_on_when
     }
     assert_eq!(stamp(deployments.get("web").await?), Some(new_b.clone()));
     assert!(!f.env.keys(&other_user).await?.contains_key(&old_b), "b's old key is retired");
+    Ok(())
+}
+
+/// A bare pod (no controller) reading `secret` through envFrom: a consumer rekey cannot restart.
+fn bare_pod(name: &str, secret: &str) -> anyhow::Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "app", "image": "app:1", "envFrom": [{"secretRef": {"name": secret}}]}]}
+    }))?)
+}
+
+fn rotated_once(o: &IamKeyRotation) -> bool {
+    o.status.as_ref().is_some_and(|s| s.rotations == 1 && s.phase == Phase::Idle)
+}
+
+/// --max-concurrent-rotations 2, and two rotations of namespace A wait (legitimately, for days) on
+/// bare pods that read their Secrets: they hold no slot. A new resource of namespace B gets its
+/// first key, a rekey.dev/rotate request in B and one in A rotate, while the stuck two still wait
+/// with their old keys Active.
+#[tokio::test]
+async fn rotations_stuck_on_uncovered_consumers_hold_no_slot() -> anyhow::Result<()> {
+    let f = Fixture::new("fair").await?;
+    let ns_b = f.env.namespace("fair-b").await?;
+    let ikrs_b: Api<IamKeyRotation> = Api::namespaced(f.env.kube.clone(), &ns_b);
+    let secrets_b: Api<Secret> = Api::namespaced(f.env.kube.clone(), &ns_b);
+    let pods: Api<Pod> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    let mut stuck_keys = Vec::new();
+    for (name, user) in [("stuck-1", f.user.clone()), ("stuck-2", consenting_user(&f.env, "fair-2", &f.ns).await?)] {
+        let secret = format!("creds-{name}");
+        stuck_keys.push((user.clone(), adopted(&f, name, &user, &secret).await?));
+        pods.create(&PostParams::default(), &bare_pod(&format!("bare-{name}"), &secret)?).await?;
+    }
+    let a_user = consenting_user(&f.env, "fair-3", &f.ns).await?;
+    adopted(&f, "requested-a", &a_user, "creds-requested-a").await?;
+    let b_user = consenting_user(&f.env, "fair-b1", &ns_b).await?;
+    let key = f.env.create_key(&b_user).await?;
+    secrets_b.create(&PostParams::default(), &key_secret("creds-requested", &key)?).await?;
+    let spec = |user: &str, secret: &str| json!({"userName": user, "secrets": [{"name": secret}], "retirement": {"deleteAfter": "0s"}});
+    ikrs_b.create(&PostParams::default(), &ikr("requested-b", spec(&b_user, "creds-requested"))?).await?;
+    let _op = Operator::start_watching(&f.ns, &[&f.ns, &ns_b], &[("REKEY_MAX_CONCURRENT_ROTATIONS", "2")]).await?;
+    let in_place = |o: &IamKeyRotation| is_true(o, "Ready", "KeyInPlace");
+    for name in ["stuck-1", "stuck-2", "requested-a"] {
+        wait_ikr(&f.ikrs, name, "adopted", in_place).await?;
+    }
+    wait_ikr(&ikrs_b, "requested-b", "adopted", in_place).await?;
+
+    for name in ["stuck-1", "stuck-2"] {
+        f.rotate(name, "1").await?;
+    }
+    for name in ["stuck-1", "stuck-2"] {
+        wait_ikr(&f.ikrs, name, "held by its bare pod", |o| {
+            phase(o) == Phase::Deactivating && is_true(o, "Degraded", "UncoveredConsumers")
+        })
+        .await?;
+    }
+
+    let first_user = consenting_user(&f.env, "fair-b2", &ns_b).await?;
+    ikrs_b.create(&PostParams::default(), &ikr("first", spec(&first_user, "creds-first"))?).await?;
+    let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate": "1"}}});
+    ikrs_b.patch("requested-b", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    f.rotate("requested-a", "1").await?;
+    let first = wait_ikr(&ikrs_b, "first", "the first key in place", in_place).await?;
+    let first_key = active_key(&first).context("first key")?;
+    assert_eq!(held_key(&secrets_b, "creds-first").await?, Some(first_key));
+    wait_ikr(&ikrs_b, "requested-b", "rotated on request", rotated_once).await?;
+    wait_ikr(&f.ikrs, "requested-a", "rotated on request", rotated_once).await?;
+
+    // The stuck two went on waiting, their old keys Active for the bare pods.
+    for (name, (user, old)) in ["stuck-1", "stuck-2"].into_iter().zip(&stuck_keys) {
+        let o = f.ikrs.get(name).await?;
+        assert!(is_true(&o, "Degraded", "UncoveredConsumers"), "{name}: {:?}", condition(&o, "Degraded"));
+        assert_eq!(f.env.keys(user).await?.get(old).map(String::as_str), Some("Active"), "{name}'s old key");
+    }
     Ok(())
 }
