@@ -385,7 +385,14 @@ async fn event_reasons(f: &Fixture, name: &str) -> anyhow::Result<Vec<String>> {
     Ok(items.into_iter().filter_map(|e| e.reason).collect())
 }
 
-/// A 2-replica Deployment `web` reading Secret "creds" (paused: its rollout hangs), resource
+/// Pauses (or resumes) Deployment `web`'s rollouts.
+async fn set_paused(f: &Fixture, paused: bool) -> anyhow::Result<()> {
+    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    deploys.patch("web", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"paused": paused}}))).await?;
+    Ok(())
+}
+
+/// A 2-replica Deployment `web` reading Secret "creds" (paused once Ready: its rollout hangs), resource
 /// "creds" (with `extra`) adopting the key in it, the operator running and `web` Ready: the key,
 /// the operator, and the uids of web's pods.
 async fn web_on_adopted_key(
@@ -394,15 +401,14 @@ async fn web_on_adopted_key(
     extra: serde_json::Value,
 ) -> anyhow::Result<(String, Operator, BTreeSet<String>)> {
     let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
-    let mut d = deployment("web", 2, "creds")?;
-    if let Some(s) = d.spec.as_mut() {
-        s.paused = Some(paused);
-    }
     let key = adopted_with(f, "creds", &f.user, extra).await?;
-    deploys.create(&PostParams::default(), &d).await?;
+    deploys.create(&PostParams::default(), &deployment("web", 2, "creds")?).await?;
     let op = f.operator().await?;
     wait_ikr(&f.ikrs, "creds", "adopted", |o| active_key(o).as_deref() == Some(key.as_str())).await?;
     deployment_ready(&deploys, "web", WAIT).await?;
+    if paused {
+        set_paused(f, true).await?;
+    }
     let pods = pod_uids(f, "web").await?;
     anyhow::ensure!(pods.len() == 2, "two pods of web: {pods:?}");
     Ok((key, op, pods))
@@ -455,8 +461,7 @@ async fn a_hanging_rollout_holds_the_leaked_key_until_max_wait_at_most() -> anyh
     assert!(now >= by, "switched off at {now}, before the deadline {by}");
     assert_eq!(pod_uids(&f, "web").await?, old_pods, "the rollout hung: the old pods are still there");
     // The rollout resumes: the rotation ends.
-    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
-    deploys.patch("web", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"paused": false}}))).await?;
+    set_paused(&f, false).await?;
     rotated_once(&f.ikrs, "creds").await?;
     assert!(!f.env.keys(&f.user).await?.contains_key(&leaked));
     Ok(())
@@ -469,29 +474,30 @@ async fn switch_off_immediately_switches_the_leaked_key_off_at_the_handover() ->
     let f = Fixture::new("leak-now").await?;
     let (leaked, _op, old_pods) =
         web_on_adopted_key(&f, true, json!({"emergency": {"switchOff": "Immediately"}})).await?;
-    let breaks = KeyBreakWatch::start(&f.env, &f.ns);
     request_emergency(&f, "creds", "leaked-3").await?;
     key_off(&f, &f.user, &leaked).await?;
     assert_eq!(pod_uids(&f, "web").await?, old_pods, "the old pods are still there (paused rollout)");
+    // The price of Immediately: the kubelet takes both old pods out of service on the leaked key.
     eventually("the old pods NotReady on the leaked key", WAIT, || async {
         let pods: Api<Pod> = Api::namespaced(f.env.kube.clone(), &f.ns);
-        let not_ready = pods
-            .list(&ListParams::default().labels("app=web"))
-            .await?
-            .items
+        let list = pods.list(&ListParams::default().labels("app=web")).await?.items;
+        let broken = list
             .iter()
             .filter(|p| {
                 let conds = p.status.as_ref().and_then(|s| s.conditions.as_ref());
-                conds.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"))
+                conds.is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c.type_ == "Ready"
+                            && c.status == "False"
+                            && c.message.as_deref().is_some_and(|m| m.contains(&format!("access key {leaked}")))
+                    })
+                })
             })
             .count();
-        Ok(if not_ready == 2 { Ok(()) } else { Err(format!("{not_ready} NotReady")) })
+        Ok(if broken == 2 { Ok(()) } else { Err(format!("{broken} of 2 NotReady on {leaked}")) })
     })
     .await?;
-    let broken = breaks.stop();
-    assert!(broken.iter().any(|b| b.contains(&leaked)), "the price of Immediately: {broken:?}");
-    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
-    deploys.patch("web", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"paused": false}}))).await?;
+    set_paused(&f, false).await?;
     rotated_once(&f.ikrs, "creds").await?;
     assert!(!f.env.keys(&f.user).await?.contains_key(&leaked));
     Ok(())
