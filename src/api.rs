@@ -81,6 +81,10 @@ pub struct IamKeyRotationSpec {
     #[serde(default)]
     pub retirement: RetirementSpec,
 
+    /// When a leaked key (rekey.dev/rotate-emergency, a leak report) is switched off.
+    #[serde(default)]
+    pub emergency: EmergencySpec,
+
     /// Sign sts:GetCallerIdentity with the new key before handing it out (default true).
     #[serde(default = "default_true")]
     pub verify_new_key: bool,
@@ -343,6 +347,43 @@ impl Default for RetirementSpec {
     }
 }
 
+/// When an emergency rotation (a leaked key) switches the leaked key off.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EmergencySpec {
+    /// AfterRollout (default): the workloads are restarted at once and the leaked key is switched
+    /// off (Inactive) the moment their new pods are Ready and no pod of the old template is left,
+    /// without deactivateAfter, requireOldKeyUnusedFor or a soak, and no later than maxWait even if
+    /// the rollout hangs. Immediately: as soon as the Secrets hold the new key, whoever still uses
+    /// it (pods not yet replaced lose access until they are).
+    #[serde(default)]
+    pub switch_off: SwitchOff,
+    /// AfterRollout: the longest the leaked key stays Active once the Secrets hold the new key
+    /// (1s to 1h, default 5m).
+    #[serde(default = "default_max_wait")]
+    pub max_wait: SpecDuration,
+}
+
+impl Default for EmergencySpec {
+    fn default() -> Self {
+        Self { switch_off: SwitchOff::default(), max_wait: default_max_wait() }
+    }
+}
+
+fn default_max_wait() -> SpecDuration {
+    SpecDuration::new("5m")
+}
+
+/// When an emergency switches the leaked key off.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default, strum::Display)]
+pub enum SwitchOff {
+    /// Once the workloads run on the new key, at most spec.emergency.maxWait after the handover.
+    #[default]
+    AfterRollout,
+    /// As soon as the Secrets hold the new key (exposure first: pods not yet replaced lose access).
+    Immediately,
+}
+
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, JsonSchema, PartialEq, Eq, Default, strum::Display)]
 pub enum DeletionPolicy {
     #[default]
@@ -476,6 +517,11 @@ pub struct RotationProgress {
     /// When every target Secret last received the active key: a pod created later reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handed_over_at: Option<Time>,
+    /// An emergency: since when the leaked key is waited on (the handover, the escalation of a
+    /// rotation already handed over, or its resumption after a park); spec.emergency.maxWait
+    /// counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency_since: Option<Time>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -496,6 +542,7 @@ impl RotationProgress {
             reverting: false,
             restart: None,
             handed_over_at: None,
+            emergency_since: None,
         }
     }
 }
@@ -616,7 +663,7 @@ fn drop_time_boilerplate(schema: &mut schemars::Schema) {
 
 impl IamKeyRotationStatus {
     /// Whether the rotation in flight is an emergency: the old key is leaked, so it goes as soon
-    /// as the Secrets hold the new one, without a soak.
+    /// as the workloads run on the new one (spec.emergency), without a soak.
     pub fn emergency(&self) -> bool {
         self.rotation.as_ref().is_some_and(|r| r.trigger == Trigger::Emergency)
     }

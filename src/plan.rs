@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 pub mod cleanup;
+mod emergency;
 pub mod slots;
 pub mod snapshot;
 
@@ -292,6 +293,10 @@ pub fn decide(i: &Input) -> Decision {
 }
 
 fn next_step(i: &Input) -> Step {
+    emergency::with_retry_promised(i, emergency::with_report_pending(i, phase_step(i)))
+}
+
+fn phase_step(i: &Input) -> Step {
     let st = i.status;
     if let Some(role) = &i.gates.denied_role {
         return stall(
@@ -314,7 +319,9 @@ fn next_step(i: &Input) -> Step {
     if let Some(s) = leaked_before_handover(i) {
         return s;
     }
-    if st.phase != Phase::Idle && !st.emergency() && emergency_requested(i) {
+    // A report on the new key leaves the healthy old key to the routine gates (`new_key_reported`).
+    if st.phase != Phase::Idle && !st.emergency() && emergency_requested(i) && emergency::new_key_reported(i).is_none()
+    {
         return Step::Escalate;
     }
     match st.phase {
@@ -406,8 +413,18 @@ fn backing_off(i: &Input) -> Option<Step> {
     let (st, o) = (i.status, i.observed);
     let last = st.last_failure_time.as_ref().filter(|_| st.failed_attempts > 0)?;
     let retry = add(last.0, backoff(st.failed_attempts));
-    (o.now < retry)
-        .then(|| Step::Retry { requeue: until(o.now, retry), why: format!("retrying after failure at {retry}") })
+    if o.now >= retry {
+        return None;
+    }
+    // A leaked key's request is never dropped: it stays in view while its next attempt waits.
+    let why = match o.requests.emergency.as_deref().filter(|_| emergency_requested(i) || st.emergency()) {
+        Some(request) => format!(
+            "EMERGENCY rotation ({request}) is tried again at {retry}, after {} failed attempts",
+            st.failed_attempts
+        ),
+        None => format!("retrying after failure at {retry}"),
+    };
+    Some(Step::Retry { requeue: until(o.now, retry), why })
 }
 
 /// After distribution every target Secret holds the active key. One deleted or emptied by hand
@@ -994,7 +1011,7 @@ fn rolling_out(i: &Input) -> Step {
         && let Some(r) = &st.retiring_key
         && r.state == KeyState::Active
     {
-        return Step::Deactivate { key_id: r.access_key_id.clone() };
+        return emergency::switch_off(i, &r.access_key_id);
     }
     let waiting = incomplete(w);
     if waiting.is_empty() {
@@ -1126,8 +1143,8 @@ fn deactivating(i: &Input) -> Step {
         return Step::Advance { to: Phase::Soaking };
     }
     if emergency(i) {
-        // A leaked key goes as soon as the Secrets hold the new one, whoever else still uses it.
-        return Step::Deactivate { key_id: r.access_key_id.clone() };
+        // A leaked key waits for the workloads (at most spec.emergency.maxWait), for nothing else.
+        return emergency::switch_off(i, &r.access_key_id);
     }
     let since = phase_since(i);
     let ready_at = add(since, i.valid.deactivate_after);
@@ -1223,8 +1240,9 @@ fn soaking(i: &Input) -> Step {
     let (st, o) = (i.status, i.observed);
     let Some(r) = &st.retiring_key else { return Step::Finish };
     if r.state == KeyState::Active {
-        // Parked after a rollback: both keys Active until a human says the missed place is fixed.
-        if retire_requested(i) {
+        // Parked after a rollback: both keys Active until a human says the missed place is fixed,
+        // unless the parked key leaked: it goes under the emergency rule all the same.
+        if retire_requested(i) || emergency(i) {
             return Step::Advance { to: Phase::Deactivating };
         }
         return stall(
@@ -1236,7 +1254,8 @@ fn soaking(i: &Input) -> Step {
         );
     }
     let Some(w) = &o.workloads else { return Step::NeedWorkloads };
-    if emergency(i) {
+    // A report on the new key skips the soak too: the leaked key is rotated once the old one is gone.
+    if emergency(i) || emergency::new_key_reported(i).is_some() {
         let waiting = incomplete(w);
         return if waiting.is_empty() {
             Step::Advance { to: Phase::Deleting }

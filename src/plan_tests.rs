@@ -497,10 +497,89 @@ fn bootstrap_without_an_old_key_finishes_after_rollout() {
     assert_eq!(c.decide(), Step::Finish);
 }
 
+/// An emergency rotation handed over `ago` seconds ago, its workload `Deployment/web` stamped and
+/// `complete` or not.
+fn emergency_rolling(ago: i64, complete: bool) -> Case {
+    let mut c = rolling(now() - secs(ago), Trigger::Emergency).workload("Deployment/web", Some(NEW), complete, 1);
+    c.status.rotation.as_mut().unwrap().handed_over_at = Some(Time(now() - secs(ago)));
+    c
+}
+
+/// The leaked key goes the moment the workloads run on the new key, and at maxWait (5m by default)
+/// after the handover at the latest; never with pods of the old template left before then.
 #[test]
-fn emergency_deactivates_as_soon_as_the_secrets_hold_the_new_key() {
-    let c = rolling(now(), Trigger::Emergency).workload("Deployment/web", Some(NEW), false, 0);
-    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+fn an_emergency_switches_the_leaked_key_off_once_the_rollout_is_done_or_at_max_wait() {
+    let off = Step::Deactivate { key_id: OLD.into() };
+    // Rollout done (new pods Ready, none of the old template left): off at once.
+    assert_eq!(emergency_rolling(2, true).decide(), off);
+    // Rolling: waiting, the condition says until when at the latest.
+    match emergency_rolling(2, false).decide() {
+        Step::Wait { requeue, why } => {
+            assert_eq!(requeue, Some(POLL));
+            assert!(
+                why.contains("the leaked key AKIAOLD0000000000001 is switched off once Deployment/web: 0 of 2 updated, 0 ready rolled out, at 2026-06-01T12:04:58Z at the latest (spec.emergency.maxWait 5m)"),
+                "{why}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A second before the bound: looked at again at the bound.
+    let c = emergency_rolling(299, false);
+    assert!(
+        matches!(c.decide(), Step::Wait { requeue: Some(d), .. } if d == Duration::from_secs(1)),
+        "{:?}",
+        c.decide()
+    );
+    // The rollout hangs past maxWait: off regardless.
+    assert_eq!(emergency_rolling(300, false).decide(), off);
+    let mut c = emergency_rolling(60, false);
+    c.spec.emergency.max_wait = crate::duration::SpecDuration::new("1m");
+    assert_eq!(c.decide(), off, "maxWait is the spec's");
+    // Escalated (or resumed after a park) after the handover: maxWait counts from then.
+    let mut c = emergency_rolling(900, false);
+    c.status.rotation.as_mut().unwrap().emergency_since = Some(Time(now() - secs(10)));
+    assert!(matches!(c.decide(), Step::Wait { .. }), "{:?}", c.decide());
+    // Exposure first, by choice: off at the handover, whoever still uses it.
+    let mut c = emergency_rolling(0, false);
+    c.spec.emergency.switch_off = crate::api::SwitchOff::Immediately;
+    assert_eq!(c.decide(), off);
+    // A routine rotation is not affected: it waits for its rollout, however long.
+    let mut c = emergency_rolling(3_000, false);
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Scheduled;
+    assert!(matches!(c.decide(), Step::Degrade { reason: DegradeReason::RolloutStalled, .. }));
+}
+
+/// In Deactivating an emergency waits for nothing but the workloads: no deactivateAfter, no
+/// requireOldKeyUnusedFor (nor a soak after it). Consumers rekey cannot restart get the same bound.
+#[test]
+fn an_emergency_skips_the_retirement_waits_and_gives_uncovered_consumers_max_wait() {
+    let off = Step::Deactivate { key_id: OLD.into() };
+    let mut c = emergency_rolling(2, true).with_phase(Phase::Deactivating);
+    c.spec.retirement.deactivate_after = crate::duration::SpecDuration::new("1h");
+    c.spec.retirement.require_old_key_unused_for = crate::duration::SpecDuration::new("1h");
+    c.iam().retiring_last_used = Some(Some(now()));
+    assert_eq!(c.decide(), off);
+    c.observed.workloads.as_mut().unwrap().items[0].complete = false;
+    assert!(matches!(c.decide(), Step::Wait { .. }), "a workload restarted since: {:?}", c.decide());
+    c.observed.workloads.as_mut().unwrap().items[0].complete = true;
+    c.observed.workloads.as_mut().unwrap().uncovered = vec!["Pod/adhoc (no controller)".into()];
+    match c.decide() {
+        Step::Degrade { reason: DegradeReason::UncoveredConsumers, message, .. } => assert!(
+            message.contains("the leaked key AKIAOLD0000000000001 is switched off at 2026-06-01T12:04:58Z regardless")
+                && message.contains("rekey.dev/retire"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    c.observed.requests.retire = Some("now".into());
+    assert_eq!(c.decide(), off, "a person lets it go at once");
+    c.observed.requests.retire = None;
+    c.status.rotation.as_mut().unwrap().handed_over_at = Some(Time(now() - secs(300)));
+    assert_eq!(c.decide(), off, "at maxWait they lose it");
+    c.observed.workloads = None;
+    assert_eq!(c.decide(), Step::NeedWorkloads);
+    c.spec.emergency.switch_off = crate::api::SwitchOff::Immediately;
+    assert_eq!(c.decide(), off, "Immediately needs no census");
 }
 
 // ---- Deactivating ----
@@ -1047,7 +1126,96 @@ fn an_emergency_requested_mid_rotation_escalates_it_and_skips_the_waits() {
     assert_eq!(c.decide(), Step::Escalate);
     c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
     c.status.last_emergency_request = Some("leak".into());
-    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() }, "a leaked key does not wait for consumers");
+    assert_eq!(degrade_reason(&c.decide()), Some(DegradeReason::UncoveredConsumers), "until maxWait");
+    c.status.rotation.as_mut().unwrap().emergency_since = Some(Time(now() - secs(300)));
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() }, "a leaked key waits at most maxWait");
+}
+
+/// A leak report on the new key, once a Secret may hold it, does not make the healthy old key an
+/// emergency's: every gate before its deactivation holds (rollout, deactivateAfter, the census),
+/// the soak is skipped, and the report stays pending to rotate the leaked key right after.
+#[test]
+fn a_report_on_the_new_key_leaves_the_old_key_to_the_routine_gates_and_skips_only_the_soak() {
+    let report = format!("guardduty:e1:{NEW}");
+    let mut c = deactivating(now() - secs(10));
+    c.observed.workloads.as_mut().unwrap().uncovered = vec!["Pod/adhoc (no controller)".into()];
+    c.observed.requests.emergency = Some(report.clone());
+    match c.decide() {
+        Step::Degrade { reason: DegradeReason::UncoveredConsumers, message, .. } => {
+            assert!(message.contains(&format!("the new key was reported leaked ({report}): it is rotated as soon as this rotation has retired the old key")), "{message}");
+        }
+        other => panic!("not escalated, the census holds: {other:?}"),
+    }
+    c.spec.retirement.deactivate_after = crate::duration::SpecDuration::new("1m");
+    c.observed.workloads.as_mut().unwrap().uncovered.clear();
+    assert!(matches!(c.decide(), Step::Wait { ref why, .. } if why.starts_with("deactivateAfter")), "{:?}", c.decide());
+    c.spec.retirement.deactivate_after = crate::duration::SpecDuration::new("0s");
+    assert_eq!(c.decide(), Step::Deactivate { key_id: OLD.into() });
+    // Rolling out: the rollout is waited for, the old key untouched.
+    let mut r = rolling(now(), Trigger::Scheduled).workload("Deployment/web", Some(NEW), false, 1);
+    r.observed.requests.emergency = Some(report.clone());
+    assert!(matches!(r.decide(), Step::Wait { ref why, .. } if why.starts_with("waiting for the rollout")));
+    // Soaking: no soak, the old key goes once the rollouts are complete.
+    let mut s = soaking(now()).workload("Deployment/web", Some(NEW), true, 2);
+    s.observed.requests.emergency = Some(report.clone());
+    assert_eq!(s.decide(), Step::Advance { to: Phase::Deleting });
+    s.observed.requests.emergency = None;
+    assert!(matches!(s.decide(), Step::Wait { .. }), "without the report the soak runs");
+    // Before the handover, with a Secret that may hold it: distributed as usual.
+    let mut d = verifying(now()).with_phase(Phase::Distributing).secrets(SecretState::Holds(OLD.into()));
+    d.observed.requests.emergency = Some(report);
+    assert!(matches!(d.decide(), Step::Distribute { .. }), "{:?}", d.decide());
+}
+
+/// A rotation parked after a rollback whose retiring key is then reported leaked goes on: the
+/// leaked key is switched off under the emergency rule instead of waiting for a person.
+#[test]
+fn a_parked_emergency_goes_on_to_switch_the_leaked_key_off() {
+    let mut c = soaking(now()).retiring(KeyState::Active, None);
+    c.observed.requests.emergency = Some(format!("guardduty:e1:{OLD}"));
+    assert_eq!(c.decide(), Step::Escalate);
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    c.status.last_emergency_request = c.observed.requests.emergency.clone();
+    assert_eq!(c.decide(), Step::Advance { to: Phase::Deactivating });
+    // A report on the new key of a parked rotation: parked (the old key is healthy), in view.
+    let mut p = soaking(now()).retiring(KeyState::Active, None);
+    p.observed.requests.emergency = Some(format!("guardduty:e2:{NEW}"));
+    match p.decide() {
+        Step::Stall { reason: StallReason::ParkedAfterRollback, message } => {
+            assert!(message.contains("the new key was reported leaked (guardduty:e2:"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An emergency whose attempt was given up says so, and its backoff names it.
+#[test]
+fn an_abandoned_emergency_stays_in_view_while_it_waits_to_try_again() {
+    let mut c = verifying(now() - secs(181));
+    c.status.rotation.as_mut().unwrap().verify_attempts = VERIFY_ATTEMPTS;
+    c.status.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    c.status.last_emergency_request = Some("leak".into());
+    match c.decide() {
+        Step::Abandon { message, .. } => assert!(
+            message.ends_with("the leaked key AKIAOLD0000000000001 is still Active: the EMERGENCY rotation (leak) is tried again after the backoff, until it succeeds"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let created = now() - secs(86_400);
+    let mut idle = Case::new().key(OLD, true, created).active(OLD, created).secrets(SecretState::Holds(OLD.into()));
+    idle.status.failed_attempts = 7;
+    idle.status.last_failure_time = Some(Time(now() - secs(5)));
+    idle.observed.requests.emergency = Some("leak".into());
+    match idle.decide() {
+        Step::Retry { why, .. } => {
+            assert_eq!(
+                why,
+                "EMERGENCY rotation (leak) is tried again at 2026-06-01T12:09:55Z, after 7 failed attempts"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A leak report on the rotation's new key before any Secret holds it deletes the key (nobody
@@ -1066,15 +1234,15 @@ fn a_new_key_reported_leaked_before_any_secret_holds_it_is_deleted_not_handed_ov
     assert!(leaked(&c), "an emergency under way: {:?}", c.decide());
     c.status.rotation.as_mut().unwrap().trigger = Trigger::Scheduled;
     c.observed.secrets[1].1 = SecretState::Unreadable("not a key".into());
-    assert_eq!(c.decide(), Step::Escalate, "an unreadable Secret may hold it");
+    assert_eq!(c.decide(), Step::Verify { key_id: NEW.into() }, "an unreadable Secret may hold it: not deleted");
     c.observed.secrets[1].1 = SecretState::Holds(OLD.into());
     c.status.phase = Phase::Distributing;
-    assert_eq!(c.decide(), Step::Escalate, "a Secret may have held it and been reverted since");
+    assert!(matches!(c.decide(), Step::Distribute { .. }), "a Secret may have held it: the rotation goes on");
     c.observed.secrets[0].1 = SecretState::Holds(NEW.into());
-    assert_eq!(c.decide(), Step::Escalate, "a Secret holds it: pods may start with it");
+    assert!(matches!(c.decide(), Step::Distribute { .. }), "a Secret holds it: the rotation goes on");
     c.observed.secrets[0].1 = SecretState::Holds(OLD.into());
     c.observed.requests.emergency = Some(format!("guardduty:e1:{OLD}"));
-    assert_eq!(c.decide(), Step::Escalate, "the old key leaked: it goes as soon as the Secrets hold the new one");
+    assert_eq!(c.decide(), Step::Escalate, "the old key leaked: the rotation becomes an emergency");
     c.status.last_emergency_request = Some(format!("guardduty:e1:{NEW}"));
     c.observed.requests.emergency = Some(format!("guardduty:e1:{NEW}"));
     assert!(!matches!(c.decide(), Step::Abandon { .. } | Step::Escalate), "a request already acted on");

@@ -20,6 +20,10 @@ pub struct ValidSpec {
     pub deactivate_after: Duration,
     pub delete_after: Duration,
     pub require_unused_for: Duration,
+    /// spec.emergency.maxWait: the longest a leaked key stays Active after the handover.
+    pub emergency_max_wait: Duration,
+    /// spec.emergency.switchOff.
+    pub switch_off: crate::api::SwitchOff,
     /// spec.schedule.windows (empty: a scheduled rotation may start at any time).
     pub windows: Vec<Window>,
     /// How much later than maxKeyAge - rotateBefore the key comes due (`schedule::spread`; zero
@@ -28,6 +32,9 @@ pub struct ValidSpec {
     /// The resource's share (`schedule::share` of its uid): its spread, and its place in a window.
     pub share: u32,
 }
+
+/// The longest spec.emergency.maxWait: a leaked key Active for longer is no emergency response.
+pub const MAX_EMERGENCY_WAIT: Duration = Duration::from_secs(3_600);
 
 /// What to fix, in the user's terms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +73,8 @@ fn check(spec: &IamKeyRotationSpec, resource_name: Option<&str>) -> Result<Valid
         deactivate_after: dur("retirement.deactivateAfter", &spec.retirement.deactivate_after)?,
         delete_after: dur("retirement.deleteAfter", &spec.retirement.delete_after)?,
         require_unused_for: dur("retirement.requireOldKeyUnusedFor", &spec.retirement.require_old_key_unused_for)?,
+        emergency_max_wait: dur("emergency.maxWait", &spec.emergency.max_wait)?,
+        switch_off: spec.emergency.switch_off,
         windows: windows(spec)?,
         spread: Duration::ZERO,
         share: 0,
@@ -75,6 +84,12 @@ fn check(spec: &IamKeyRotationSpec, resource_name: Option<&str>) -> Result<Valid
     }
     if v.rollout_timeout.is_zero() {
         return Err(InvalidSpec("spec.workloads.rolloutTimeout must be more than 0s".into()));
+    }
+    if v.emergency_max_wait.is_zero() || v.emergency_max_wait > MAX_EMERGENCY_WAIT {
+        return Err(InvalidSpec(format!(
+            "spec.emergency.maxWait ({}) must be between 1s and 1h: it is how long a leaked key may stay Active while the workloads move to the new key (to switch it off without waiting, set spec.emergency.switchOff: Immediately)",
+            spec.emergency.max_wait
+        )));
     }
     if v.rotate_before >= v.max_key_age {
         return Err(InvalidSpec(format!(
@@ -145,6 +160,8 @@ mod tests {
         assert_eq!(v.rotate_before, Duration::from_secs(10 * 86_400));
         assert_eq!(v.delete_after, Duration::from_secs(3_600));
         assert_eq!(v.rollout_timeout, Duration::from_secs(600));
+        assert_eq!(v.emergency_max_wait, Duration::from_secs(300));
+        assert_eq!(v.switch_off, crate::api::SwitchOff::AfterRollout);
     }
 
     #[test]
@@ -157,6 +174,12 @@ mod tests {
             (Box::new(|s| s.max_key_age = SpecDuration::new("-1d")), "spec.maxKeyAge: \"-1d\" is not a duration"),
             (Box::new(|s| s.delete_after_mut("1x")), "spec.retirement.deleteAfter"),
             (Box::new(|s| s.user_name = "bad name".into()), "is not an IAM user name"),
+            (
+                Box::new(|s| s.emergency.max_wait = SpecDuration::new("0s")),
+                "spec.emergency.maxWait (0s) must be between 1s and 1h: it is how long a leaked key may stay Active",
+            ),
+            (Box::new(|s| s.emergency.max_wait = SpecDuration::new("1h1s")), "spec.emergency.maxWait (1h1s) must be"),
+            (Box::new(|s| s.emergency.max_wait = SpecDuration::new("5x")), "spec.emergency.maxWait: \"5x\" is not"),
             (Box::new(|s| s.secrets.push(s.secrets[0].clone())), "listed twice"),
             (
                 Box::new(|s| s.secrets[0] = SecretTarget { format: SecretFormat::Template, ..s.secrets[0].clone() }),

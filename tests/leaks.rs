@@ -1,14 +1,21 @@
 //! Leak response: AWS's reports of a leaked key (AWS Health, GuardDuty, the quarantine policy
 //! attached), sent to a real SQS queue in the documented EventBridge shapes, start an emergency
 //! rotation of the resource holding the key; what rekey cannot act on changes nothing and leaves
-//! the queue. (The crash between commit and delete: tests/crash.rs.)
+//! the queue. (The crash between commit and delete: tests/crash.rs.) An emergency switches the
+//! leaked key off only once no pod of the old template holds it (at spec.emergency.maxWait at the
+//! latest), unless spec.emergency.switchOff says Immediately; a report on a rotation's new key
+//! leaves the old key to the routine gates; a parked emergency goes on.
 
 mod support;
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use rekey::api::{IamKeyRotation, Phase};
 use rekey_testenv::env::{eventually, http_get, unique};
 use serde_json::json;
@@ -17,10 +24,18 @@ use support::*;
 /// A resource that adopted a key of `user` (its own Secret `name`), with a day-long soak that an
 /// emergency skips: the key id.
 async fn adopted(f: &Fixture, name: &str, user: &str) -> anyhow::Result<String> {
+    adopted_with(f, name, user, json!({})).await
+}
+
+/// `adopted`, with the spec fields of `extra` on top.
+async fn adopted_with(f: &Fixture, name: &str, user: &str, extra: serde_json::Value) -> anyhow::Result<String> {
     let key = f.env.create_key(user).await?;
     f.secrets.create(&PostParams::default(), &key_secret(name, &key)?).await?;
-    f.create(name, json!({"userName": user, "secrets": [{"name": name}], "retirement": {"deleteAfter": "24h"}}))
-        .await?;
+    let mut spec = json!({"userName": user, "secrets": [{"name": name}], "retirement": {"deleteAfter": "24h"}});
+    for (k, v) in extra.as_object().context("spec fields")? {
+        spec[k] = v.clone();
+    }
+    f.create(name, spec).await?;
     Ok(key.access_key_id)
 }
 
@@ -280,5 +295,273 @@ async fn an_idle_queue_costs_one_long_poll_at_a_time() -> anyhow::Result<()> {
     queue.drained().await?;
     let after = polls().await?;
     assert!(after <= before + 1, "one poll answered the message: {before} -> {after}");
+    Ok(())
+}
+
+/// Requests an emergency rotation of `name` by hand (`rekey rotate --emergency`), or as a leak
+/// report does (`<source>:<event id>:<key id>`).
+async fn request_emergency(f: &Fixture, name: &str, value: &str) -> anyhow::Result<()> {
+    let patch = json!({"metadata": {"annotations": {"rekey.dev/rotate-emergency": value}}});
+    f.ikrs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// The uids of the pods labelled app=`app`.
+async fn pod_uids(f: &Fixture, app: &str) -> anyhow::Result<BTreeSet<String>> {
+    let pods: Api<Pod> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await?;
+    Ok(list.items.into_iter().filter_map(|p| p.metadata.uid).collect())
+}
+
+/// Samples, in the background, the leaked key's state in IAM and then the pods of `old_pods`
+/// (uids): every pod seen after the key stopped being Active (IAM is read first, so the pod was
+/// there after the key went), and how long after the last of them was gone the key was seen off.
+struct Exposure {
+    seen: Arc<Mutex<(Vec<String>, Option<Instant>, Option<Instant>)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Exposure {
+    fn start(f: &Fixture, key: &str, old_pods: BTreeSet<String>) -> Self {
+        let pods: Api<Pod> = Api::namespaced(f.env.kube.clone(), &f.ns);
+        let (env, user, key) = (f.env.clone(), f.user.clone(), key.to_owned());
+        let seen = Arc::new(Mutex::new((Vec::new(), None, None)));
+        let out = seen.clone();
+        let task = tokio::spawn(async move {
+            // Samples until stop(), for as long as the test watches; not a wait, so not `eventually`.
+            loop {
+                if let Ok(keys) = env.keys(&user).await
+                    && let Ok(list) = pods.list(&Default::default()).await
+                    && let Ok(mut v) = out.lock()
+                {
+                    let now = Instant::now();
+                    let off = keys.get(&key).map(String::as_str) != Some("Active");
+                    let left: Vec<String> = list
+                        .items
+                        .iter()
+                        .filter(|p| p.metadata.uid.as_ref().is_some_and(|u| old_pods.contains(u)))
+                        .filter_map(|p| p.metadata.name.clone())
+                        .collect();
+                    if left.is_empty() && v.1.is_none() {
+                        v.1 = Some(now);
+                    }
+                    if off && v.2.is_none() {
+                        v.2 = Some(now);
+                    }
+                    if off {
+                        v.0.extend(left.into_iter().map(|p| format!("{p} still there with key {key} off")));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// Stops sampling: the old pods seen with the key off, and the time from the last of them gone
+    /// to the key seen off (None if either was not seen).
+    fn stop(self) -> (Vec<String>, Option<Duration>) {
+        self.task.abort();
+        let v = self.seen.lock().map(|v| v.clone()).unwrap_or_default();
+        let lag = match (v.1, v.2) {
+            (Some(gone), Some(off)) => Some(off.saturating_duration_since(gone)),
+            _ => None,
+        };
+        (v.0, lag)
+    }
+}
+
+/// The reasons of the Events on resource `name`, oldest first.
+async fn event_reasons(f: &Fixture, name: &str) -> anyhow::Result<Vec<String>> {
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(f.env.kube.clone(), &f.ns);
+    let mut items: Vec<_> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect();
+    items.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    Ok(items.into_iter().filter_map(|e| e.reason).collect())
+}
+
+/// Pauses (or resumes) Deployment `web`'s rollouts.
+async fn set_paused(f: &Fixture, paused: bool) -> anyhow::Result<()> {
+    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    deploys.patch("web", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"paused": paused}}))).await?;
+    Ok(())
+}
+
+/// A 2-replica Deployment `web` reading Secret "creds" (paused once Ready: its rollout hangs), resource
+/// "creds" (with `extra`) adopting the key in it, the operator running and `web` Ready: the key,
+/// the operator, and the uids of web's pods.
+async fn web_on_adopted_key(
+    f: &Fixture,
+    paused: bool,
+    extra: serde_json::Value,
+) -> anyhow::Result<(String, Operator, BTreeSet<String>)> {
+    let deploys: Api<Deployment> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    let key = adopted_with(f, "creds", &f.user, extra).await?;
+    deploys.create(&PostParams::default(), &deployment("web", 2, "creds")?).await?;
+    let op = f.operator().await?;
+    wait_ikr(&f.ikrs, "creds", "adopted", |o| active_key(o).as_deref() == Some(key.as_str())).await?;
+    deployment_ready(&deploys, "web", WAIT).await?;
+    if paused {
+        set_paused(f, true).await?;
+    }
+    let pods = pod_uids(f, "web").await?;
+    anyhow::ensure!(pods.len() == 2, "two pods of web: {pods:?}");
+    Ok((key, op, pods))
+}
+
+/// The kubelet that keeps a pod Ready only while its key authenticates: through an emergency no pod
+/// of the 2-replica Deployment loses Ready, the leaked key stays Active until the new pods are
+/// Ready and the old ones gone, then is switched off (Inactive) and deleted. (Before: switched off
+/// at the handover, both old pods NotReady until replaced.)
+#[tokio::test]
+async fn an_emergency_switches_the_leaked_key_off_once_no_pod_of_the_old_template_is_left() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-roll").await?;
+    let (leaked, _op, old_pods) = web_on_adopted_key(&f, false, json!({})).await?;
+    let breaks = KeyBreakWatch::start(&f.env, &f.ns);
+    let exposure = Exposure::start(&f, &leaked, old_pods);
+    request_emergency(&f, "creds", "leaked-1").await?;
+    let o = rotated_once(&f.ikrs, "creds").await?;
+    let (seen, lag) = exposure.stop();
+    let broken = breaks.stop();
+    assert!(broken.is_empty(), "pods lost access during the emergency: {broken:?}");
+    assert!(seen.is_empty(), "the leaked key went while pods of the old template ran: {seen:?}");
+    println!("last old pod gone -> leaked key off: {lag:?}");
+    let keys = f.env.keys(&f.user).await?;
+    assert!(!keys.contains_key(&leaked), "the leaked key is deleted: {keys:?}");
+    assert_eq!(keys.get(&active_key(&o).context("active key")?).map(String::as_str), Some("Active"));
+    let reasons = event_reasons(&f, "creds").await?;
+    let at = |r: &str| reasons.iter().position(|x| x == r);
+    assert!(at("Deactivated").is_some() && at("Deactivated") < at("Deleted"), "Inactive, then deleted: {reasons:?}");
+    Ok(())
+}
+
+/// A rollout that hangs (a paused Deployment) holds the leaked key at most spec.emergency.maxWait:
+/// the Rotating condition says until when, the key stays Active until then, and goes then.
+#[tokio::test]
+async fn a_hanging_rollout_holds_the_leaked_key_until_max_wait_at_most() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-wait").await?;
+    let (leaked, _op, old_pods) = web_on_adopted_key(&f, true, json!({"emergency": {"maxWait": "20s"}})).await?;
+    request_emergency(&f, "creds", "leaked-2").await?;
+    let o = wait_ikr(&f.ikrs, "creds", "the emergency waiting, in view", |o| {
+        message(o, "Rotating").is_some_and(|m| m.contains("at the latest (spec.emergency.maxWait 20s)"))
+    })
+    .await?;
+    let m = message(&o, "Rotating").unwrap_or_default();
+    let by: k8s_openapi::jiff::Timestamp =
+        m.split(", at ").nth(1).and_then(|r| r.split(' ').next()).context("the deadline")?.parse()?;
+    assert!(m.starts_with("EMERGENCY rotation (leaked-2) in phase RollingOut"), "{m}");
+    assert_eq!(f.env.keys(&f.user).await?.get(&leaked).map(String::as_str), Some("Active"), "{m}");
+    key_off(&f, &f.user, &leaked).await?;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    assert!(now >= by, "switched off at {now}, before the deadline {by}");
+    assert_eq!(pod_uids(&f, "web").await?, old_pods, "the rollout hung: the old pods are still there");
+    // The rollout resumes: the rotation ends.
+    set_paused(&f, false).await?;
+    rotated_once(&f.ikrs, "creds").await?;
+    assert!(!f.env.keys(&f.user).await?.contains_key(&leaked));
+    Ok(())
+}
+
+/// spec.emergency.switchOff: Immediately keeps exposure first: the leaked key goes at the handover
+/// while the pods of the old template still run on it (they lose Ready), as before.
+#[tokio::test]
+async fn switch_off_immediately_switches_the_leaked_key_off_at_the_handover() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-now").await?;
+    let (leaked, _op, old_pods) =
+        web_on_adopted_key(&f, true, json!({"emergency": {"switchOff": "Immediately"}})).await?;
+    request_emergency(&f, "creds", "leaked-3").await?;
+    key_off(&f, &f.user, &leaked).await?;
+    assert_eq!(pod_uids(&f, "web").await?, old_pods, "the old pods are still there (paused rollout)");
+    // The price of Immediately: the kubelet takes both old pods out of service on the leaked key.
+    eventually("the old pods NotReady on the leaked key", WAIT, || async {
+        let pods: Api<Pod> = Api::namespaced(f.env.kube.clone(), &f.ns);
+        let list = pods.list(&ListParams::default().labels("app=web")).await?.items;
+        let broken = list
+            .iter()
+            .filter(|p| {
+                let conds = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+                conds.is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c.type_ == "Ready"
+                            && c.status == "False"
+                            && c.message.as_deref().is_some_and(|m| m.contains(&format!("access key {leaked}")))
+                    })
+                })
+            })
+            .count();
+        Ok(if broken == 2 { Ok(()) } else { Err(format!("{broken} of 2 NotReady on {leaked}")) })
+    })
+    .await?;
+    set_paused(&f, false).await?;
+    rotated_once(&f.ikrs, "creds").await?;
+    assert!(!f.env.keys(&f.user).await?.contains_key(&leaked));
+    Ok(())
+}
+
+/// A leak report on the new key of a rotation whose old key a bare ReplicaSet's pod still uses
+/// (`Degraded/UncoveredConsumers`): the healthy old key stays Active and the pod keeps access until
+/// the consumer is gone; then the rotation ends without its soak and the leaked new key is rotated
+/// away. (Before: the rotation escalated and the old key was switched off under the pod at once.)
+#[tokio::test]
+async fn a_report_on_the_new_key_never_switches_the_old_key_off_early() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-early").await?;
+    let old = adopted(&f, "creds", &f.user).await?;
+    let rss: Api<ReplicaSet> = Api::namespaced(f.env.kube.clone(), &f.ns);
+    rss.create(&PostParams::default(), &bare_replicaset("legacy", 1, "creds")?).await?;
+    let _op = f.operator().await?;
+    wait_ikr(&f.ikrs, "creds", "adopted", |o| active_key(o).as_deref() == Some(old.as_str())).await?;
+    eventually("legacy running", WAIT, || async {
+        let n = pod_uids(&f, "legacy").await?.len();
+        Ok(if n == 1 { Ok(()) } else { Err(format!("{n} pods")) })
+    })
+    .await?;
+    let breaks = KeyBreakWatch::start(&f.env, &f.ns);
+    f.rotate("creds", "routine").await?;
+    let o = wait_ikr(&f.ikrs, "creds", "Degraded/UncoveredConsumers", |o| is_true(o, "Degraded", "UncoveredConsumers"))
+        .await?;
+    let leaked = active_key(&o).context("the new key")?;
+    let request = format!("guardduty:{}:{leaked}", unique("gd"));
+    request_emergency(&f, "creds", &request).await?;
+    wait_ikr(&f.ikrs, "creds", "the report in view, the census still holding", |o| {
+        is_true(o, "Degraded", "UncoveredConsumers")
+            && message(o, "Degraded")
+                .is_some_and(|m| m.contains(&format!("the new key was reported leaked ({request})")))
+    })
+    .await?;
+    let o = f.ikrs.get("creds").await?;
+    assert!(!o.status.as_ref().is_some_and(|s| s.emergency()), "not an emergency of the old key");
+    assert_eq!(f.env.keys(&f.user).await?.get(&old).map(String::as_str), Some("Active"), "the old key stays");
+    let broken = breaks.stop();
+    assert!(broken.is_empty(), "pods lost access: {broken:?}");
+    // The person removes the stray ReplicaSet: the old key goes (no day-long soak), then the leaked one.
+    rss.delete("legacy", &DeleteParams::background()).await?;
+    leaked_new_key_rotated_away(&f, "creds", &old, &leaked, &request).await
+}
+
+/// A rotation parked after its old key was reactivated (`Stalled/ParkedAfterRollback`) whose old
+/// key is then reported leaked goes on: the leaked key is switched off and deleted. (Before: it
+/// stayed parked, the leaked key Active, until a person set rekey.dev/retire.)
+#[tokio::test]
+async fn a_parked_rotation_whose_old_key_leaks_switches_it_off() -> anyhow::Result<()> {
+    let f = Fixture::new("leak-park").await?;
+    let old = adopted_with(&f, "creds", &f.user, json!({"retirement": {"deleteAfter": "1m"}})).await?;
+    let _op = f.operator().await?;
+    wait_ikr(&f.ikrs, "creds", "adopted", |o| active_key(o).as_deref() == Some(old.as_str())).await?;
+    f.rotate("creds", "routine").await?;
+    wait_ikr(&f.ikrs, "creds", "soaking", |o| phase(o) == Phase::Soaking).await?;
+    // A person reactivates the old key to rescue a consumer: rekey parks instead of deleting it.
+    f.env.set_key_status(&f.user, &old, true).await?;
+    wait_ikr(&f.ikrs, "creds", "Stalled/ParkedAfterRollback", |o| is_true(o, "Stalled", "ParkedAfterRollback")).await?;
+    let request = format!("guardduty:{}:{old}", unique("gd"));
+    request_emergency(&f, "creds", &request).await?;
+    key_off(&f, &f.user, &old).await?;
+    let o = rotated_once(&f.ikrs, "creds").await?;
+    assert!(!f.env.keys(&f.user).await?.contains_key(&old), "the leaked key is deleted");
+    assert_eq!(o.status.and_then(|s| s.last_emergency_request), Some(request));
     Ok(())
 }

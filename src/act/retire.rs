@@ -51,6 +51,19 @@ pub fn advance<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus, to: Phas
         if let Some(r) = st.rotation.as_mut() {
             r.handed_over_at = Some(Time(env.now()));
         }
+        if st.emergency()
+            && let Some(r) = st.rotation.as_mut()
+        {
+            r.emergency_since = Some(Time(env.now()));
+        }
+    }
+    if from == Phase::Soaking
+        && to == Phase::Deactivating
+        && st.emergency()
+        && let Some(r) = st.rotation.as_mut()
+    {
+        // A parked emergency resumes: its pods get maxWait again before the leaked key goes.
+        r.emergency_since = Some(Time(env.now()));
     }
     if to == Phase::Deactivating {
         st.last_retire_request.clone_from(&env.observed.requests.retire);
@@ -115,29 +128,39 @@ pub async fn revert<I: Iam>(
     Ok(Outcome::requeue(plan::POLL).committed())
 }
 
-/// An emergency requested mid-rotation: from now on the old key goes as soon as it may.
+/// An emergency requested mid-rotation: from now on the old key goes as soon as the workloads run
+/// on the new one (spec.emergency). A report on the rotation's new key never comes here
+/// (`plan::emergency::new_key_reported`): the request names the old key, or no key at all.
 pub fn escalate<I: Iam>(env: &Env<'_, I>, st: &mut IamKeyRotationStatus) -> Outcome {
+    let now = env.now();
+    let handed_over = st.retiring_key.is_some();
     if let Some(r) = st.rotation.as_mut() {
         r.trigger = Trigger::Emergency;
+        // Handed over already: maxWait counts from now (else from the handover, `advance`).
+        if handed_over {
+            r.emergency_since = Some(Time(now));
+        }
     }
+    st.last_emergency_request.clone_from(&env.observed.requests.emergency);
     let request = env.observed.requests.emergency.clone().unwrap_or_default();
-    // A request naming the key this rotation hands over (a leak report names its key last) is not
-    // used up: retiring the old key at once frees IAM's two-key quota, and the request then rotates
-    // the leaked new key as soon as this rotation ends. That key is the active one once handed over
-    // (a retiring key stands), else the new key already in some Secret (one in none is deleted
-    // instead: plan::leaked_before_handover); before the handover the active key is the old one.
-    let handed_over = st.retiring_key.as_ref().and(active_id(st));
-    let new_id = st.new_key.as_ref().map(|k| k.access_key_id.as_str());
-    if !plan::names_key(&request, handed_over) && !plan::names_key(&request, new_id) {
-        st.last_emergency_request.clone_from(&env.observed.requests.emergency);
-    }
     Outcome::next().committed().event(
         true,
         "Emergency",
-        format!(
-            "EMERGENCY rotation requested mid-rotation ({request}): the old key is retired as soon as the Secrets hold the new one"
-        ),
+        format!("EMERGENCY rotation requested mid-rotation ({request}): {}", switch_off_rule(env.valid)),
     )
+}
+
+/// How an emergency retires its leaked key, for Events.
+pub fn switch_off_rule(v: &crate::validate::ValidSpec) -> String {
+    match v.switch_off {
+        crate::api::SwitchOff::Immediately => {
+            "the leaked key is switched off as soon as the Secrets hold the new one (spec.emergency.switchOff: Immediately)".into()
+        }
+        crate::api::SwitchOff::AfterRollout => format!(
+            "the workloads are restarted at once and the leaked key is switched off once they run on the new one, {} after the handover at the latest",
+            crate::duration::format(v.emergency_max_wait)
+        ),
+    }
 }
 
 /// UpdateAccessKey Inactive on the retiring key, after the fresh-list checks.

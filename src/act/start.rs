@@ -86,8 +86,9 @@ pub async fn begin<I: Iam>(
         Trigger::Scheduled => "the active key is due".to_owned(),
         Trigger::Requested => "rotation requested by annotation".to_owned(),
         Trigger::Emergency => format!(
-            "EMERGENCY rotation requested ({}): the old key is retired as soon as the Secrets hold the new one",
-            st.last_emergency_request.as_deref().unwrap_or_default()
+            "EMERGENCY rotation requested ({}): {}",
+            st.last_emergency_request.as_deref().unwrap_or_default(),
+            super::retire::switch_off_rule(env.valid)
         ),
     };
     Ok(Outcome::next().committed().event(false, "Creating", format!("rotation started: {why}")))
@@ -230,17 +231,16 @@ pub async fn abandon<I: Iam>(
     secrets::delete_staging(&env.secrets(), env.name()).await?;
     let old = active_id(st).map(str::to_owned);
     history(st, old, delete_key.map(str::to_owned), HistoryOutcome::Abandoned, now);
-    // A person asked for this rotation (a leaked key, perhaps): a failed attempt does not use the
-    // request up. It is tried again after the backoff, until MAX_REQUEST_RETRIES attempts in a row
-    // were abandoned (counted in the history, apart from other failures).
+    // A person asked for this rotation: a failed attempt does not use the request up. It is tried
+    // again after the backoff, until MAX_REQUEST_RETRIES attempts in a row were abandoned (counted
+    // in the history, apart from other failures). A leaked key's never: its key stays Active until
+    // an attempt succeeds, so it keeps trying (the backoff grows to 10 min) and stays in view.
     st.failed_attempts += 1;
     let abandoned = st.history.iter().rev().take_while(|h| h.outcome == HistoryOutcome::Abandoned).count();
-    if abandoned < MAX_REQUEST_RETRIES as usize {
-        match st.rotation.as_ref().map(|r| r.trigger) {
-            Some(Trigger::Requested) => st.last_rotate_request = None,
-            Some(Trigger::Emergency) => st.last_emergency_request = None,
-            _ => {}
-        }
+    match st.rotation.as_ref().map(|r| r.trigger) {
+        Some(Trigger::Requested) if abandoned < MAX_REQUEST_RETRIES as usize => st.last_rotate_request = None,
+        Some(Trigger::Emergency) => st.last_emergency_request = None,
+        _ => {}
     }
     // A leak report on the new key just deleted is answered (the key is gone): rotating the
     // healthy key in use as an emergency would only cut off its consumers. Not in an emergency:

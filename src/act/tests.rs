@@ -968,36 +968,46 @@ async fn delete_lists_afresh_deletes_the_retired_key_and_its_claim_then_finishes
     assert_eq!((reasons(&out), out.precondition), (vec!["Deleted", "Idle"], true));
 }
 
-/// Escalation uses up a request unless it names the key just handed over (a leak report names its
-/// key last): then the request stays, to rotate the leaked new key once this rotation ends.
+/// Escalation (a request on the old key, or naming none; the plan never escalates for a report on
+/// the new key) uses the request up, and starts maxWait's clock once the rotation is handed over.
 #[tokio::test]
-async fn escalate_keeps_a_request_naming_the_new_key_for_after_this_rotation() {
+async fn escalate_uses_the_request_up_and_starts_the_clock_after_the_handover() {
     let mut fx = Fx::new();
     let (old, _) = fx.retiring(Phase::Soaking, false).await;
     fx.observed.requests.emergency = Some(format!("guardduty:e1:{old}"));
-    fx.run(&Step::Escalate).await.unwrap();
+    let out = fx.run(&Step::Escalate).await.unwrap();
     assert!(fx.st.emergency());
     assert_eq!(fx.st.last_emergency_request, Some(format!("guardduty:e1:{old}")), "the retiring key: used up");
-    let mut fx = Fx::new();
-    let (_, new2) = fx.retiring(Phase::Soaking, false).await;
-    fx.observed.requests.emergency = Some(format!("guardduty:e2:{new2}"));
-    fx.run(&Step::Escalate).await.unwrap();
-    assert!(fx.st.emergency());
-    assert_eq!(fx.st.last_emergency_request, None, "the new key: kept for the next rotation");
-    // The new key leaked when some Secrets held it already (status.newKey, not yet the active key).
-    let mut fx = Fx::new();
-    let pending = fx.created(Trigger::Requested).await;
-    fx.observed.requests.emergency = Some(format!("guardduty:e3:{pending}"));
-    fx.run(&Step::Escalate).await.unwrap();
-    assert!(fx.st.emergency());
-    assert_eq!(fx.st.last_emergency_request, None, "the key on its way: kept for the next rotation");
-    // Before the handover the active key is the old one: a report on it is used up.
+    assert_eq!(fx.st.rotation.as_ref().unwrap().emergency_since, Some(Time(fx.now())));
+    assert!(out.events[0].message.contains("switched off once they run on the new one, 5m after"), "{:?}", out.events);
+    // Before the handover the active key is the old one: a report on it is used up; the clock
+    // starts at the handover.
     let mut fx = Fx::new();
     fx.created(Trigger::Requested).await;
     let active = fx.st.active_key.clone().unwrap().access_key_id;
     fx.observed.requests.emergency = Some(format!("guardduty:e4:{active}"));
     fx.run(&Step::Escalate).await.unwrap();
     assert_eq!(fx.st.last_emergency_request, Some(format!("guardduty:e4:{active}")), "the old key: used up");
+    assert_eq!(fx.st.rotation.as_ref().unwrap().emergency_since, None);
+}
+
+/// maxWait's clock: an emergency's handover starts it; a parked emergency resuming restarts it.
+#[tokio::test]
+async fn an_emergency_handover_and_resumption_start_the_max_wait_clock() {
+    let mut fx = Fx::new();
+    fx.rotating(Phase::Distributing).await;
+    fx.st.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    fx.run(&Step::Advance { to: Phase::RollingOut }).await.unwrap();
+    assert_eq!(fx.st.rotation.as_ref().unwrap().emergency_since, Some(Time(fx.now())));
+    let mut fx = Fx::new();
+    fx.rotating(Phase::Distributing).await;
+    fx.run(&Step::Advance { to: Phase::RollingOut }).await.unwrap();
+    assert_eq!(fx.st.rotation.as_ref().unwrap().emergency_since, None, "a routine rotation has none");
+    let mut fx = Fx::new();
+    fx.retiring(Phase::Soaking, true).await;
+    fx.st.rotation.as_mut().unwrap().trigger = Trigger::Emergency;
+    fx.run(&Step::Advance { to: Phase::Deactivating }).await.unwrap();
+    assert_eq!(fx.st.rotation.as_ref().unwrap().emergency_since, Some(Time(fx.now())));
 }
 
 /// An abandoned rotation whose deleted new key is the one a leak report names has answered the
@@ -1290,13 +1300,18 @@ async fn the_old_key_is_not_retired_when_a_target_was_reverted_since_the_decisio
     }
 }
 
-/// A person's request (a leaked key, perhaps) is not used up by a failed attempt: it is tried again
-/// after the backoff, until it failed MAX_REQUEST_RETRIES times.
+/// A person's request is not used up by a failed attempt: it is tried again after the backoff,
+/// until it failed MAX_REQUEST_RETRIES times; an emergency's, never.
 #[tokio::test]
 async fn an_abandoned_request_stays_pending_for_another_attempt() {
-    for (trigger, abandoned_before, pending) in
-        [(Trigger::Emergency, 0, true), (Trigger::Requested, 0, true), (Trigger::Requested, 4, false)]
-    {
+    for (trigger, abandoned_before, pending) in [
+        (Trigger::Emergency, 0, true),
+        (Trigger::Requested, 0, true),
+        (Trigger::Requested, 4, false),
+        // A leaked key's request is never dropped: its key is still Active.
+        (Trigger::Emergency, 4, true),
+        (Trigger::Emergency, 40, true),
+    ] {
         let mut fx = Fx::new();
         let (_, new) = fx.rotating(Phase::Verifying).await;
         fx.st.rotation.as_mut().unwrap().trigger = trigger;
