@@ -32,7 +32,10 @@ pub fn references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
 pub(crate) fn volume_references(spec: &PodSpec, secrets: &BTreeSet<String>) -> bool {
     spec.volumes.iter().flatten().any(|v| {
         v.secret.as_ref().and_then(|s| s.secret_name.as_ref()).is_some_and(|n| secrets.contains(n))
-            || v.csi.as_ref().and_then(|c| c.node_publish_secret_ref.as_ref()).is_some_and(|r| secrets.contains(&r.name))
+            || v.csi
+                .as_ref()
+                .and_then(|c| c.node_publish_secret_ref.as_ref())
+                .is_some_and(|r| secrets.contains(&r.name))
             || v.projected.as_ref().is_some_and(|p| {
                 p.sources.iter().flatten().any(|s| s.secret.as_ref().is_some_and(|s| secrets.contains(&s.name)))
             })
@@ -394,9 +397,8 @@ mod tests {
             "status": {"phase": phase}}))
         .unwrap();
         if terminating {
-            p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                "2026-06-01T12:00:00Z".parse().unwrap(),
-            ));
+            p.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-06-01T12:00:00Z".parse().unwrap()));
         }
         p
     }
@@ -404,9 +406,10 @@ mod tests {
     #[test]
     fn finished_pods_of_the_old_template_are_not_left_on_it() {
         let web = WorkloadRef { kind: WorkloadKind::Deployment, name: "web".into() };
-        let rs: ReplicaSet = serde_json::from_value(json!({"metadata": {"name": "web-1", "uid": "rs-1", "ownerReferences": [
+        let rs: ReplicaSet =
+            serde_json::from_value(json!({"metadata": {"name": "web-1", "uid": "rs-1", "ownerReferences": [
             {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "d-1", "controller": true}]}}))
-        .unwrap();
+            .unwrap();
         let census = Census::new([("d-1".to_owned(), web.clone())], &[rs]);
         let key = KeyFacts { id: Some("AKIANEW"), ..Default::default() };
         // (pods, old pods left): evicted, completed and failed pods run nothing; a terminating or

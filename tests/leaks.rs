@@ -316,8 +316,11 @@ async fn pod_uids(f: &Fixture, app: &str) -> anyhow::Result<BTreeSet<String>> {
 /// Samples, in the background, the leaked key's state in IAM and then the pods of `old_pods`
 /// (uids): every pod seen after the key stopped being Active (IAM is read first, so the pod was
 /// there after the key went), and how long after the last of them was gone the key was seen off.
+/// (pods seen after the key went off, when the last old pod was gone, when the key was seen off)
+type Sightings = (Vec<String>, Option<Instant>, Option<Instant>);
+
 struct Exposure {
-    seen: Arc<Mutex<(Vec<String>, Option<Instant>, Option<Instant>)>>,
+    seen: Arc<Mutex<Sightings>>,
     task: tokio::task::JoinHandle<()>,
 }
 

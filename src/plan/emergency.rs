@@ -25,11 +25,11 @@ pub(super) fn switch_off(i: &Input, key: &str) -> Step {
     if now >= by {
         return deactivate;
     }
-    let requeue = Some(until(now, by).min(POLL));
+    let requeue = until(now, by).min(POLL);
     let waiting = incomplete(w);
     if !waiting.is_empty() {
         return wait(
-            requeue,
+            Some(requeue),
             format!(
                 "the leaked key {key} is switched off once {} rolled out, at {by} at the latest (spec.emergency.maxWait {})",
                 waiting.join("; "),
@@ -49,7 +49,7 @@ pub(super) fn switch_off(i: &Input, key: &str) -> Step {
             "{} read the Secrets but no Deployment, StatefulSet or DaemonSet rekey restarts controls them: the leaked key {key} is switched off at {by} regardless; restart or delete them before then (they start on the new key), or set annotation rekey.dev/retire to a new value to switch it off now",
             few(&all)
         ),
-        requeue: requeue.unwrap_or(POLL),
+        requeue,
     }
 }
 
